@@ -1,0 +1,208 @@
+"""Split-level metrics: hand-derived values, the two protocols, streaming, bad input."""
+
+import numpy as np
+import pytest
+
+from mnpo.metrics.boxes import box_ious_reference, cam_thresholds
+from mnpo.metrics.localization import (
+    BoxCurves,
+    BoxEvaluator,
+    MaskCurves,
+    MaskEvaluator,
+    calibrated_metrics,
+    class_ranks,
+    oracle_metrics,
+    pxap_from_histograms,
+    score_histogram,
+)
+
+T = np.array([0.0, 0.5])
+
+
+def _four_images():
+    """Four 10x10 maps whose correctness at t = 0 and t = 0.5 is worked out by hand."""
+    a = np.zeros((10, 10)); a[2:5, 3:7] = 1.0      # box (3,2,7,5) == gt: IoU 1 at both t
+    b = np.full((10, 10), 0.4); b[0:3, 0:3] = 1.0  # t=0: whole image (IoU .16); t=.5: (0,0,3,3): IoU 1
+    c = np.zeros((10, 10))                          # no box: (0,0,0,0) vs (5,5,9,9): IoU 0
+    d = np.zeros((10, 10)); d[0:5, 0:5] = 1.0      # (0,0,5,5) vs (0,0,3,3): 16/36 = .444
+    maps = {"a": a, "b": b, "c": c, "d": d}
+    gt = {"a": [[3, 2, 7, 5]], "b": [[0, 0, 3, 3]], "c": [[5, 5, 9, 9]], "d": [[0, 0, 3, 3]]}
+    labels = {"a": 0, "b": 1, "c": 2, "d": 0}
+    logits = {
+        "a": [9, 1, 1, 1, 1, 1],  # rank 0
+        "b": [5, 1, 1, 7, 8, 9],  # true logit 1: four strictly larger (the tie with class 2 is not) -> rank 4
+        "c": [0, 0, 9, 0, 0, 0],
+        "d": [0, 9, 0, 0, 0, 0],
+    }
+    return maps, gt, labels, logits
+
+
+def _evaluate(workers=1, batches=((("a", "b"), ("c", "d")))):
+    maps, gt, labels, logits = _four_images()
+    ev = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=workers)
+    for ids in batches:
+        ev.update(np.stack([maps[i] for i in ids]), ids, np.array([logits[i] for i in ids], float))
+    ev.close()
+    return ev.compute()
+
+
+def test_curves_by_hand():
+    c = _evaluate()
+    assert c.num_images == 4
+    assert c.largest.tolist() == [1, 2]             # a | a, b
+    assert c.multi.tolist() == [[2, 3], [1, 2], [1, 2]]  # IoU 30: a, d | a, b, d
+    assert c.top1.tolist() == [1, 1]                # a
+    assert c.top5.tolist() == [1, 2]                # a | a, b (rank 4 < 5)
+
+
+def test_oracle_metrics_by_hand():
+    m = oracle_metrics(_evaluate())
+    assert list(m) == ["max_box_acc", "max_box_acc_v2", "gt_known_loc", "top1_loc", "top5_loc"]
+    assert m["max_box_acc"].value == 50.0 and m["max_box_acc"].threshold == 0.5
+    assert m["gt_known_loc"] == m["max_box_acc"]
+    assert m["max_box_acc_v2"].value == pytest.approx((75 + 50 + 50) / 3)
+    assert m["max_box_acc_v2"].threshold == (0.5, 0.5, 0.5)
+    # top-1 is 25% at both thresholds: the first one wins.
+    assert m["top1_loc"].value == 25.0 and m["top1_loc"].threshold == 0.0
+    assert m["top5_loc"].value == 50.0 and m["top5_loc"].threshold == 0.5
+    assert m["max_box_acc_v2"].to_json() == {"value": pytest.approx(58.3333333), "threshold": [0.5, 0.5, 0.5]}
+
+
+def test_threads_and_batching_do_not_change_the_counts():
+    one = _evaluate(workers=1)
+    for workers, batches in [(3, [("a", "b", "c", "d")]), (2, [("d",), ("b", "c"), ("a",)])]:
+        other = _evaluate(workers=workers, batches=batches)
+        assert np.array_equal(one.largest, other.largest)
+        assert np.array_equal(one.multi, other.multi)
+        assert np.array_equal(one.top5, other.top5)
+
+
+def test_gt_known_equals_max_box_acc_and_matches_a_naive_count():
+    rng = np.random.default_rng(3)
+    t = cam_thresholds(0.05)
+    maps, gt = {}, {}
+    for i in range(20):
+        s = rng.random((16, 16)) ** 3
+        maps[str(i)] = s
+        x0, y0 = rng.integers(0, 8, 2)
+        gt[str(i)] = [[x0, y0, x0 + rng.integers(1, 8), y0 + rng.integers(1, 8)]]
+    ev = BoxEvaluator(gt, thresholds=t, image_size=16, workers=2)
+    ev.update(np.stack(list(maps.values())), list(maps))
+    curves = ev.compute()
+    naive_largest = np.zeros(len(t), int)
+    naive_multi = np.zeros((3, len(t)), int)
+    for k in maps:
+        r = box_ious_reference(maps[k], t, gt[k])
+        naive_largest += r.largest_iou >= 0.5
+        for j, iou in enumerate((0.3, 0.5, 0.7)):
+            naive_multi[j] += r.multi_iou >= iou
+    assert np.array_equal(curves.largest, naive_largest)
+    assert np.array_equal(curves.multi, naive_multi)
+    m = oracle_metrics(curves)
+    assert m["gt_known_loc"] == m["max_box_acc"]
+    assert m["max_box_acc"].value == pytest.approx(naive_largest.max() * 100 / 20)
+    assert "top1_loc" not in m
+
+
+def test_calibrated_uses_the_val_threshold():
+    t = np.array([0.0, 0.5, 0.7])
+    val = BoxCurves(t, 4, np.array([1, 3, 2]), np.array([[4, 1, 0], [1, 3, 2], [0, 0, 1]]))
+    test = BoxCurves(t, 10, np.array([5, 2, 9]), np.array([[6, 8, 10], [3, 4, 5], [1, 2, 3]]))
+    cal = calibrated_metrics(val, test)
+    assert cal["max_box_acc"].value == 20.0 and cal["max_box_acc"].threshold == 0.5
+    # v2: val picks t = 0, 0.5, 0.7 per IoU -> test 60, 40, 30.
+    assert cal["max_box_acc_v2"].threshold == (0.0, 0.5, 0.7)
+    assert cal["max_box_acc_v2"].value == pytest.approx((60 + 40 + 30) / 3)
+    orc = oracle_metrics(test)
+    assert orc["max_box_acc"].value == 90.0 and orc["max_box_acc"].threshold == 0.7
+    assert orc["max_box_acc_v2"].value == pytest.approx((100 + 50 + 30) / 3)
+
+
+def test_calibrated_refuses_mismatched_grids():
+    a = BoxCurves(np.array([0.0, 0.5]), 1, np.zeros(2, int), np.zeros((3, 2), int))
+    b = BoxCurves(np.array([0.0, 0.6]), 1, np.zeros(2, int), np.zeros((3, 2), int))
+    with pytest.raises(ValueError, match="grid"):
+        calibrated_metrics(a, b)
+    m = MaskCurves(np.array([0.0, 0.5]), 1, np.ones(4), np.ones(4))
+    with pytest.raises(ValueError, match="kind"):
+        calibrated_metrics(a, m)
+
+
+def test_class_ranks_count_strictly_larger_logits():
+    logits = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    assert class_ranks(logits, np.array([2, 3])).tolist() == [0, 0]
+    assert class_ranks(logits, np.array([3, 0])).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="labels"):
+        class_ranks(logits, np.array([4, 0]))
+    with pytest.raises(ValueError, match="NaN"):
+        class_ranks(np.array([[np.nan, 1.0]]), np.array([0]))
+
+
+def test_score_histogram_equals_numpy_at_the_edges():
+    t = cam_thresholds(0.01)
+    edges = np.append(t, [1.0, 2.0, 3.0])
+    # float32 values at and around every edge, plus 0 and 1.
+    values = np.concatenate([t, np.nextafter(t, 1), np.nextafter(t, 0).clip(0), [0.0, 1.0]])
+    for dtype in (np.float32, np.float64):
+        v = values.astype(dtype)
+        assert np.array_equal(score_histogram(v, edges), np.histogram(v, bins=edges)[0])
+
+
+def test_pxap_by_hand():
+    # fg scores .9 .2, bg .6 .1 in bins [0,.5) [.5,1) [1,2) [2,3]:
+    # tp (from the top) 0 0 1 2, fp 0 0 1 2 -> precision .5 .5, recall .5 1 -> 50.
+    assert pxap_from_histograms([1, 1, 0, 0], [1, 1, 0, 0]) == pytest.approx(50.0)
+    # fg .9 .7, bg .6 .1: tp 0 0 2 2, fp 0 0 1 2 -> precision 2/3 at recall 1.
+    assert pxap_from_histograms([0, 2, 0, 0], [1, 1, 0, 0]) == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="foreground"):
+        pxap_from_histograms([0, 0, 0, 0], [1, 1, 0, 0])
+
+
+def test_mask_evaluator_by_hand_with_ignored_pixels():
+    masks = {"x": np.array([[1, 0], [0, 255]], np.uint8), "y": np.array([[1, 0], [255, 255]], np.uint8)}
+    maps = {"x": np.array([[0.9, 0.6], [0.1, 0.95]]), "y": np.array([[0.7, 0.1], [1.0, 0.0]])}
+    # x: fg .9, bg .6 .1; y: fg .7, bg .1; ignored pixels do not count.
+    ev = MaskEvaluator(masks.__getitem__, masks, thresholds=T, image_size=2, workers=1)
+    ev.update(np.stack([maps["x"], maps["y"]]), ["x", "y"])
+    curves = ev.compute()
+    assert curves.positive.tolist() == [0, 2, 0, 0]
+    assert curves.negative.tolist() == [2, 1, 0, 0]
+    # tp 0 0 2 2; fp 0 0 1 3 -> precision 2/3 at recall 1.
+    assert oracle_metrics(curves)["pxap"].value == pytest.approx(200 / 3)
+    assert calibrated_metrics(curves, curves)["pxap"].threshold is None
+
+
+@pytest.mark.parametrize("make_bad, err, msg", [
+    (lambda m: m * np.nan, ValueError, "NaN"),
+    (lambda m: m + 2, ValueError, r"\[0, 1\]"),
+    (lambda m: m[:, :5], ValueError, "shape"),
+])
+def test_bad_maps_name_the_image(make_bad, err, msg):
+    maps, gt, labels, _ = _four_images()
+    ev = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1)
+    with pytest.raises(err, match=msg) as info:
+        ev.update(make_bad(maps["a"])[None], ["a"])
+    assert "'a'" in str(info.value)
+
+
+def test_bad_batches():
+    maps, gt, labels, logits = _four_images()
+    ev = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1)
+    with pytest.raises(KeyError, match="zzz"):
+        ev.update(maps["a"][None], ["zzz"])
+    with pytest.raises(ValueError, match="2 maps for 1"):
+        ev.update(np.stack([maps["a"], maps["b"]]), ["a"])
+    with pytest.raises(ValueError, match="logits"):
+        ev.update(maps["a"][None], ["a"], np.zeros((2, 6)))
+    ev.update(maps["a"][None], ["a"])
+    with pytest.raises(ValueError, match="already"):
+        ev.update(maps["a"][None], ["a"])
+    with pytest.raises(ValueError, match="every batch or with none"):
+        ev.update(maps["b"][None], ["b"], np.array([logits["b"]], float))
+    assert ev.missing_ids == {"b", "c", "d"}
+    with pytest.raises(ValueError, match="no class labels"):
+        BoxEvaluator(gt, None, thresholds=T, image_size=10).update(maps["a"][None], ["a"], np.zeros((1, 6)))
+    with pytest.raises(ValueError, match="thresholds"):
+        BoxEvaluator(gt, thresholds=[0.5, 1.5])
+    with pytest.raises(ValueError, match="no image"):
+        oracle_metrics(BoxEvaluator(gt, thresholds=T).compute())
