@@ -244,10 +244,27 @@ def _feasible_centres(patch: np.ndarray, blocked: np.ndarray) -> np.ndarray:
     can be put without covering a ``blocked`` pixel or leaving the image."""
     size = blocked.shape[0]
     c = patch.shape[0] // 2
+    if c <= 20:  # small patch: a binary dilation (same result) is several times faster
+        padded = cv2.copyMakeBorder(blocked.astype(np.uint8), c, c, c, c, cv2.BORDER_CONSTANT, value=1)
+        hit = cv2.dilate(padded, patch.astype(np.uint8), anchor=(c, c))
+        return hit[c:c + size, c:c + size] == 0
     padded = cv2.copyMakeBorder(blocked.astype(np.float32), c, c, c, c, cv2.BORDER_CONSTANT, value=1.0)
     hits = cv2.filter2D(padded, -1, patch.astype(np.float32), anchor=(c, c),
                         borderType=cv2.BORDER_CONSTANT)
     return hits[c:c + size, c:c + size] < 0.5
+
+
+def _frame_centres(patch: np.ndarray, size: int, margin: int) -> np.ndarray:
+    """:func:`_feasible_centres` when only a ``margin`` px frame is blocked
+    (same result, without the large correlation)."""
+    c = patch.shape[0] // 2
+    rows, cols = np.nonzero(patch.any(axis=1))[0], np.nonzero(patch.any(axis=0))[0]
+    out = np.zeros((size, size), dtype=bool)
+    y0, y1 = max(0, margin + c - rows[0]), min(size - 1, size - 1 - margin + c - rows[-1])
+    x0, x1 = max(0, margin + c - cols[0]), min(size - 1, size - 1 - margin + c - cols[-1])
+    if y0 <= y1 and x0 <= x1:
+        out[y0:y1 + 1, x0:x1 + 1] = True
+    return out
 
 
 def _place(rng: np.random.Generator, polys: Polys, size: int, margin: int,
@@ -266,7 +283,11 @@ def _place(rng: np.random.Generator, polys: Polys, size: int, margin: int,
         patch = _rasterize(cur, 2 * c + 1, (c + sub[0], c + sub[1]))
         if not patch.any():
             patch[c, c] = True
-        ys, xs = np.nonzero(_feasible_centres(patch, blocked))
+        if avoid is None:  # only the border frame is blocked: the centres form a rectangle
+            feasible = _frame_centres(patch, size, margin)
+        else:
+            feasible = _feasible_centres(patch, blocked)
+        ys, xs = np.nonzero(feasible)
         if ys.size:
             j = int(rng.integers(ys.size))
             return _paste(size, patch, int(ys[j]), int(xs[j]))
@@ -420,8 +441,10 @@ def _place_mark(rng: np.random.Generator, body: np.ndarray, shape: str) -> np.nd
                       borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
     for _ in range(12):
         scale = math.sqrt(max(target, 1.0) / unit_area)
-        c = int(math.ceil(scale)) + 1
-        patch = _rasterize(_transform(unit, scale, 1.0, angle), 2 * c + 1, (c, c))
+        polys = _transform(unit, scale, 1.0, angle)
+        # Vertices of some shapes (chevron, cross, ...) reach past radius 1: size the patch on them.
+        c = int(math.ceil(max(float(np.abs(v).max()) for v, _ in polys))) + 1
+        patch = _rasterize(polys, 2 * c + 1, (c, c))
         if not patch.any():
             patch[c, c] = True
         if patch.sum() > 0.09 * body_px and patch.sum() > 1:
@@ -571,6 +594,11 @@ def _write_png(path: Path, array: np.ndarray) -> None:
             tmp.unlink()
 
 
+def _is_tmp_leftover(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an interrupted atomic write of ours."""
+    return any(name.startswith(f".{owned}.tmp") for owned in ("dataset.json", "README.txt"))
+
+
 def _prepare_out(out: Path) -> None:
     """Create ``out``; clear it if it holds a previous synthetic set; refuse otherwise."""
     if out.exists() and not out.is_dir():
@@ -585,14 +613,14 @@ def _prepare_out(out: Path) -> None:
                     ours = json.loads(marker.read_text("utf-8")).get("generator") == GENERATOR_ID
                 except (OSError, ValueError, AttributeError):
                     ours = False
-            foreign = [e for e in entries if e not in _OWNED_ENTRIES and not e.startswith(".dataset.json.tmp")]
+            foreign = [e for e in entries if e not in _OWNED_ENTRIES and not _is_tmp_leftover(e)]
             if not ours or foreign:
                 why = (f"it holds entries a synthetic set does not write: {foreign[:5]}" if ours
                        else "it has no dataset.json written by mnpo synth")
                 raise ValueError(f"out={str(out)!r} is not empty and does not look like a previous "
                                  f"synthetic data set ({why}); choose an empty or new folder")
             log.info("replacing the previous synthetic data set in %s", out)
-            for name in _OWNED_ENTRIES:
+            for name in [*_OWNED_ENTRIES, *(e for e in entries if _is_tmp_leftover(e))]:
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -673,6 +701,8 @@ def write_synthetic_dataset(
         "ignore_band_px": ignore_band_width(image_size),
         "per_class": per_class,
         "counts": {s: per_class[s] * num_classes for s in SPLITS},
+        # Planned two-object images; replaced by the number actually written (a second
+        # object that does not fit is left out).
         "multi_instance": {s: sum(is_multi_instance(i) for i in range(per_class[s])) * num_classes
                            for s in SPLITS},
         "mask_splits": list(MASK_SPLITS),
@@ -686,9 +716,9 @@ def write_synthetic_dataset(
     summary: dict[str, int] = {}
     for split in SPLITS:
         n = per_class[split]
-        width = max(4, len(str(n - 1)))
         with_masks = split in MASK_SPLITS
         ids, labels, sizes, boxes, mask_lines = [], [], [], [], []
+        n_multi = 0
         for cls in range(num_classes):
             cdir = classes[cls]["dir"]
             (out / "images" / split / cdir).mkdir(parents=True, exist_ok=True)
@@ -696,12 +726,13 @@ def write_synthetic_dataset(
                 (out / "masks" / split / cdir).mkdir(parents=True, exist_ok=True)
             for index in range(n):
                 sample = render_sample(p, seed, split, cls, index, image_size)
-                stem = f"{split}_{cls:02d}_{index:0{width}d}"
+                stem = f"{split}_{cls:02d}_{index:04d}"
                 image_id = f"{split}/{cdir}/{stem}.png"
                 _write_png(out / "images" / image_id, sample.image)
                 ids.append(image_id)
                 labels.append(f"{image_id},{cls}")
                 sizes.append(f"{image_id},{image_size},{image_size}")
+                n_multi += len(sample.boxes) > 1
                 for box in sample.boxes:
                     boxes.append(f"{image_id},{box[0]},{box[1]},{box[2]},{box[3]}")
                 if with_masks:
@@ -724,6 +755,7 @@ def write_synthetic_dataset(
         if with_masks:
             _write_lines(mask_dir / "localization.txt", mask_lines)
         summary[split] = len(ids)
+        info["multi_instance"][split] = n_multi
         log.debug("%s: %d images, %d boxes", split, len(ids), len(boxes))
 
     info["complete"] = True
