@@ -37,6 +37,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
+    from mnpo.engine.evaluate_maps import evaluate_map_folders, write_json_atomic
+
+    report = evaluate_map_folders(
+        args.maps, args.metadata, val_maps=args.val_maps, val_metadata=args.val_metadata,
+        mask_root=args.mask_root, cam_curve_interval=args.cam_curve_interval, logits=args.logits,
+        val_logits=args.val_logits, workers=args.workers, progress=not args.quiet,
+    )
+    print(report.table())
+    if report.calibrated is None:
+        print("(oracle only: thresholds tuned on the evaluated split; give --val-maps/--val-metadata "
+              "for the calibrated protocol)")
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+        log.info("wrote %s", args.json)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnpo",
@@ -61,6 +79,28 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-per-class", type=int, default=20, help="test images per class (default 20)")
     synth.set_defaults(func=_cmd_synth)
 
+    ev = sub.add_parser(
+        "evaluate-maps",
+        help="evaluate saved score maps (any method) against a split's metadata",
+        description="Evaluate one 224x224 .npy score map per image, DIR/<image_id>.npy, against a "
+        "split folder holding image_ids.txt, class_labels.txt, image_sizes.txt and localization.txt. "
+        "Prints the oracle protocol (best threshold on the split itself) and, with --val-maps and "
+        "--val-metadata, the calibrated protocol (thresholds chosen on val).",
+    )
+    ev.add_argument("--maps", required=True, help="folder of <image_id>.npy score maps in [0, 1]")
+    ev.add_argument("--metadata", required=True, help="metadata folder of the evaluated split")
+    ev.add_argument("--val-maps", help="score maps of the val split (for the calibrated protocol)")
+    ev.add_argument("--val-metadata", help="metadata folder of the val split")
+    ev.add_argument("--mask-root", help="folder the mask paths of a mask split are relative to (PxAP)")
+    ev.add_argument("--logits", help=".npy (N, C) class scores, rows in image_ids.txt order (Top-1/5 Loc)")
+    ev.add_argument("--val-logits", help=".npy (N, C) class scores of the val split")
+    ev.add_argument("--cam-curve-interval", type=float, default=0.01,
+                    help="score-map threshold step (default 0.01: thresholds 0, 0.01, ..., 0.99)")
+    ev.add_argument("--workers", type=int, default=None, help="threads (default: available cores, at most 8)")
+    ev.add_argument("--json", help="write the report as JSON to this file")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_evaluate_maps)
+
     return parser
 
 
@@ -71,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        # Bad input: say what and where, without a traceback (-v shows one).
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mnpo {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,160 @@
+"""`mnpo evaluate-maps`: hand-made splits with known answers, the synthetic sets, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mnpo.cli import main
+from mnpo.data.metadata import read_split
+from mnpo.engine.evaluate_maps import MapFileError, evaluate_map_folders, load_map
+from mnpo.metrics.localization import BoxEvaluator, oracle_metrics
+
+
+def _write(folder, name, lines):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join(line + "\n" for line in lines))
+
+
+@pytest.fixture
+def box_split(tmp_path):
+    """Two 448x448 images; boxes halve into the 224 frame."""
+    meta = tmp_path / "meta"
+    _write(meta, "image_ids.txt", ["x/a.jpg", "x/b.jpg"])
+    _write(meta, "class_labels.txt", ["x/a.jpg,0", "x/b.jpg,1"])
+    _write(meta, "image_sizes.txt", ["x/a.jpg,448,448", "x/b.jpg,448,448"])
+    _write(meta, "localization.txt", ["x/a.jpg,100,60,301,201", "x/b.jpg,10,10,50,50"])
+    maps = tmp_path / "maps"
+    (maps / "x").mkdir(parents=True)
+    a = np.zeros((224, 224), np.float32)
+    a[30:101, 50:151] = 1.0  # box (50, 30, 151, 101)
+    np.save(maps / "x" / "a.jpg.npy", a)
+    np.save(maps / "x" / "b.jpg.npy", np.zeros((224, 224), np.float32))
+    return meta, maps
+
+
+def test_hand_made_box_split(box_split, tmp_path):
+    meta, maps = box_split
+    logits = tmp_path / "logits.npy"
+    np.save(logits, np.array([[1.0, 0.0], [0.0, 1.0]]))
+    out = tmp_path / "report.json"
+    assert main(["evaluate-maps", "-q", "--maps", str(maps), "--metadata", str(meta),
+                 "--logits", str(logits), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "calibrated" not in report
+    o = report["oracle"]
+    # a: gt (100,60,301,201) -> int(x * 224 / 448) = (50, 30, 150, 100); predicted (50, 30, 151, 101):
+    # IoU = 101 * 71 / (102 * 72) = 0.976 -> correct at every threshold; b: no box, wrong.
+    assert o["max_box_acc"] == {"value": 50.0, "threshold": 0.0}
+    assert o["gt_known_loc"] == o["max_box_acc"]
+    assert o["max_box_acc_v2"] == {"value": 50.0, "threshold": [0.0, 0.0, 0.0]}
+    assert o["top1_loc"]["value"] == 50.0 and o["top5_loc"]["value"] == 50.0
+    assert report["info"]["num_images"] == 2 and report["info"]["num_thresholds"] == 100
+    assert not list(tmp_path.glob(".report.json.*"))  # no temporary file left
+
+
+def test_calibrated_report_with_val(box_split, tmp_path):
+    meta, maps = box_split
+    report = evaluate_map_folders(maps, meta, val_maps=maps, val_metadata=meta, cam_curve_interval=0.1)
+    assert report.calibrated["max_box_acc"].value == 50.0
+    assert report.calibrated["max_box_acc"].threshold == 0.0
+    assert "calibrated" in report.to_json()
+    table = report.table()
+    assert "oracle" in table and "calibrated" in table and "max_box_acc_v2" in table
+
+
+def test_synthetic_set_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--preset", "shapes", "--image-size", "64", "--classes", "2",
+                 "--train-per-class", "1", "--val-per-class", "2", "--test-per-class", "3"]) == 0
+    import cv2
+    from mnpo.metrics.masks import load_gt_mask
+
+    for split in ("val", "test"):
+        mmeta = read_split(data / "metadata-masks" / split)
+        for image_id in mmeta.image_ids:
+            mask = load_gt_mask(data / "masks", mmeta.mask_paths[image_id], mmeta.ignore_paths[image_id])
+            m = cv2.GaussianBlur((mask == 1).astype(np.float32), (0, 0), 4)
+            path = tmp_path / "maps" / split / f"{image_id}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, m / m.max())
+    out = tmp_path / "r.json"
+    assert main(["evaluate-maps", "-q", "--maps", str(tmp_path / "maps" / "test"),
+                 "--metadata", str(data / "metadata" / "test"),
+                 "--val-maps", str(tmp_path / "maps" / "val"), "--val-metadata", str(data / "metadata" / "val"),
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["oracle"]) == {"max_box_acc", "max_box_acc_v2", "gt_known_loc"}
+    assert set(report["calibrated"]) == set(report["oracle"])
+    # Blurred ground-truth masks localize almost perfectly.
+    assert report["oracle"]["max_box_acc"]["value"] >= 80
+    assert report["calibrated"]["max_box_acc"]["value"] <= report["oracle"]["max_box_acc"]["value"]
+    # The same numbers straight from the evaluator.
+    meta = read_split(data / "metadata" / "test")
+    w, h = 64, 64
+    gt = {i: [[int(x0 * 224 / w), int(y0 * 224 / h), int(x1 * 224 / w), int(y1 * 224 / h)]
+              for x0, y0, x1, y1 in meta.boxes[i]] for i in meta.image_ids}
+    ev = BoxEvaluator(gt, workers=1)
+    ev.update([np.load(tmp_path / "maps" / "test" / f"{i}.npy") for i in meta.image_ids], meta.image_ids)
+    assert oracle_metrics(ev.compute())["max_box_acc_v2"].value == pytest.approx(
+        report["oracle"]["max_box_acc_v2"]["value"])
+    # Masks: PxAP of blurred ground truth is high.
+    out = tmp_path / "m.json"
+    assert main(["evaluate-maps", "-q", "--maps", str(tmp_path / "maps" / "test"),
+                 "--metadata", str(data / "metadata-masks" / "test"), "--mask-root", str(data / "masks"),
+                 "--json", str(out)]) == 0
+    pxap = json.loads(out.read_text())["oracle"]["pxap"]
+    assert pxap["threshold"] is None and 80 <= pxap["value"] <= 100
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda p: p.unlink(), "not found"),
+    (lambda p: np.save(p, np.full((224, 224), np.nan)), "NaN"),
+    (lambda p: np.save(p, np.full((224, 224), 1.2)), r"\[0, 1\]"),
+    (lambda p: np.save(p, np.zeros((112, 112))), "shape"),
+    (lambda p: np.save(p, np.zeros((224, 224), np.uint8)), "floating"),
+    (lambda p: p.write_bytes(b"garbage"), "readable"),
+])
+def test_bad_map_files_are_named(box_split, capsys, make, msg):
+    meta, maps = box_split
+    bad = maps / "x" / "b.jpg.npy"
+    make(bad)
+    with pytest.raises(MapFileError, match=msg) as info:
+        evaluate_map_folders(maps, meta)
+    assert "b.jpg.npy" in str(info.value)
+    assert main(["evaluate-maps", "-q", "--maps", str(maps), "--metadata", str(meta)]) == 2
+    assert "b.jpg.npy" in capsys.readouterr().err
+
+
+def test_bad_arguments(box_split, tmp_path, capsys):
+    meta, maps = box_split
+    with pytest.raises(ValueError, match="neither"):
+        evaluate_map_folders(maps, meta, val_maps=maps)
+    np.save(tmp_path / "l.npy", np.zeros((3, 2)))
+    with pytest.raises(MapFileError, match=r"\(2, C\)"):
+        evaluate_map_folders(maps, meta, logits=tmp_path / "l.npy")
+    with pytest.raises(MapFileError, match="maps folder"):
+        evaluate_map_folders(tmp_path / "nowhere", meta)
+    with pytest.raises(ValueError, match="interval"):
+        evaluate_map_folders(maps, meta, cam_curve_interval=0)
+    assert main(["evaluate-maps", "--maps", str(maps), "--metadata", str(tmp_path / "nometa")]) == 2
+    assert "nometa" in capsys.readouterr().err
+
+
+def test_mask_split_needs_mask_root(tmp_path):
+    meta = tmp_path / "meta"
+    _write(meta, "image_ids.txt", ["a.jpg"])
+    _write(meta, "class_labels.txt", ["a.jpg,0"])
+    _write(meta, "localization.txt", ["a.jpg,a_m.png,a_i.png"])
+    (tmp_path / "maps").mkdir()
+    np.save(tmp_path / "maps" / "a.jpg.npy", np.zeros((224, 224)))
+    with pytest.raises(ValueError, match="mask-root"):
+        evaluate_map_folders(tmp_path / "maps", meta)
+    with pytest.raises(FileNotFoundError, match="a_m.png"):
+        evaluate_map_folders(tmp_path / "maps", meta, mask_root=tmp_path)
+
+
+def test_load_map_accepts_float32_and_float64(tmp_path):
+    for dtype in (np.float32, np.float64):
+        np.save(tmp_path / "m.npy", np.full((224, 224), 0.5, dtype))
+        assert load_map(tmp_path / "m.npy").dtype == dtype
