@@ -46,7 +46,7 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
         val_logits=args.val_logits, workers=args.workers, progress=not args.quiet,
     )
     print(report.table())
-    if report.calibrated is None:
+    if report.calibrated is None and report.info["kind"] == "box":
         print("(oracle only: thresholds tuned on the evaluated split; give --val-maps/--val-metadata "
               "for the calibrated protocol)")
     if args.json:
