@@ -227,7 +227,8 @@ BAD_CASES = {
                     "class_labels.txt", 3, "label '' is not an integer"),
     "label-negative": ("box", "class_labels.txt", _replace(BOX_FILES["class_labels.txt"], 2, "a/2.jpg,-1"),
                        "class_labels.txt", 2, "negative label -1"),
-    "label-huge": ("box", "class_labels.txt", _replace(BOX_FILES["class_labels.txt"], 2, "a/2.jpg,99999999999999999999"),
+    "label-huge": ("box", "class_labels.txt",
+                   _replace(BOX_FILES["class_labels.txt"], 2, "a/2.jpg,99999999999999999999"),
                    "class_labels.txt", 2, "out of the int64 range"),
     "labels-empty-path": ("box", "class_labels.txt", _replace(BOX_FILES["class_labels.txt"], 2, ",0"),
                           "class_labels.txt", 2, "empty path"),
@@ -311,10 +312,13 @@ BAD_CASES = {
                                       "localization.txt", 5, "ignore path after the image's first line (line 4)"),
     "mask-empty-mask-path": ("mask", "localization.txt", _replace(MASK_FILES["localization.txt"], 2, "a/1.jpg,,"),
                              "localization.txt", 2, "mask path: empty path"),
-    "mask-duplicate-mask": ("mask", "localization.txt", _replace(MASK_FILES["localization.txt"], 2, "a/1.jpg,m/1_0.png,"),
+    "mask-duplicate-mask": ("mask", "localization.txt",
+                            _replace(MASK_FILES["localization.txt"], 2, "a/1.jpg,m/1_0.png,"),
                             "localization.txt", 2, "mask path listed twice for the image"),
-    "mask-too-few-fields": ("mask", "localization.txt", _replace(MASK_FILES["localization.txt"], 2, "a/1.jpg,m/1_1.png"),
-                            "localization.txt", 2, "expected 3 comma-separated fields (path,mask_path,ignore_path), got 2"),
+    "mask-too-few-fields": ("mask", "localization.txt",
+                            _replace(MASK_FILES["localization.txt"], 2, "a/1.jpg,m/1_1.png"),
+                            "localization.txt", 2,
+                            "expected 3 comma-separated fields (path,mask_path,ignore_path), got 2"),
     "mask-box-line-in-mask-set": ("mask", "localization.txt",
                                   _replace(MASK_FILES["localization.txt"], 3, "a/2.jpg,1,2,3,4"),
                                   "localization.txt", 3, "expected 3 comma-separated fields"),
@@ -676,3 +680,13 @@ def test_line_loss_or_repeat_is_always_caught(tmp_path):
                 else:
                     expected = f"image id missing from {folder / name}"
                 assert expected in err.value.what
+
+
+def test_metadata_import_does_not_load_torch():
+    """Reading metadata (the CLI, evaluation of saved maps) must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, mnpo.data, mnpo.data.metadata; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,231 @@
+"""A WSOL data set over an image folder and a wsolevaluation split.
+
+``WSOLDataset(image_root, metadata, mode)`` yields one dict per image:
+
+``image``     float32 tensor (3, 224, 224): the mode's view of the image;
+``label``     int class index;
+``image_id``  str, the image's relative path (``image_root / image_id``);
+``index``     int position in the data set.
+
+Mode ``'train'`` uses :func:`~mnpo.data.transforms.train_transform`,
+``'localization'`` :func:`~mnpo.data.transforms.localization_transform`.
+Mode ``'evaluate'`` decodes each image once and adds, from the same decoded
+image, ``ten_crop`` (10, 3, 224, 224) (:func:`~mnpo.data.transforms.ten_crop`)
+and, for box sets, ``boxes``: int64 (k, 4) boxes in the 224 x 224 frame,
+resized as wsolevaluation does (:func:`resize_boxes`) from the size in
+``image_sizes.txt`` (the original image size; the file on disk may have been
+stored at another size), or from the decoded size where a split has no
+``image_sizes.txt``.  For mask sets it adds ``mask_paths`` (tuple of str) and
+``ignore_path`` (str, ``""`` for none), joined to ``mask_root`` when given.
+Batch evaluation items with :func:`collate_evaluation` (boxes are ragged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mnpo.data.metadata import SplitMetadata, read_split
+from mnpo.data.transforms import load_image, localization_transform, ten_crop, train_transform
+
+__all__ = ["MODES", "WSOLDataset", "collate_evaluation", "resize_boxes", "subsample_per_class"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "localization", "evaluate")
+
+
+def resize_boxes(boxes: np.ndarray, sizes: Sequence[int] | np.ndarray, target: int = 224) -> np.ndarray:
+    """Boxes of an image of size ``(w, h)`` moved into the ``target x target`` frame.
+
+    wsolevaluation's scalar rule, vectorized: ``int(float(x) * target / float(w))``
+    for ``x0, x1`` and the same with ``h`` for ``y0, y1`` (float64 arithmetic in
+    that order, truncation toward zero).
+
+    Args:
+        boxes: (k, 4) integer ``x0, y0, x1, y1`` boxes.
+        sizes: one ``(w, h)`` for all boxes, or a (k, 2) array, one per box.
+        target: the side of the square frame, in pixels.
+
+    Returns:
+        int64 array (k, 4).
+    """
+    b = np.asarray(boxes)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (k, 4), got {b.shape}")
+    s = np.asarray(sizes, dtype=np.float64)
+    if s.shape == (2,):
+        s = s.reshape(1, 2)
+    elif s.shape != (len(b), 2):
+        raise ValueError(f"sizes must be (w, h) or shape ({len(b)}, 2), got shape {s.shape}")
+    if not (s > 0).all():
+        raise ValueError(f"image sizes must be positive, got {s[~(s > 0).all(axis=1)][:1].tolist()}")
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 1:
+        raise ValueError(f"target must be a positive int, got {target!r}")
+    t = float(target)
+    scaled = b.astype(np.float64) * t / s[:, [0, 1, 0, 1]]
+    return scaled.astype(np.int64)  # truncation toward zero, as int()
+
+
+def subsample_per_class(meta: SplitMetadata, num_per_class: int, seed: int = 0) -> SplitMetadata:
+    """At most ``num_per_class`` images of each class, drawn without replacement.
+
+    Deterministic for a given ``seed`` (``numpy.random.default_rng(seed)``,
+    classes visited in increasing label order); the kept images keep the
+    split's file order.  A class with fewer images keeps them all (logged).
+    """
+    if isinstance(num_per_class, bool) or not isinstance(num_per_class, int) or num_per_class < 1:
+        raise ValueError(f"num_per_class must be a positive int, got {num_per_class!r}")
+    labels = np.array([meta.labels[i] for i in meta.image_ids], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    short = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) <= num_per_class:
+            if len(members) < num_per_class:
+                short.append(int(label))
+            keep.append(members)
+        else:
+            keep.append(rng.choice(members, size=num_per_class, replace=False))
+    if short:
+        log.warning("%d classes have fewer than %d images and are kept whole (e.g. class %d)",
+                    len(short), num_per_class, short[0])
+    chosen = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    return meta.select(meta.image_ids[k] for k in chosen.tolist())
+
+
+class WSOLDataset(Dataset):
+    """Images of one split with their labels (and, in ``'evaluate'`` mode, localization).
+
+    Args:
+        image_root: folder the image ids are relative to.
+        metadata: a split folder (read with :func:`~mnpo.data.metadata.read_split`)
+            or a :class:`~mnpo.data.metadata.SplitMetadata`.
+        mode: ``'train'``, ``'localization'`` or ``'evaluate'``.
+        transform: replaces the mode's image transform (PIL RGB image ->
+            tensor); in ``'evaluate'`` mode it makes ``image`` (not ``ten_crop``).
+        num_per_class: keep at most this many images per class
+            (:func:`subsample_per_class`, with ``seed``).
+        seed: seed of the subsampling.
+        num_classes: passed to ``read_split`` (labels must be below it).
+        mask_root: folder the mask paths of a mask set are relative to.
+        crop_size: side of ``image``, ``ten_crop`` crops and the box frame (224).
+        resize_size: side of the square resize before cropping (256).
+        random_resized: training view by ``RandomResizedCrop`` instead.
+    """
+
+    def __init__(
+        self,
+        image_root: str | os.PathLike[str],
+        metadata: str | os.PathLike[str] | SplitMetadata,
+        mode: str = "train",
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        *,
+        num_per_class: int | None = None,
+        seed: int = 0,
+        num_classes: int | None = None,
+        mask_root: str | os.PathLike[str] | None = None,
+        crop_size: int = 224,
+        resize_size: int = 256,
+        random_resized: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        meta = metadata if isinstance(metadata, SplitMetadata) else read_split(metadata, num_classes)
+        if num_classes is not None and meta.num_classes > num_classes:
+            raise ValueError(f"labels go up to {meta.num_classes - 1}, beyond num_classes {num_classes}")
+        if num_per_class is not None:
+            before = len(meta)
+            meta = subsample_per_class(meta, num_per_class, seed)
+            log.info("kept %d of %d images (%d per class, seed %d)", len(meta), before, num_per_class, seed)
+        self.image_root = Path(image_root)
+        self.meta = meta
+        self.mode = mode
+        self.mask_root = None if mask_root is None else Path(mask_root)
+        self.crop_size = crop_size
+        self.resize_size = resize_size
+        if transform is None:
+            if mode == "train":
+                transform = train_transform(crop_size, resize_size, random_resized=random_resized)
+            else:
+                transform = localization_transform(crop_size)
+        self.transform = transform
+
+    @property
+    def image_ids(self) -> tuple[str, ...]:
+        return self.meta.image_ids
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def image_path(self, index: int) -> Path:
+        """The file of image ``index``."""
+        return self.image_root / self.meta.image_ids[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        index %= len(self)
+        image_id = self.meta.image_ids[index]
+        image = load_image(self.image_root / image_id)
+        item: dict[str, Any] = {
+            "image": self.transform(image),
+            "label": self.meta.labels[image_id],
+            "image_id": image_id,
+            "index": index,
+        }
+        if self.mode != "evaluate":
+            return item
+        item["ten_crop"] = ten_crop(image, self.resize_size, self.crop_size)
+        meta = self.meta
+        if meta.boxes is not None:
+            size = meta.sizes[image_id] if meta.sizes is not None else image.size
+            if meta.sizes is not None and size != image.size:
+                log.debug("%s: decoded size %s differs from image_sizes.txt %s; boxes use the latter",
+                          image_id, image.size, size)
+            item["boxes"] = resize_boxes(meta.boxes[image_id], size, self.crop_size)
+        elif meta.mask_paths is not None and meta.ignore_paths is not None:
+            root = self.mask_root
+            masks = meta.mask_paths[image_id]
+            ignore = meta.ignore_paths[image_id]
+            if root is not None:
+                masks = tuple(str(root / m) for m in masks)
+                ignore = str(root / ignore) if ignore else ""
+            item["mask_paths"] = masks
+            item["ignore_path"] = ignore
+        return item
+
+
+def collate_evaluation(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch ``'evaluate'`` items: tensors stacked, ints as an int64 tensor, the rest as lists.
+
+    ``image`` (B, 3, S, S), ``ten_crop`` (B, 10, 3, S, S), ``label`` and
+    ``index`` int64 (B,), and lists of length B for ``image_id``, ``boxes``
+    (int64 (k_i, 4) arrays, ragged), ``mask_paths`` and ``ignore_path``.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    keys = list(batch[0])
+    for n, item in enumerate(batch[1:], 1):
+        if list(item) != keys:
+            raise ValueError(f"item {n} has keys {sorted(item)}, item 0 has {sorted(keys)}")
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [item[key] for item in batch]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+            out[key] = torch.tensor(values, dtype=torch.int64)
+        else:
+            out[key] = values
+    return out

@@ -1,0 +1,160 @@
+"""Image decoding and the WSOL protocol transforms (PIL image in, tensor out).
+
+All transforms end in ImageNet normalization: a float32 tensor ``(3, H, W)``
+holding ``(v / 255 - mean) / std`` per channel, with
+``mean = (0.485, 0.456, 0.406)`` and ``std = (0.229, 0.224, 0.225)``.
+Resizing is bilinear on the PIL image (PIL's own, antialiased), as
+``torchvision.transforms.Resize`` does on PIL input.
+
+``train_transform``
+    wsolevaluation's training recipe: ``Resize((256, 256))``,
+    ``RandomCrop(224)``, ``RandomHorizontalFlip()``, to tensor, normalize;
+    or, with ``random_resized=True``, ``RandomResizedCrop(224)`` and the flip.
+``localization_transform``
+    ``Resize((224, 224))``, to tensor, normalize: the frame in which boxes,
+    masks and score maps are compared.
+``ten_crop``
+    ``Resize((256, 256))`` then torchvision's ten-crop order (see its docstring).
+
+:func:`load_image` decodes a file completely, so that a truncated or corrupt
+file fails there, with the file named, and not later inside a transform.  (It
+cannot tell a truncated file if something in the process has set
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True``.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageReadError",
+    "load_image",
+    "localization_transform",
+    "normalize_image",
+    "ten_crop",
+    "train_transform",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+_warned_truncated = False
+
+
+class ImageReadError(OSError):
+    """An image file that is missing, unreadable, truncated or not an image.
+
+    ``path`` names the file; the original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: cannot read image: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open ``path`` with PIL, decode every pixel and return it as an RGB image.
+
+    Raises:
+        ImageReadError: the file is missing, cannot be identified as an image,
+            or fails to decode (truncated or corrupt data).
+    """
+    path = Path(path)
+    global _warned_truncated
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
+        _warned_truncated = True
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
+                    "with missing pixels instead of raising ImageReadError")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+    return rgb
+
+
+def _check_size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _to_normalized() -> list[v2.Transform]:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),
+    ]
+
+
+def normalize_image(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image (w x h) as a normalized float32 tensor (3, h, w)."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+    tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)
+    return F.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD)).as_subclass(torch.Tensor)
+
+
+def train_transform(crop: int = 224, resize: int = 256, random_resized: bool = False) -> Transform:
+    """The training augmentation: PIL RGB image -> float32 tensor (3, crop, crop).
+
+    Default (wsolevaluation): ``Resize((resize, resize))``, ``RandomCrop(crop)``,
+    ``RandomHorizontalFlip()``, normalize.  ``random_resized=True``:
+    ``RandomResizedCrop(crop)`` (scale (0.08, 1), ratio (3/4, 4/3)),
+    ``RandomHorizontalFlip()``, normalize; ``resize`` is then unused.
+    Randomness comes from torch's global generator.
+    """
+    crop = _check_size("crop", crop)
+    resize = _check_size("resize", resize)
+    if random_resized:
+        steps: list[v2.Transform] = [v2.RandomResizedCrop(crop)]
+    else:
+        if crop > resize:
+            raise ValueError(f"crop {crop} is larger than the resized image {resize}")
+        steps = [v2.Resize((resize, resize)), v2.RandomCrop(crop)]
+    return v2.Compose(steps + [v2.RandomHorizontalFlip()] + _to_normalized())
+
+
+def localization_transform(size: int = 224) -> Transform:
+    """``Resize((size, size))`` and normalize: PIL RGB image -> tensor (3, size, size)."""
+    size = _check_size("size", size)
+    return v2.Compose([v2.Resize((size, size))] + _to_normalized())
+
+
+def ten_crop(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """Ten normalized crops of ``image`` resized to ``(resize, resize)``: tensor (10, 3, crop, crop).
+
+    torchvision's ``TenCrop`` order: crops 0-4 are the top-left, top-right,
+    bottom-left, bottom-right and centre ``crop x crop`` windows of the
+    resized image; crops 5-9 are the same five windows of the horizontally
+    flipped resized image.  So crop 5 is the mirror image of crop 1 (the
+    flipped image's top-left window is the original's top-right one,
+    mirrored), 6 of 0, 7 of 3, 8 of 2 and 9 of 4.
+    """
+    resize = _check_size("resize", resize)
+    crop = _check_size("crop", crop)
+    if crop > resize:
+        raise ValueError(f"crop {crop} is larger than the resized image {resize}")
+    resized = F.resize(image, [resize, resize], interpolation=v2.InterpolationMode.BILINEAR)
+    tensor = normalize_image(resized)
+    return torch.stack(F.ten_crop(tensor, [crop, crop]))

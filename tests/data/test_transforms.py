@@ -1,0 +1,238 @@
+"""Tests of image decoding and the protocol transforms (mnpo.data.transforms)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from mnpo.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageReadError,
+    load_image,
+    localization_transform,
+    normalize_image,
+    ten_crop,
+    train_transform,
+)
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+
+
+def _expected_normalized(image: Image.Image) -> torch.Tensor:
+    """Independent reference: uint8 HWC -> (v / 255 - mean) / std, CHW float32."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (arr - MEAN) / STD
+
+
+# --------------------------------------------------------------------------- #
+# load_image
+# --------------------------------------------------------------------------- #
+def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_load_image_returns_decoded_rgb(tmp_path, mode):
+    image = _noise_image(40, 30).convert(mode)
+    path = tmp_path / f"x_{mode}.png"
+    image.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (40, 30)
+    assert np.array_equal(np.asarray(out), np.asarray(image.convert("RGB")))
+
+
+def _bad_files() -> dict[str, bytes | None]:
+    big = _noise_image(256, 256, seed=3)
+    png = _encoded(big, "PNG")
+    jpeg = _encoded(big, "JPEG", quality=90)
+    return {
+        "truncated.png": png[: len(png) // 2],
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "text.jpg": b"this is not an image, only text renamed to .jpg\n",
+        "empty.png": b"",
+        "missing.jpg": None,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_bad_files()))
+def test_load_image_rejects_bad_files_naming_them(tmp_path, name):
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES, "truncated files cannot be detected with this PIL setting"
+    data = _bad_files()[name]
+    path = tmp_path / name
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(ImageReadError) as err:
+        load_image(path)
+    assert err.value.path == str(path)
+    assert str(err.value).startswith(f"{path}: cannot read image: ")
+    assert isinstance(err.value, OSError)
+    assert err.value.__cause__ is not None
+    back = pickle.loads(pickle.dumps(err.value))
+    assert str(back) == str(err.value)
+
+
+def test_truncated_files_open_lazily_but_fail_in_load_image(tmp_path):
+    """Image.open alone accepts a truncated JPEG; only the full decode catches it."""
+    path = tmp_path / "t.jpg"
+    path.write_bytes(_bad_files()["truncated.jpg"])
+    with Image.open(path) as lazy:
+        assert lazy.size == (256, 256)
+    with pytest.raises(ImageReadError, match="truncated"):
+        load_image(path)
+
+
+# --------------------------------------------------------------------------- #
+# Normalization and the localization view
+# --------------------------------------------------------------------------- #
+def test_constant_colour_maps_to_normalized_constants():
+    image = Image.new("RGB", (123, 77), (255, 0, 128))
+    out = localization_transform()(image)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    assert type(out) is torch.Tensor
+    expected = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
+    for c in range(3):
+        assert torch.allclose(out[c], torch.full((224, 224), expected[c]), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(500, 300), (224, 224), (97, 413)])
+def test_localization_transform_is_bilinear_resize_then_normalize(size):
+    image = _noise_image(*size, seed=1)
+    out = localization_transform(224)(image)
+    reference = _expected_normalized(image.resize((224, 224), Image.BILINEAR))
+    assert out.shape == (3, 224, 224)
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_localization_transform_other_size():
+    assert localization_transform(64)(_noise_image(100, 50)).shape == (3, 64, 64)
+
+
+def test_normalize_image_rejects_non_rgb():
+    with pytest.raises(ValueError, match="RGB"):
+        normalize_image(Image.new("L", (4, 4)))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_sizes_are_validated(bad):
+    with pytest.raises(ValueError):
+        localization_transform(bad)
+    with pytest.raises(ValueError):
+        train_transform(crop=bad)
+    with pytest.raises(ValueError):
+        ten_crop(_noise_image(8, 8), resize=bad)
+
+
+def test_crop_larger_than_resize_is_rejected():
+    with pytest.raises(ValueError, match="larger"):
+        train_transform(crop=300, resize=256)
+    with pytest.raises(ValueError, match="larger"):
+        ten_crop(_noise_image(8, 8), resize=200, crop=224)
+
+
+# --------------------------------------------------------------------------- #
+# Ten crop
+# --------------------------------------------------------------------------- #
+def test_ten_crop_windows_and_mirrors():
+    image = _noise_image(300, 200, seed=2)
+    crops = ten_crop(image)
+    assert crops.shape == (10, 3, 224, 224) and crops.dtype == torch.float32
+    full = _expected_normalized(image.resize((256, 256), Image.BILINEAR))
+    windows = {
+        0: full[:, :224, :224],      # top-left
+        1: full[:, :224, 32:],       # top-right
+        2: full[:, 32:, :224],       # bottom-left
+        3: full[:, 32:, 32:],        # bottom-right
+        4: full[:, 16:240, 16:240],  # centre
+    }
+    for k, window in windows.items():
+        assert torch.allclose(crops[k], window, atol=1e-5), k
+    # crops 5-9 are the five windows of the flipped image: mirrors of 1, 0, 3, 2, 4
+    for k, mirror_of in zip(range(5, 10), (1, 0, 3, 2, 4)):
+        assert torch.equal(crops[k], crops[mirror_of].flip(-1)), k
+    assert not torch.equal(crops[5], crops[0].flip(-1))  # the order matters on a noisy image
+
+
+def test_ten_crop_custom_sizes():
+    assert ten_crop(_noise_image(50, 60), resize=40, crop=32).shape == (10, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------- #
+# Training transform
+# --------------------------------------------------------------------------- #
+def _find_window(out: torch.Tensor, full: torch.Tensor, crop: int) -> tuple[int, int, bool] | None:
+    size = full.shape[-1]
+    for flipped, candidate in ((False, out), (True, out.flip(-1))):
+        for i in range(size - crop + 1):
+            for j in range(size - crop + 1):
+                if torch.allclose(candidate[:, :2, :2], full[:, i:i + 2, j:j + 2], atol=1e-5) and \
+                        torch.allclose(candidate, full[:, i:i + crop, j:j + crop], atol=1e-5):
+                    return i, j, flipped
+    return None
+
+
+def test_train_transform_is_a_random_window_of_the_resized_image_maybe_mirrored():
+    image = _noise_image(120, 90, seed=4)
+    transform = train_transform(crop=24, resize=32)
+    full = _expected_normalized(image.resize((32, 32), Image.BILINEAR))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        out = transform(image)
+        assert out.shape == (3, 24, 24) and type(out) is torch.Tensor
+        found = _find_window(out, full, 24)
+        assert found is not None, "output is not a (mirrored) window of the resized image"
+        seen.add(found)
+    assert len(seen) > 5  # the offset is random
+    assert {f[2] for f in seen} == {False, True}  # and so is the flip
+
+
+def test_train_transform_default_shape_and_seeded_determinism():
+    image = _noise_image(333, 222, seed=5)
+    transform = train_transform()
+    torch.manual_seed(1)
+    a = transform(image)
+    torch.manual_seed(1)
+    b = transform(image)
+    assert a.shape == (3, 224, 224) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("size", [(500, 300), (64, 700), (224, 224)])
+def test_random_resized_option(size):
+    transform = train_transform(random_resized=True)
+    torch.manual_seed(2)
+    out = transform(_noise_image(*size))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    # still normalized pixel values: within the range a uint8 image can give
+    low = (0 - MEAN) / STD
+    high = (1 - MEAN) / STD
+    assert (out >= low - 1e-4).all() and (out <= high + 1e-4).all()
+
+
+def test_load_truncated_images_setting_is_reported(tmp_path, monkeypatch, caplog):
+    """With PIL told to accept truncated files nothing can be detected: say so in the log."""
+    from mnpo.data import transforms
+
+    path = tmp_path / "ok.png"
+    _noise_image(8, 8).save(path)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(transforms, "_warned_truncated", False)
+    with caplog.at_level("WARNING", logger="mnpo.data.transforms"):
+        load_image(path)
+        load_image(path)
+    assert [r.message for r in caplog.records].count(
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
+        "with missing pixels instead of raising ImageReadError") == 1
