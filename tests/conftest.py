@@ -1,0 +1,43 @@
+"""Session set-up shared by all tests.
+
+The real wsolevaluation metadata (CUB, ILSVRC val/test, OpenImages; MIT, see
+the LICENSE inside) is looked for, in order, at ``$MNPO_WSOL_METADATA``, at
+``<repo>/../shared/wsol-metadata``, and else unpacked once from the copy kept
+in ``tests/fixtures/wsol-metadata.tar.xz`` into the temp folder; the found
+folder is exported as ``MNPO_WSOL_METADATA`` for the test modules.
+"""
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+_TESTS = Path(__file__).resolve().parent
+_ARCHIVE = _TESTS / "fixtures" / "wsol-metadata.tar.xz"
+
+
+def _unpacked_copy() -> Path:
+    digest = hashlib.sha256(_ARCHIVE.read_bytes()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"mnpo-wsol-metadata-{digest}"
+    if not (target / "wsol-metadata" / "CUB").is_dir():
+        # Unpack beside the target and rename: parallel workers never see half a copy.
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        with tarfile.open(_ARCHIVE) as tar:
+            tar.extractall(staging, filter="data")
+        try:
+            os.rename(staging, target)
+        except OSError:  # another worker won the race
+            shutil.rmtree(staging, ignore_errors=True)
+    return target / "wsol-metadata"
+
+
+def pytest_configure(config):
+    if os.environ.get("MNPO_WSOL_METADATA"):
+        return
+    shared = _TESTS.parent.parent / "shared" / "wsol-metadata"
+    if (shared / "CUB").is_dir():
+        os.environ["MNPO_WSOL_METADATA"] = str(shared)
+    elif _ARCHIVE.is_file():
+        os.environ["MNPO_WSOL_METADATA"] = str(_unpacked_copy())
