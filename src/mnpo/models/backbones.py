@@ -1,0 +1,156 @@
+"""Backbones in the WSOL layout with named taps (feature maps returned by name from one pass).
+
+* ``VGG16Backbone``: torchvision VGG16's 13 conv+ReLU, the first four max-pools kept, the
+  fifth removed, so ``conv5_*`` is at stride 16. Taps ``conv{stage}_{index}`` are the outputs
+  after the ReLU. Module indices inside ``features`` equal torchvision's, so ImageNet weights
+  map key for key.
+* ``ResNet50Backbone``: torchvision ResNet50 with ``layer4`` at stride 1 and *no dilation*,
+  as clovaai/wsolevaluation's ``ResNetCam`` builds it (``_make_layer(block, 512, 3, stride=1)``):
+  ``layer4`` is at stride 16 (14x14 for 224 input). torchvision's
+  ``replace_stride_with_dilation`` would instead dilate layer4's 3x3 convs, which changes
+  the receptive field, so it is not used. Taps ``layer1``..``layer4``.
+
+Both take a ``width`` multiplier for every channel count (``width=1`` is the real network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mnpo.models.blocks import Bottleneck
+
+VGG16_CONFIG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
+)
+RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
+    # (bottleneck width, blocks, stride); out channels = 4 * width
+    (64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 1),
+)
+BACKBONE_NAMES = ("vgg16", "resnet50")
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """A named feature map: its channel count and its stride relative to the input."""
+
+    channels: int
+    stride: int
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Channel count under a width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def _check_taps(known: dict[str, TapInfo], taps: Sequence[str]) -> None:
+    unknown = [t for t in taps if t not in known]
+    if unknown:
+        raise KeyError(f"unknown tap(s) {unknown}; this backbone has {list(known)}")
+
+
+def make_vgg_features(config: Sequence[int | str], width: float = 1.0) -> tuple[nn.Sequential, dict[str, int], dict[str, TapInfo]]:
+    """Conv3x3+ReLU per number, 2x2 max-pool per ``"M"``.
+
+    Returns the layers, the index in them of each tap's ReLU, and the taps' info.
+    """
+    layers: list[nn.Module] = []
+    tap_index: dict[str, int] = {}
+    taps: dict[str, TapInfo] = {}
+    in_channels, stage, index, stride = 3, 1, 0, 1
+    for item in config:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            stage, index, stride = stage + 1, 0, stride * 2
+            continue
+        out_channels = scale_channels(int(item), width)
+        layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+        index += 1
+        name = f"conv{stage}_{index}"
+        tap_index[name] = len(layers) - 1
+        taps[name] = TapInfo(out_channels, stride)
+        in_channels = out_channels
+    return nn.Sequential(*layers), tap_index, taps
+
+
+class VGG16Backbone(nn.Module):
+    """VGG16, WSOL layout. ``(B, 3, H, W) -> {tap: (B, C, H/s, W/s)}``; ``conv5_3`` is 512 x H/16."""
+
+    name = "vgg16"
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        self.width = width
+        self.features, self._tap_index, self.taps = make_vgg_features(VGG16_CONFIG, width)
+
+    def forward(self, x: Tensor, taps: Sequence[str]) -> dict[str, Tensor]:
+        _check_taps(self.taps, taps)
+        wanted = {self._tap_index[t]: t for t in taps}
+        last = max(wanted, default=-1)
+        out: dict[str, Tensor] = {}
+        for i, layer in enumerate(self.features):
+            if i > last:
+                break
+            x = layer(x)
+            if i in wanted:
+                out[wanted[i]] = x
+        return {t: out[t] for t in taps}
+
+
+class ResNet50Backbone(nn.Module):
+    """ResNet50, WSOL layout (layer4 stride 1). ``layer4`` is ``2048 x H/16`` at width 1.
+
+    Module names equal torchvision's (``conv1``, ``bn1``, ``layer{i}.{j}.conv1`` ...).
+    """
+
+    name = "resnet50"
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        self.width = width
+        stem = scale_channels(64, width)
+        self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.taps: dict[str, TapInfo] = {}
+        in_channels, total_stride = stem, 4
+        for i, (block_width, blocks, stride) in enumerate(RESNET50_STAGES, start=1):
+            inner = scale_channels(block_width, width)
+            out_channels = scale_channels(4 * block_width, width)
+            layer = [Bottleneck(in_channels, inner, out_channels, stride)]
+            layer += [Bottleneck(out_channels, inner, out_channels) for _ in range(blocks - 1)]
+            self.add_module(f"layer{i}", nn.Sequential(*layer))
+            total_stride *= stride
+            self.taps[f"layer{i}"] = TapInfo(out_channels, total_stride)
+            in_channels = out_channels
+
+    def forward(self, x: Tensor, taps: Sequence[str]) -> dict[str, Tensor]:
+        _check_taps(self.taps, taps)
+        names = list(self.taps)
+        last = max((names.index(t) for t in taps), default=-1)
+        out: dict[str, Tensor] = {}
+        if last >= 0:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in names[: last + 1]:
+            x = getattr(self, name)(x)
+            out[name] = x
+        return {t: out[t] for t in taps}
+
+
+def build_backbone(name: str, width: float = 1.0) -> nn.Module:
+    """``"vgg16"`` or ``"resnet50"`` in the WSOL layout."""
+    if name == "vgg16":
+        return VGG16Backbone(width)
+    if name == "resnet50":
+        return ResNet50Backbone(width)
+    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES}")
+
+
+def backbone_taps(name: str, width: float = 1.0) -> dict[str, TapInfo]:
+    """The taps of a backbone without allocating its weights (built on the meta device)."""
+    with torch.device("meta"):
+        return dict(build_backbone(name, width).taps)
