@@ -1,0 +1,359 @@
+"""MNPO multi-branch networks built from a layout (data, not code).
+
+A ``NetworkLayout`` names a backbone, a width multiplier and the branches. Each
+``BranchLayout`` is a list of ``BlockSpec``; a block's inputs are backbone taps
+(``"conv4_2"``), earlier blocks of the same branch (``"a"``) or blocks of earlier
+branches (``"parallel.ab"``). A branch's output is its last block (or ``output``, which
+may name a tap). The first branch is the main branch (classification uses its logits).
+Every branch output goes through GAP and the *same* ``Linear(C, K)`` classifier.
+
+Channel counts in a layout are full-width numbers; the network scales them by ``width``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mnpo.models.backbones import TapInfo, backbone_taps, build_backbone, scale_channels
+from mnpo.models.blocks import Bottleneck, Conv3x3ReLU, Reduce1x1, concat, init_he
+
+BLOCK_KINDS = ("bottleneck", "reduce1x1", "conv3x3_relu", "concat")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot be built; the message names the branch and block."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One fusion block.
+
+    kind: ``bottleneck`` (needs ``width``, ``out_channels``, optional ``stride``),
+    ``reduce1x1`` / ``conv3x3_relu`` (need ``out_channels``), ``concat`` (>= 2 inputs).
+    """
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    out_channels: int | None = None
+    width: int | None = None
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        where = f"block {self.name!r}"
+        if not self.name or "." in self.name:
+            raise LayoutError(f"{where}: a block name must be non-empty and contain no '.'")
+        if self.kind not in BLOCK_KINDS:
+            raise LayoutError(f"{where}: unknown kind {self.kind!r}; choose one of {BLOCK_KINDS}")
+        if self.kind == "concat":
+            if len(self.inputs) < 2:
+                raise LayoutError(f"{where}: concat needs at least 2 inputs, got {list(self.inputs)}")
+        elif len(self.inputs) != 1:
+            raise LayoutError(f"{where}: {self.kind} takes exactly 1 input, got {list(self.inputs)}")
+        if self.kind != "concat" and (self.out_channels is None or self.out_channels < 1):
+            raise LayoutError(f"{where}: {self.kind} needs out_channels >= 1")
+        if self.kind == "bottleneck" and (self.width is None or self.width < 1):
+            raise LayoutError(f"{where}: bottleneck needs width >= 1")
+        if self.stride not in (1, 2):
+            raise LayoutError(f"{where}: stride must be 1 or 2, got {self.stride}")
+        if self.stride != 1 and self.kind != "bottleneck":
+            raise LayoutError(f"{where}: only a bottleneck may have a stride")
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """A branch: its blocks in order and its output (default: the last block)."""
+
+    name: str
+    blocks: tuple[BlockSpec, ...] = ()
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        blocks = tuple(b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in self.blocks)
+        object.__setattr__(self, "blocks", blocks)
+        if not self.name or "." in self.name:
+            raise LayoutError(f"branch {self.name!r}: a branch name must be non-empty and contain no '.'")
+        names = [b.name for b in blocks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise LayoutError(f"branch {self.name!r}: duplicate block names {dup}")
+        if self.output is None:
+            if not blocks:
+                raise LayoutError(f"branch {self.name!r}: no blocks and no output")
+            object.__setattr__(self, "output", blocks[-1].name)
+
+
+@dataclass(frozen=True)
+class NetworkLayout:
+    """Backbone, width multiplier and branches (the first is the main branch).
+
+    Validated on construction: every input resolves, shapes agree, every branch output
+    has the classifier's channel count.
+    """
+
+    backbone: str
+    branches: tuple[BranchLayout, ...]
+    width: float = 1.0
+    _shapes: dict[str, TapInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        branches = tuple(b if isinstance(b, BranchLayout) else BranchLayout(**b) for b in self.branches)
+        object.__setattr__(self, "branches", branches)
+        if not branches:
+            raise LayoutError("a layout needs at least one branch")
+        names = [b.name for b in branches]
+        if len(set(names)) != len(names):
+            raise LayoutError(f"duplicate branch names {names}")
+        if not self.width > 0:
+            raise LayoutError(f"width must be > 0, got {self.width}")
+        try:
+            taps = backbone_taps(self.backbone, self.width)
+        except ValueError as err:
+            raise LayoutError(str(err)) from None
+        self._shapes.update(taps)
+        for branch in branches:
+            self._check_branch(branch, taps)
+        channels = [self.branch_output(b.name).channels for b in branches]
+        if len(set(channels)) != 1:
+            raise LayoutError(
+                "every branch feeds the shared classifier, so all outputs need the same channels; got "
+                + ", ".join(f"{b.name}={c}" for b, c in zip(branches, channels))
+            )
+
+    def _check_branch(self, branch: BranchLayout, taps: Mapping[str, TapInfo]) -> None:
+        local: dict[str, TapInfo] = {}
+
+        def resolve(ref: str, where: str) -> TapInfo:
+            if ref in local:
+                return local[ref]
+            if ref in taps:
+                return taps[ref]
+            if "." in ref and ref in self._shapes:
+                return self._shapes[ref]
+            raise LayoutError(
+                f"branch {branch.name!r}, {where}: unknown input {ref!r}; inputs are backbone taps "
+                f"{list(taps)}, earlier blocks of this branch {list(local)} or earlier branches' "
+                "blocks as 'branch.block'"
+            )
+
+        for block in branch.blocks:
+            where = f"block {block.name!r}"
+            if block.name in taps:
+                raise LayoutError(f"branch {branch.name!r}, {where}: name clashes with a backbone tap")
+            ins = [resolve(r, where) for r in block.inputs]
+            strides = {i.stride for i in ins}
+            if len(strides) != 1:
+                raise LayoutError(
+                    f"branch {branch.name!r}, {where}: inputs at different strides "
+                    f"{dict(zip(block.inputs, (i.stride for i in ins)))}"
+                )
+            stride = ins[0].stride * block.stride
+            if block.kind == "concat":
+                channels = sum(i.channels for i in ins)
+            else:
+                channels = scale_channels(block.out_channels, self.width)
+            local[block.name] = TapInfo(channels, stride)
+            self._shapes[f"{branch.name}.{block.name}"] = local[block.name]
+        out = resolve(branch.output, "output")
+        self._shapes[f"{branch.name}.{branch.output}"] = out
+
+    def input_shape(self, branch: str, ref: str) -> TapInfo:
+        """Channels and stride of an input reference as seen from ``branch``."""
+        return self._shapes.get(f"{branch}.{ref}") or self._shapes[ref]
+
+    def branch_output(self, branch: str) -> TapInfo:
+        b = next(b for b in self.branches if b.name == branch)
+        return self.input_shape(branch, b.output)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels entering the shared classifier."""
+        return self.branch_output(self.branches[0].name).channels
+
+    def required_taps(self) -> tuple[str, ...]:
+        """Backbone taps any branch reads, in backbone order."""
+        taps = backbone_taps(self.backbone, self.width)
+        used = {r for b in self.branches for blk in b.blocks for r in blk.inputs} | {
+            b.output for b in self.branches
+        }
+        return tuple(t for t in taps if t in used)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, float, list, dict, None): safe for JSON, YAML, weights_only."""
+        return {
+            "backbone": self.backbone,
+            "width": float(self.width),
+            "branches": [
+                {
+                    "name": b.name,
+                    "output": b.output,
+                    "blocks": [dict(asdict(blk), inputs=list(blk.inputs)) for blk in b.blocks],
+                }
+                for b in self.branches
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "NetworkLayout":
+        unknown = set(data) - {"backbone", "branches", "width"}
+        if unknown:
+            raise LayoutError(f"unknown layout keys {sorted(unknown)}")
+        try:
+            branches = tuple(
+                BranchLayout(
+                    name=b["name"],
+                    output=b.get("output"),
+                    blocks=tuple(BlockSpec(**{**blk, "inputs": tuple(blk["inputs"])}) for blk in b.get("blocks", ())),
+                )
+                for b in data["branches"]
+            )
+            return cls(backbone=data["backbone"], branches=branches, width=float(data.get("width", 1.0)))
+        except (KeyError, TypeError) as err:
+            raise LayoutError(f"malformed layout: {err!r}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "NetworkLayout":
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(yaml.safe_load(fh))
+
+
+# --- the shipped layouts ----------------------------------------------------------------
+
+def _head_branch() -> BranchLayout:
+    return BranchLayout("main", (BlockSpec("head", "conv3x3_relu", ("conv5_3",), out_channels=1024),))
+
+
+def _released_parallel_blocks() -> tuple[BlockSpec, ...]:
+    return (
+        BlockSpec("a", "bottleneck", ("conv4_2",), out_channels=896, width=224, stride=2),
+        BlockSpec("b", "reduce1x1", ("conv5_1",), out_channels=64),
+        BlockSpec("ab", "concat", ("a", "b")),
+        BlockSpec("c", "bottleneck", ("ab",), out_channels=960, width=240),
+        BlockSpec("d", "reduce1x1", ("conv5_3",), out_channels=64),
+        BlockSpec("out", "concat", ("c", "d")),
+    )
+
+
+def released_vgg16_layout(width: float = 1.0) -> NetworkLayout:
+    """The authors' released two-branch VGG16 layout (spec section 2): 22.74 M params at K=1000."""
+    return NetworkLayout("vgg16", (_head_branch(), BranchLayout("parallel", _released_parallel_blocks())), width)
+
+
+def three_branch_vgg16_layout(width: float = 1.0) -> NetworkLayout:
+    """Three branches as the paper's figure draws them (our reading of the figure).
+
+    The second branch is the released one (fed by main-branch, i.e. backbone, features);
+    the third is fed by the second's: a bottleneck on its fused ``ab`` (960 ch) concatenated
+    with a 1x1 reduction of its output (1024 -> 64).
+    """
+    third = BranchLayout(
+        "third",
+        (
+            BlockSpec("e", "bottleneck", ("parallel.ab",), out_channels=960, width=240),
+            BlockSpec("f", "reduce1x1", ("parallel.out",), out_channels=64),
+            BlockSpec("out", "concat", ("e", "f")),
+        ),
+    )
+    return NetworkLayout(
+        "vgg16", (_head_branch(), BranchLayout("parallel", _released_parallel_blocks()), third), width
+    )
+
+
+def resnet50_layout(width: float = 1.0) -> NetworkLayout:
+    """ResNet50: main branch is ``layer4`` (2048 ch, stride 16, no head conv, as wsolevaluation's
+    ResNet CAM); the parallel branch fuses ``layer2`` and ``layer3`` to layer4's resolution in the
+    same pattern as the VGG16 one, ending in 2048 channels for the shared ``Linear(2048, K)``.
+    """
+    parallel = BranchLayout(
+        "parallel",
+        (
+            BlockSpec("a", "bottleneck", ("layer2",), out_channels=896, width=224, stride=2),
+            BlockSpec("b", "reduce1x1", ("layer3",), out_channels=128),
+            BlockSpec("ab", "concat", ("a", "b")),
+            BlockSpec("c", "bottleneck", ("ab",), out_channels=1792, width=448),
+            BlockSpec("d", "reduce1x1", ("layer4",), out_channels=256),
+            BlockSpec("out", "concat", ("c", "d")),
+        ),
+    )
+    return NetworkLayout("resnet50", (BranchLayout("main", (), output="layer4"), parallel), width)
+
+
+LAYOUTS = {
+    "vgg16-mnpo": released_vgg16_layout,
+    "vgg16-mnpo-3branch": three_branch_vgg16_layout,
+    "resnet50-mnpo": resnet50_layout,
+}
+
+
+# --- the network ---------------------------------------------------------------------------
+
+@dataclass
+class MultiBranchOutput:
+    """``logits``: one ``(B, K)`` per branch, main first. ``features`` (when asked): ``head``
+    (the main branch's pre-GAP map), each branch's pre-GAP map by branch name, and every
+    block's output as ``"branch.block"``; all ``(B, C, h, w)``."""
+
+    logits: tuple[Tensor, ...]
+    features: dict[str, Tensor] | None = None
+
+
+class MultiBranchNet(nn.Module):
+    """Backbone + branches + one shared classifier. ``(B, 3, H, W) -> MultiBranchOutput``."""
+
+    def __init__(self, layout: NetworkLayout, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.layout = layout
+        self.num_classes = num_classes
+        self.backbone = build_backbone(layout.backbone, layout.width)
+        self._taps = layout.required_taps()
+        self.branches = nn.ModuleDict()
+        for branch in layout.branches:
+            blocks = nn.ModuleDict()
+            for spec in branch.blocks:
+                if spec.kind == "concat":
+                    continue
+                in_ch = layout.input_shape(branch.name, spec.inputs[0]).channels
+                out_ch = scale_channels(spec.out_channels, layout.width)
+                if spec.kind == "bottleneck":
+                    blocks[spec.name] = Bottleneck(in_ch, scale_channels(spec.width, layout.width), out_ch, spec.stride)
+                elif spec.kind == "reduce1x1":
+                    blocks[spec.name] = Reduce1x1(in_ch, out_ch)
+                else:
+                    blocks[spec.name] = Conv3x3ReLU(in_ch, out_ch)
+            self.branches[branch.name] = blocks
+        self.classifier = nn.Linear(layout.feature_channels, num_classes)
+        init_he(self)
+
+    def forward(self, x: Tensor, return_features: bool = False) -> MultiBranchOutput:
+        values: dict[str, Tensor] = dict(self.backbone(x, self._taps))
+        maps: dict[str, Tensor] = {}
+        for branch in self.layout.branches:
+            modules = self.branches[branch.name]
+
+            def get(ref: str, _b: str = branch.name) -> Tensor:
+                local = f"{_b}.{ref}"
+                return values[local] if local in values else values[ref]
+
+            for spec in branch.blocks:
+                if spec.kind == "concat":
+                    y = concat([get(r) for r in spec.inputs])
+                else:
+                    y = modules[spec.name](get(spec.inputs[0]))
+                values[f"{branch.name}.{spec.name}"] = y
+            maps[branch.name] = get(branch.output)
+        logits = tuple(self.classifier(m.mean(dim=(2, 3))) for m in maps.values())
+        if not return_features:
+            return MultiBranchOutput(logits)
+        features = {"head": maps[self.layout.branches[0].name], **maps}
+        features.update({k: v for k, v in values.items() if "." in k})
+        return MultiBranchOutput(logits, features)

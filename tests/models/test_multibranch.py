@@ -1,0 +1,144 @@
+import pytest
+import torch
+import yaml
+
+from mnpo.models.multibranch import (
+    LAYOUTS,
+    BlockSpec,
+    BranchLayout,
+    LayoutError,
+    MultiBranchNet,
+    NetworkLayout,
+    released_vgg16_layout,
+    resnet50_layout,
+    three_branch_vgg16_layout,
+)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_released_layout_has_22_74_million_parameters():
+    model = MultiBranchNet(released_vgg16_layout(), num_classes=1000)
+    assert round(n_params(model) / 1e6, 2) == 22.74
+    assert model.classifier.in_features == 1024 and model.classifier.out_features == 1000
+    a = model.branches["parallel"]["a"]
+    assert (a.conv1.in_channels, a.conv2.out_channels, a.conv3.out_channels) == (512, 224, 896)
+    assert a.conv2.stride == (2, 2) and a.downsample is not None
+    assert model.branches["parallel"]["c"].downsample is None  # 960 -> 960: identity shortcut
+    assert model.branches["parallel"]["c"].conv1.in_channels == 960
+
+
+def test_released_layout_full_width_shapes_at_224_once():
+    model = MultiBranchNet(released_vgg16_layout(), num_classes=10).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224), return_features=True)
+    assert [t.shape for t in out.logits] == [(1, 10), (1, 10)]
+    f = out.features
+    assert f["head"].shape == (1, 1024, 14, 14)
+    assert f["parallel"].shape == (1, 1024, 14, 14)
+    assert f["parallel.a"].shape == (1, 896, 14, 14)
+    assert f["parallel.b"].shape == (1, 64, 14, 14)
+    assert f["parallel.c"].shape == (1, 960, 14, 14)
+    assert f["parallel.d"].shape == (1, 64, 14, 14)
+
+
+def test_shared_classifier_gives_logits_from_gap():
+    model = MultiBranchNet(released_vgg16_layout(1 / 16), num_classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), return_features=True)
+        for name, logits in zip(["main", "parallel"], out.logits):
+            expected = model.classifier(out.features[name].mean(dim=(2, 3)))
+            torch.testing.assert_close(logits, expected)
+    assert out.features["head"] is out.features["main"]
+    assert model(torch.randn(1, 3, 32, 32)).features is None
+
+
+def test_three_branch_layout():
+    layout = three_branch_vgg16_layout(1 / 16)
+    assert [b.name for b in layout.branches] == ["main", "parallel", "third"]
+    assert layout.branches[2].blocks[0].inputs == ("parallel.ab",)
+    model = MultiBranchNet(layout, num_classes=4)
+    out = model(torch.randn(2, 3, 64, 64), return_features=True)
+    assert len(out.logits) == 3 and all(t.shape == (2, 4) for t in out.logits)
+    assert out.features["third"].shape == (2, 64, 4, 4)
+
+
+def test_three_branch_full_width_channels():
+    layout = three_branch_vgg16_layout()
+    assert layout.branch_output("third").channels == 1024
+    assert layout.input_shape("third", "e").channels == 960
+
+
+def test_resnet50_layout_shapes():
+    layout = resnet50_layout()
+    assert layout.feature_channels == 2048
+    assert layout.branch_output("parallel").stride == 16
+    model = MultiBranchNet(resnet50_layout(1 / 16), num_classes=5)
+    out = model(torch.randn(1, 3, 64, 64), return_features=True)
+    assert [t.shape for t in out.logits] == [(1, 5), (1, 5)]
+    assert out.features["head"].shape == (1, 128, 4, 4)
+    assert out.features["parallel"].shape == (1, 128, 4, 4)
+
+
+def test_he_initialization_of_new_layers():
+    model = MultiBranchNet(released_vgg16_layout(1 / 8), num_classes=7)
+    assert torch.all(model.branches["main"]["head"].conv.bias == 0)
+    assert torch.all(model.branches["parallel"]["b"].bn.weight == 1)
+    assert torch.all(model.classifier.bias == 0)
+    assert model.classifier.weight.std() < 0.03
+
+
+@pytest.mark.parametrize("make", list(LAYOUTS.values()))
+def test_layout_dict_and_yaml_round_trip(make, tmp_path):
+    layout = make(0.25)
+    data = layout.to_dict()
+    assert NetworkLayout.from_dict(data) == layout
+    path = tmp_path / "layout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert NetworkLayout.from_yaml(path) == layout
+
+
+def _released_dict():
+    return released_vgg16_layout().to_dict()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["branches"][1]["blocks"][0].update(inputs=["conv9_9"]), "unknown input 'conv9_9'"),
+        (lambda d: d["branches"][1]["blocks"][0].update(kind="mlp"), "unknown kind 'mlp'"),
+        (lambda d: d["branches"][1]["blocks"][0].update(stride=1), "different strides"),
+        (lambda d: d["branches"][1]["blocks"][1].update(name="a"), "duplicate block names"),
+        (lambda d: d["branches"][1]["blocks"][4].update(out_channels=32), "same channels"),
+        (lambda d: d["branches"][1]["blocks"][2].update(inputs=["a"]), "at least 2 inputs"),
+        (lambda d: d["branches"][1]["blocks"][1].update(out_channels=None), "needs out_channels"),
+        (lambda d: d["branches"][1]["blocks"][0].update(width=None), "needs width"),
+        (lambda d: d["branches"][1]["blocks"][1].update(stride=2), "only a bottleneck"),
+        (lambda d: d["branches"][1]["blocks"][2].update(inputs=["a", "c"]), "unknown input 'c'"),
+        (lambda d: d["branches"][1].update(name="main"), "duplicate branch names"),
+        (lambda d: d.update(backbone="inception"), "unknown backbone"),
+        (lambda d: d.update(width=0), "width must be > 0"),
+        (lambda d: d.update(extra=1), "unknown layout keys"),
+        (lambda d: d["branches"][0]["blocks"][0].update(name="conv5_1"), "clashes with a backbone tap"),
+        (lambda d: d["branches"][1]["blocks"][0].pop("inputs"), "malformed layout"),
+    ],
+)
+def test_layout_validation_errors(mutate, message):
+    data = _released_dict()
+    mutate(data)
+    with pytest.raises(LayoutError, match=message):
+        NetworkLayout.from_dict(data)
+
+
+def test_forward_reference_to_later_branch_is_rejected():
+    main = BranchLayout("main", (BlockSpec("head", "reduce1x1", ("parallel.x",), out_channels=8),))
+    parallel = BranchLayout("parallel", (BlockSpec("x", "reduce1x1", ("conv5_3",), out_channels=8),))
+    with pytest.raises(LayoutError, match="unknown input 'parallel.x'"):
+        NetworkLayout("vgg16", (main, parallel))
+
+
+def test_branch_without_blocks_needs_output():
+    with pytest.raises(LayoutError, match="no blocks and no output"):
+        BranchLayout("main")
