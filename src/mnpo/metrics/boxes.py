@@ -3,7 +3,7 @@
 The protocol (wsolevaluation, CVPR 2020; spec section 6), for a score map
 ``s`` (H, W) in [0, 1] and a threshold ``t``:
 
-1. ``u = (s * 255).astype(uint8)`` (floor), ``level = int(t * u.max())``;
+1. ``u = (s * 255).astype(uint8)`` in float64 (floor), ``level = int(t * u.max())``;
 2. foreground ``u > level`` (strictly greater, as ``cv2.THRESH_BINARY``);
 3. contours by ``cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)``;
 4. *largest* mode keeps ``max(contours, key=cv2.contourArea)``; *multi* mode
@@ -75,8 +75,12 @@ def check_scoremap(scoremap: np.ndarray, name: str = "score map") -> None:
 
 
 def to_uint8(scoremap: np.ndarray) -> np.ndarray:
-    """``floor(scoremap * 255)`` as uint8 (H, W), computed in the map's own dtype."""
-    return (scoremap * 255).astype(np.uint8)
+    """``floor(scoremap * 255)`` as uint8 (H, W), computed in float64.
+
+    wsolevaluation casts every map to float64 before this step (``t2n``), so
+    float32 maps are widened first (exact) to give its levels bit for bit.
+    """
+    return (scoremap.astype(np.float64, copy=False) * 255).astype(np.uint8)
 
 
 def threshold_levels(image: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
