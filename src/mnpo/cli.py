@@ -38,7 +38,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
-    from mnpo.engine.evaluate_maps import evaluate_map_folders, write_json_atomic
+    from mnpo.engine.evaluate_maps import evaluate_map_folders
+    from mnpo.io import write_json_atomic
 
     report = evaluate_map_folders(
         args.maps, args.metadata, val_maps=args.val_maps, val_metadata=args.val_metadata,
@@ -52,6 +53,16 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, report.to_json())
         log.info("wrote %s", args.json)
+    return 0
+
+
+def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from mnpo.models.release import import_released_checkpoint
+
+    summary = import_released_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle)
+    print(f"imported {args.src} -> {args.dst}: released two-branch VGG16 layout, "
+          f"{summary['num_classes']} classes, {summary['tensors']} tensors, "
+          f"{summary['parameters'] / 1e6:.2f} M parameters")
     return 0
 
 
@@ -100,6 +111,21 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the report as JSON to this file")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evaluate_maps)
+
+    imp = sub.add_parser(
+        "import-checkpoint",
+        help="convert an authors' released MNPO/MNPOs checkpoint into an mnpo checkpoint",
+        description="Convert a checkpoint of the authors' release (a torch.save dict whose "
+        "'state_dict' names the VGG16 convs conv1..conv13, the head conv6, fc and branch1_layer) "
+        "into an mnpo checkpoint holding the layout, the class count (read from the file) and the "
+        "weights. Every tensor must map; otherwise nothing is written.",
+    )
+    imp.add_argument("src", help="the released .pth / .pth.tar file")
+    imp.add_argument("dst", help="the mnpo checkpoint to write (atomically)")
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="load SRC with full pickle (runs code stored in the file); only for files you trust "
+                     "that weights_only loading refuses")
+    imp.set_defaults(func=_cmd_import_checkpoint)
 
     return parser
 

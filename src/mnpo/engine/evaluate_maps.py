@@ -11,10 +11,8 @@ given, the calibrated one (thresholds chosen on val, applied to the split).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -161,21 +159,6 @@ def build_report(test: BoxCurves | MaskCurves, val: BoxCurves | MaskCurves | Non
     """Oracle metrics of ``test``, and calibrated ones when ``val`` is given."""
     calibrated = None if val is None else calibrated_metrics(val, test)
     return Report(oracle_metrics(test), calibrated, info)
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename: no half files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *, val_maps=None,

@@ -1,0 +1,45 @@
+"""MNPO networks: backbones with named taps, layouts as data, weights and checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+from mnpo.models.backbones import ResNet50Backbone, TapInfo, VGG16Backbone, build_backbone
+from mnpo.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from mnpo.models.multibranch import (
+    LAYOUTS,
+    LayoutError,
+    MultiBranchNet,
+    MultiBranchOutput,
+    NetworkLayout,
+    released_vgg16_layout,
+    resnet50_layout,
+    three_branch_vgg16_layout,
+)
+from mnpo.models.release import import_released_checkpoint
+from mnpo.models.weights import WeightsError, load_pretrained
+
+
+def build_model(layout: NetworkLayout | str, num_classes: int, pretrained: str | os.PathLike | None = None,
+                width: float = 1.0) -> MultiBranchNet:
+    """A ``MultiBranchNet`` from a layout (or a name in ``LAYOUTS``, built at ``width``).
+
+    ``pretrained``: ``None`` (all He-initialized), ``"imagenet"`` (torchvision's weights API)
+    or a path to a torchvision ``.pth`` state dict; it fills the backbone only.
+    """
+    if isinstance(layout, str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+        layout = LAYOUTS[layout](width)
+    model = MultiBranchNet(layout, num_classes)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+__all__ = [
+    "LAYOUTS", "CheckpointError", "LayoutError", "MultiBranchNet", "MultiBranchOutput", "NetworkLayout",
+    "ResNet50Backbone", "TapInfo", "VGG16Backbone", "WeightsError", "build_backbone", "build_model",
+    "import_released_checkpoint", "load_model", "load_pretrained", "read_checkpoint",
+    "released_vgg16_layout", "resnet50_layout", "save_checkpoint", "three_branch_vgg16_layout",
+]

@@ -1,0 +1,97 @@
+"""ImageNet weights for the backbones: torchvision's weights API online, a local file offline.
+
+Both sources hold a *torchvision* model's state dict (``features.N.*`` for VGG16,
+``conv1``/``bn1``/``layerI.J.*`` for ResNet50). Our backbones keep torchvision's module
+names, so the mapping is the identity on the backbone's tensors; the ImageNet classifier
+(``classifier.*`` / ``fc.*``) is dropped on purpose. Every other difference fails the load
+with the names listed: a backbone that silently keeps random weights is the failure this
+module exists to prevent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from torch import Tensor, nn
+
+from mnpo.models.checkpoint import CheckpointError, load_plain, load_state_dict_strict
+
+IMAGENET = "imagenet"
+#: torchvision weight enums used for ``pretrained="imagenet"`` (V1: the weights WSOL papers use).
+TORCHVISION_WEIGHTS = {"vgg16": ("VGG16_Weights", "IMAGENET1K_V1"), "resnet50": ("ResNet50_Weights", "IMAGENET1K_V1")}
+#: Tensors of the torchvision source that our backbones do not have (the ImageNet classifier).
+DROPPED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("fc.",)}
+
+
+class WeightsError(CheckpointError):
+    """Pretrained weights that do not fit a backbone, or that could not be fetched."""
+
+
+def imagenet_state_dict(backbone: str, progress: bool = True) -> dict[str, Tensor]:
+    """torchvision's ImageNet state dict for ``backbone`` (downloaded once to the torch hub cache)."""
+    import torchvision.models as tvm
+
+    if backbone not in TORCHVISION_WEIGHTS:
+        raise WeightsError(f"no ImageNet weights known for backbone {backbone!r}")
+    enum_name, member = TORCHVISION_WEIGHTS[backbone]
+    weights = getattr(getattr(tvm, enum_name), member)
+    try:
+        return weights.get_state_dict(progress=progress)
+    except OSError as err:  # URLError and socket errors are OSErrors
+        raise WeightsError(
+            f"could not download {enum_name}.{member} from {weights.url} ({err}); on a machine "
+            "without internet, download that file elsewhere and pass its path instead of 'imagenet'"
+        ) from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from a ``.pth`` file: a bare one, or under ``state_dict`` / ``model``.
+
+    A ``module.`` prefix (DataParallel) is removed. Loaded with ``weights_only=True``.
+    """
+    obj = load_plain(path)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsError(f"{path}: expected a state dict (names to tensors), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: not a state dict: entries {bad[:5]} are not name -> tensor")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Copy a torchvision state dict into ``backbone`` (a ``VGG16Backbone``/``ResNet50Backbone``).
+
+    Fails with ``WeightsError`` listing every missing, unexpected or mis-shaped tensor.
+    BatchNorm's ``num_batches_tracked`` counters may be absent (old files); they stay 0.
+    """
+    dropped = DROPPED_PREFIXES.get(backbone.name, ())
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
+    for name, value in backbone.state_dict().items():
+        if name.endswith("num_batches_tracked") and name not in kept:
+            kept[name] = value
+    try:
+        load_state_dict_strict(backbone, kept, source)
+    except CheckpointError as err:
+        raise WeightsError(f"{err} (expected a torchvision {backbone.name} state dict at width 1)") from None
+
+
+def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool = True) -> None:
+    """Load ImageNet weights into ``model.backbone``: ``source`` is ``"imagenet"`` or a file path.
+
+    The new layers (branches, head, classifier) keep their He initialization.
+    """
+    backbone = model.backbone
+    if str(source) == IMAGENET:
+        state, name = imagenet_state_dict(backbone.name, progress), f"torchvision {backbone.name} ImageNet weights"
+    else:
+        state, name = read_state_dict(source), str(Path(source))
+    load_backbone_weights(backbone, state, name)

@@ -1,0 +1,153 @@
+"""Import of the authors' released checkpoints (spec section 8).
+
+``ReleasedLayoutNet`` below is written from the spec for these tests: the release's module
+names and the released forward (conv4_2 -> bottleneck a, conv5_1 -> 1x1 b, concat ->
+bottleneck c, conv5_3 -> 1x1 d, concat; head on conv5_3; one shared fc).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from mnpo.cli import main
+from mnpo.models.backbones import scale_channels
+from mnpo.models.blocks import Bottleneck
+from mnpo.models.checkpoint import CheckpointError, load_model
+from mnpo.models.multibranch import released_vgg16_layout
+from mnpo.models.release import RELEASED_CONV_NAMES, convert_released_state_dict, import_released_checkpoint
+
+VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+POOL_AFTER = {1, 3, 6, 9}  # max-pool after conv1_2, conv2_2, conv3_3, conv4_3 (0-based conv index)
+
+
+class ReleasedLayoutNet(nn.Module):
+    def __init__(self, num_classes, width=1.0):
+        super().__init__()
+        c = lambda n: scale_channels(n, width)  # noqa: E731
+        in_ch = 3
+        for name, out in zip(RELEASED_CONV_NAMES, VGG16_CHANNELS):
+            setattr(self, name, nn.Sequential(nn.Conv2d(in_ch, c(out), 3, padding=1), nn.ReLU()))
+            in_ch = c(out)
+        self.conv6 = nn.Conv2d(c(512), c(1024), 3, padding=1)
+        self.fc = nn.Linear(c(1024), num_classes)
+        branch = nn.Module()
+        branch.conv1 = nn.Sequential(nn.Conv2d(c(512), c(64), 1, bias=False), nn.BatchNorm2d(c(64)), nn.ReLU())
+        branch.conv2 = nn.Sequential(nn.Conv2d(c(512), c(64), 1, bias=False), nn.BatchNorm2d(c(64)), nn.ReLU())
+        branch.layer1 = nn.Sequential(Bottleneck(c(512), c(224), c(896), stride=2))
+        branch.layer2 = nn.Sequential(Bottleneck(c(960), c(240), c(960)))
+        self.branch1_layer = branch
+
+    def forward(self, x):
+        taps = []
+        for i, name in enumerate(RELEASED_CONV_NAMES):
+            x = getattr(self, name)(x)
+            taps.append(x)
+            if i in POOL_AFTER:
+                x = nn.functional.max_pool2d(x, 2)
+        conv4_2, conv5_1, conv5_3 = taps[8], taps[10], taps[12]
+        head = torch.relu(self.conv6(conv5_3))
+        b = self.branch1_layer
+        fused = b.layer2(torch.cat([b.layer1(conv4_2), b.conv1(conv5_1)], 1))
+        branch = torch.cat([fused, b.conv2(conv5_3)], 1)
+        return self.fc(head.mean((2, 3))), self.fc(branch.mean((2, 3)))
+
+
+def randomized(net, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def release_file(path, net, **extra):
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    torch.save({"architecture": "vgg_2branch", "epoch": 9, "state_dict": net.state_dict(),
+                "optimizer": optimizer.state_dict(), **extra}, path)
+
+
+def test_import_gives_identical_logits_for_both_branches(tmp_path):
+    ref = randomized(ReleasedLayoutNet(num_classes=7, width=0.125))
+    src, dst = tmp_path / "release.pth.tar", tmp_path / "ours.pt"
+    release_file(src, ref)
+    summary = import_released_checkpoint(src, dst)
+    assert summary["num_classes"] == 7 and summary["width"] == 0.125
+    assert summary["tensors"] == len(ref.state_dict())
+    model, payload = load_model(dst, layout=released_vgg16_layout(0.125), num_classes=7)
+    assert payload["meta"] == {"imported_from": "release.pth.tar",
+                               "release": {"architecture": "vgg_2branch", "epoch": 9}}
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref(x)
+        got = model(x).logits
+    assert len(got) == 2
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+
+
+def test_full_size_release_maps_every_tensor_and_agrees():
+    ref = randomized(ReleasedLayoutNet(num_classes=1000))
+    model = convert_released_state_dict(ref.state_dict(), "full")
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 22.74
+    assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for e, g in zip(ref(x), model(x).logits):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+
+
+def test_spec_spelling_conv6_0_and_dataparallel_prefix_are_accepted():
+    ref = randomized(ReleasedLayoutNet(num_classes=3, width=0.125))
+    state = {f"module.{k.replace('conv6_.', 'conv6.')}": v for k, v in ref.state_dict().items()}
+    assert "module.conv6.0.weight" in state and "module.conv6.weight" in state
+    model = convert_released_state_dict(state)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits[1], ref(x)[1], rtol=0, atol=1e-6)
+
+
+def test_old_files_without_batch_counters():
+    ref = randomized(ReleasedLayoutNet(num_classes=3, width=0.125))
+    state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    convert_released_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("branch1_layer.layer2.0.bn3.running_var"), "missing: branches.parallel.c.bn3.running_var"),
+        (lambda s: s.update({"branch2_layer.conv1.0.weight": torch.zeros(1)}),
+         r"does not have: \['branch2_layer.conv1.0.weight'\]"),
+        (lambda s: s.update({"conv6.weight": torch.zeros(128, 64, 1, 1)}),
+         r"wrong shape: branches.main.head.conv.weight \(128, 64, 1, 1\)"),
+        (lambda s: s.pop("fc.weight"), "not a released MNPO VGG16 checkpoint: no 'fc.weight'"),
+    ],
+)
+def test_bad_release_files_fail_and_write_nothing(tmp_path, edit, message):
+    ref = randomized(ReleasedLayoutNet(num_classes=3, width=0.125))
+    state = dict(ref.state_dict())
+    edit(state)
+    src, dst = tmp_path / "release.pth.tar", tmp_path / "ours.pt"
+    torch.save({"state_dict": state}, src)
+    with pytest.raises(CheckpointError, match=message):
+        import_released_checkpoint(src, dst)
+    assert not dst.exists()
+
+
+def test_cli_import_checkpoint(tmp_path, capsys):
+    ref = randomized(ReleasedLayoutNet(num_classes=5, width=0.125))
+    src, dst = tmp_path / "release.pth.tar", tmp_path / "ours.pt"
+    release_file(src, ref)
+    assert main(["import-checkpoint", str(src), str(dst)]) == 0
+    assert "5 classes" in capsys.readouterr().out
+    assert load_model(dst)[0].num_classes == 5
+
+    torch.save({"state_dict": {"features.0.weight": torch.zeros(1)}}, src)
+    assert main(["import-checkpoint", str(src), str(tmp_path / "other.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "mnpo import-checkpoint: error:" in err and "release.pth.tar" in err and "conv1.0.weight" in err
+    assert not (tmp_path / "other.pt").exists()
