@@ -82,6 +82,20 @@ def test_resnet50_layout_shapes():
     assert out.features["parallel"].shape == (1, 128, 4, 4)
 
 
+def test_resnet50_layout_full_width_shapes_at_224_once():
+    model = MultiBranchNet(resnet50_layout(), num_classes=10).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, 224, 224), return_features=True)
+    assert [t.shape for t in out.logits] == [(1, 10), (1, 10)]
+    f = out.features
+    assert f["head"].shape == (1, 2048, 14, 14)  # layer4 at stride 16
+    assert f["parallel.a"].shape == (1, 896, 14, 14)  # layer2 (28x28) brought down by the stride-2 bottleneck
+    assert f["parallel.b"].shape == (1, 128, 14, 14)
+    assert f["parallel.c"].shape == (1, 1792, 14, 14)
+    assert f["parallel.d"].shape == (1, 256, 14, 14)
+    assert f["parallel"].shape == (1, 2048, 14, 14)
+
+
 def test_he_initialization_of_new_layers():
     model = MultiBranchNet(released_vgg16_layout(1 / 8), num_classes=7)
     assert torch.all(model.branches["main"]["head"].conv.bias == 0)
