@@ -14,6 +14,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+# Parallel workers (pytest -n N) share the cores: give each its share of intra-op threads
+# before torch is imported, or OpenMP threads oversubscribe and spin (50x slower on 2 cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 _TESTS = Path(__file__).resolve().parent
 _ARCHIVE = _TESTS / "fixtures" / "wsol-metadata.tar.xz"
 

@@ -1,67 +1,14 @@
-"""Import of the authors' released checkpoints (spec section 8).
-
-``ReleasedLayoutNet`` below is written from the spec for these tests: the release's module
-names and the released forward (conv4_2 -> bottleneck a, conv5_1 -> 1x1 b, concat ->
-bottleneck c, conv5_3 -> 1x1 d, concat; head on conv5_3; one shared fc).
-"""
+"""Import of the authors' released checkpoints (spec section 8), checked against
+``ReleasedLayoutNet`` (tests/released_net.py), a network with the release's names and forward."""
 
 import pytest
 import torch
-from torch import nn
+from released_net import ReleasedLayoutNet, randomized
 
 from mnpo.cli import main
-from mnpo.models.backbones import scale_channels
-from mnpo.models.blocks import Bottleneck
 from mnpo.models.checkpoint import CheckpointError, load_model
 from mnpo.models.multibranch import released_vgg16_layout
-from mnpo.models.release import RELEASED_CONV_NAMES, convert_released_state_dict, import_released_checkpoint
-
-VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
-POOL_AFTER = {1, 3, 6, 9}  # max-pool after conv1_2, conv2_2, conv3_3, conv4_3 (0-based conv index)
-
-
-class ReleasedLayoutNet(nn.Module):
-    def __init__(self, num_classes, width=1.0):
-        super().__init__()
-        c = lambda n: scale_channels(n, width)  # noqa: E731
-        in_ch = 3
-        for name, out in zip(RELEASED_CONV_NAMES, VGG16_CHANNELS):
-            setattr(self, name, nn.Sequential(nn.Conv2d(in_ch, c(out), 3, padding=1), nn.ReLU()))
-            in_ch = c(out)
-        self.conv6 = nn.Conv2d(c(512), c(1024), 3, padding=1)
-        self.fc = nn.Linear(c(1024), num_classes)
-        branch = nn.Module()
-        branch.conv1 = nn.Sequential(nn.Conv2d(c(512), c(64), 1, bias=False), nn.BatchNorm2d(c(64)), nn.ReLU())
-        branch.conv2 = nn.Sequential(nn.Conv2d(c(512), c(64), 1, bias=False), nn.BatchNorm2d(c(64)), nn.ReLU())
-        branch.layer1 = nn.Sequential(Bottleneck(c(512), c(224), c(896), stride=2))
-        branch.layer2 = nn.Sequential(Bottleneck(c(960), c(240), c(960)))
-        self.branch1_layer = branch
-
-    def forward(self, x):
-        taps = []
-        for i, name in enumerate(RELEASED_CONV_NAMES):
-            x = getattr(self, name)(x)
-            taps.append(x)
-            if i in POOL_AFTER:
-                x = nn.functional.max_pool2d(x, 2)
-        conv4_2, conv5_1, conv5_3 = taps[8], taps[10], taps[12]
-        head = torch.relu(self.conv6(conv5_3))
-        b = self.branch1_layer
-        fused = b.layer2(torch.cat([b.layer1(conv4_2), b.conv1(conv5_1)], 1))
-        branch = torch.cat([fused, b.conv2(conv5_3)], 1)
-        return self.fc(head.mean((2, 3))), self.fc(branch.mean((2, 3)))
-
-
-def randomized(net, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+from mnpo.models.release import convert_released_state_dict, import_released_checkpoint
 
 
 def release_file(path, net, **extra):

@@ -16,7 +16,7 @@ Both take a ``width`` multiplier for every channel count (``width=1`` is the rea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,10 +46,28 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def _check_taps(known: dict[str, TapInfo], taps: Sequence[str]) -> None:
-    unknown = [t for t in taps if t not in known]
+def _wanted(known: dict[str, TapInfo], taps: Sequence[str], grad_from: str | None) -> list[str]:
+    """``taps`` plus ``grad_from``, in request order, each checked against ``known``."""
+    wanted = list(dict.fromkeys([*taps, *([grad_from] if grad_from is not None else [])]))
+    unknown = [t for t in wanted if t not in known]
     if unknown:
         raise KeyError(f"unknown tap(s) {unknown}; this backbone has {list(known)}")
+    return wanted
+
+
+def run_tracked(module: nn.Module | Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """``module(*inputs)``, recording autograd only if an input requires grad.
+
+    In a truncated pass this keeps the graph to what depends on the target tensor: layers
+    fed only by constants keep no activations for backward, whatever their parameters say.
+    """
+    with torch.set_grad_enabled(any(t.requires_grad for t in inputs)):
+        return module(*inputs)
+
+
+def gradient_leaf(x: Tensor) -> Tensor:
+    """A detached view of ``x`` that requires grad: where a truncated pass starts."""
+    return x.detach().requires_grad_()
 
 
 def make_vgg_features(config: Sequence[int | str], width: float = 1.0) -> tuple[nn.Sequential, dict[str, int], dict[str, TapInfo]]:
@@ -86,18 +104,24 @@ class VGG16Backbone(nn.Module):
         self.width = width
         self.features, self._tap_index, self.taps = make_vgg_features(VGG16_CONFIG, width)
 
-    def forward(self, x: Tensor, taps: Sequence[str]) -> dict[str, Tensor]:
-        _check_taps(self.taps, taps)
-        wanted = {self._tap_index[t]: t for t in taps}
-        last = max(wanted, default=-1)
+    def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None) -> dict[str, Tensor]:
+        """The requested taps (and ``grad_from``), computing no layer past the deepest of them.
+
+        ``grad_from``: a tap returned as a leaf that requires grad; the layers before it run
+        without autograd and the layers after it record it, so ``autograd.grad(..., tap)`` is
+        a backward pass truncated at that tap.
+        """
+        wanted = _wanted(self.taps, taps, grad_from)
+        index = {self._tap_index[t]: t for t in wanted}
         out: dict[str, Tensor] = {}
-        for i, layer in enumerate(self.features):
-            if i > last:
-                break
-            x = layer(x)
-            if i in wanted:
-                out[wanted[i]] = x
-        return {t: out[t] for t in taps}
+        x = x if grad_from is None else x.detach()
+        for i, layer in enumerate(self.features[: max(index, default=-1) + 1]):
+            x = layer(x) if grad_from is None else run_tracked(layer, x)
+            if grad_from is not None and index.get(i) == grad_from:
+                x = gradient_leaf(x)
+            if i in index:
+                out[index[i]] = x
+        return {t: out[t] for t in wanted}
 
 
 class ResNet50Backbone(nn.Module):
@@ -128,17 +152,27 @@ class ResNet50Backbone(nn.Module):
             self.taps[f"layer{i}"] = TapInfo(out_channels, total_stride)
             in_channels = out_channels
 
-    def forward(self, x: Tensor, taps: Sequence[str]) -> dict[str, Tensor]:
-        _check_taps(self.taps, taps)
+    def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None) -> dict[str, Tensor]:
+        """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
+        wanted = _wanted(self.taps, taps, grad_from)
         names = list(self.taps)
-        last = max((names.index(t) for t in taps), default=-1)
+        last = max((names.index(t) for t in wanted), default=-1)
         out: dict[str, Tensor] = {}
-        if last >= 0:
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if last < 0:
+            return out
+        run = (lambda m, t: m(t)) if grad_from is None else run_tracked
+        x = run(self.stem, x if grad_from is None else x.detach())
         for name in names[: last + 1]:
-            x = getattr(self, name)(x)
-            out[name] = x
-        return {t: out[t] for t in taps}
+            x = run(getattr(self, name), x)
+            if name == grad_from:
+                x = gradient_leaf(x)
+            if name in wanted:
+                out[name] = x
+        return {t: out[t] for t in wanted}
+
+    def stem(self, x: Tensor) -> Tensor:
+        """conv1, BN, ReLU, max-pool: ``(B, 3, H, W) -> (B, 64, H/4, W/4)``."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
 def build_backbone(name: str, width: float = 1.0) -> nn.Module:

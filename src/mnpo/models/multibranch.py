@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mnpo.models.backbones import TapInfo, backbone_taps, build_backbone, scale_channels
+from mnpo.models.backbones import TapInfo, backbone_taps, build_backbone, gradient_leaf, run_tracked, scale_channels
 from mnpo.models.blocks import Bottleneck, Conv3x3ReLU, Reduce1x1, concat, init_he
 
 BLOCK_KINDS = ("bottleneck", "reduce1x1", "conv3x3_relu", "concat")
@@ -295,11 +295,15 @@ LAYOUTS = {
 
 # --- the network ---------------------------------------------------------------------------
 
+def _concat(*features: Tensor) -> Tensor:
+    return concat(features)
+
+
 @dataclass
 class MultiBranchOutput:
     """``logits``: one ``(B, K)`` per branch, main first. ``features`` (when asked): ``head``
-    (the main branch's pre-GAP map), each branch's pre-GAP map by branch name, and every
-    block's output as ``"branch.block"``; all ``(B, C, h, w)``."""
+    (the main branch's pre-GAP map), each branch's pre-GAP map by branch name, every block's
+    output as ``"branch.block"`` and the backbone taps asked for; all ``(B, C, h, w)``."""
 
     logits: tuple[Tensor, ...]
     features: dict[str, Tensor] | None = None
@@ -334,8 +338,42 @@ class MultiBranchNet(nn.Module):
         self.classifier = nn.Linear(layout.feature_channels, num_classes)
         init_he(self)
 
-    def forward(self, x: Tensor, return_features: bool = False) -> MultiBranchOutput:
-        values: dict[str, Tensor] = dict(self.backbone(x, self._taps))
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Every name ``forward`` can return as a feature (or truncate the graph at)."""
+        blocks = [f"{b.name}.{blk.name}" for b in self.layout.branches for blk in b.blocks]
+        return ("head", *(b.name for b in self.layout.branches), *blocks, *self.backbone.taps)
+
+    def resolve_feature(self, name: str) -> str:
+        """The tensor behind a feature name: a backbone tap or ``"branch.block"``."""
+        if name == "head":
+            name = self.layout.branches[0].name
+        branch = next((b for b in self.layout.branches if b.name == name), None)
+        if branch is not None:
+            local = f"{branch.name}.{branch.output}"
+            return local if any(blk.name == branch.output for blk in branch.blocks) else branch.output
+        if name in self.backbone.taps or name in self.feature_names:
+            return name
+        raise KeyError(f"unknown feature {name!r}; this network has {list(self.feature_names)}")
+
+    def forward(self, x: Tensor, return_features: bool = False, taps: Sequence[str] = (),
+                grad_from: str | None = None) -> MultiBranchOutput:
+        """Per-branch logits and, with ``return_features``, the named features.
+
+        ``taps``: extra backbone taps to return. ``grad_from``: a feature name (tap, block,
+        branch or ``head``); it is returned as a leaf requiring grad, nothing before it records
+        autograd and only what depends on it does, so ``torch.autograd.grad(logits, features
+        [grad_from])`` is a backward pass truncated there.
+        """
+        target = None if grad_from is None else self.resolve_feature(grad_from)
+        run = (lambda m, *t: m(*t)) if target is None else run_tracked
+        backbone_target = target if target in self.backbone.taps else None
+        wanted = (*self._taps, *taps)
+        if target is not None and backbone_target is None:
+            with torch.no_grad():
+                values: dict[str, Tensor] = dict(self.backbone(x, wanted))
+        else:
+            values = dict(self.backbone(x, wanted, grad_from=backbone_target))
         maps: dict[str, Tensor] = {}
         for branch in self.layout.branches:
             modules = self.branches[branch.name]
@@ -345,15 +383,17 @@ class MultiBranchNet(nn.Module):
                 return values[local] if local in values else values[ref]
 
             for spec in branch.blocks:
-                if spec.kind == "concat":
-                    y = concat([get(r) for r in spec.inputs])
-                else:
-                    y = modules[spec.name](get(spec.inputs[0]))
-                values[f"{branch.name}.{spec.name}"] = y
+                inputs = [get(r) for r in spec.inputs]
+                y = run(_concat, *inputs) if spec.kind == "concat" else run(modules[spec.name], inputs[0])
+                key = f"{branch.name}.{spec.name}"
+                values[key] = gradient_leaf(y) if key == target else y
             maps[branch.name] = get(branch.output)
-        logits = tuple(self.classifier(m.mean(dim=(2, 3))) for m in maps.values())
+        logits = tuple(run(self.classifier, m.mean(dim=(2, 3))) for m in maps.values())
         if not return_features:
             return MultiBranchOutput(logits)
         features = {"head": maps[self.layout.branches[0].name], **maps}
         features.update({k: v for k, v in values.items() if "." in k})
+        features.update({t: values[t] for t in taps})
+        if grad_from is not None:
+            features[grad_from] = values[target]
         return MultiBranchOutput(logits, features)

@@ -1,0 +1,234 @@
+"""Localization maps for every method through one call: ``compute_maps``.
+
+=========  ===================================================  ==========================
+method     map (spec section)                                   passes per batch
+=========  ===================================================  ==========================
+cam        ``mean_c(w_y * F_head)`` (plain CAM, main branch)      1 forward
+mnpo       per branch ``mean_c(H(w_y) * F_i)``, resize, fuse (4)  1 forward
+mnpos      gradient post-processing at a target layer (5)       1 forward + 2 backward
+gradcam    ``ReLU(sum_c mean_hw(dy/dA)_c * A_c)`` at any layer    1 forward + 1 backward
+dgl        section 5 with the main branch only, H off            1 forward + 2 backward
+=========  ===================================================  ==========================
+
+Every backward is a vector-Jacobian product truncated at the target tensor
+(``torch.autograd.grad``, no parameter gradients, no hooks); the part of the network before
+the target runs without autograd (``MultiBranchNet.forward(grad_from=...)``). Methods without
+gradients run under ``torch.inference_mode``. Maps are computed in float32 whatever the
+autocast dtype of the network (float64 for a float64 network), resized to the input size and min-max normalized per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from mnpo.maps.postprocess import (
+    FUSIONS,
+    H_MODES,
+    RESIZE_MODES,
+    channel_weighted_mean,
+    fuse_maps,
+    normalize_maps,
+    resize_maps,
+    weight_postprocess,
+)
+
+METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl")
+LOSS_GRADIENTS = ("released", "exact")
+#: Default target layer of the gradient methods per backbone: the released ``conv5_2`` on
+#: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride.
+DEFAULT_GRADIENT_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3"}
+#: Released H factors (``a``, ``b``): MNPO 10/5, MNPOs 8/4; DGL and the rest leave weights as they are.
+DEFAULT_H = {"mnpo": (10.0, 5.0), "mnpos": (8.0, 4.0), "dgl": (1.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """Options of ``compute_maps``; ``None`` means the method's released default.
+
+    h_mode: ``scale`` or ``step`` (H, section 3); a, b: its factors.
+    target_layer: feature the gradient methods work at (a backbone tap such as ``conv5_2``,
+        a block ``parallel.c``, a branch name, or ``head``).
+    fusion: ``max`` or ``mean`` over branches (mnpo). resize: ``bicubic`` or ``bilinear``.
+    loss_gradient: ``released`` (``p - t``, what the release's custom loss backpropagates) or
+        ``exact`` (``sum(t) p - t``, the true gradient of ``-sum t log p``); ``t = loss_scale * onehot``.
+    relu: Grad-CAM's final ReLU. size: output ``(H, W)``; default the input's.
+    """
+
+    h_mode: str = "scale"
+    a: float | None = None
+    b: float | None = None
+    target_layer: str | None = None
+    fusion: str = "max"
+    resize: str = "bicubic"
+    loss_gradient: str = "released"
+    loss_scale: float = 10.0
+    relu: bool = True
+    size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("h_mode", self.h_mode, H_MODES), ("fusion", self.fusion, FUSIONS),
+                                     ("resize", self.resize, RESIZE_MODES),
+                                     ("loss_gradient", self.loss_gradient, LOSS_GRADIENTS)):
+            if value not in allowed:
+                raise ValueError(f"map option {name}={value!r}: choose one of {allowed}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"map option size={self.size!r}: expected (H, W) of positive ints")
+
+    def h_factors(self, method: str) -> tuple[float, float]:
+        a, b = DEFAULT_H.get(method, (1.0, 1.0))
+        return (a if self.a is None else self.a, b if self.b is None else self.b)
+
+
+def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None = None,
+                 method: str = "mnpo", **options: Any) -> tuple[Tensor, Tensor]:
+    """Localization maps of ``targets`` for a batch.
+
+    model: a ``MultiBranchNet`` in eval mode. images: ``(B, 3, H, W)``. targets: ``(B,)``
+    class indices (the ground truth in WSOL protocols); ``None`` uses the predicted class.
+    Returns ``maps`` ``(B, H, W)`` in [0, 1] and the main branch's ``logits`` ``(B, K)``, both
+    detached, float32 (float64 for a float64 model).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown map method {method!r}; choose one of {METHODS}")
+    known = {f.name for f in fields(MapOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown map option(s) {unknown}; options are {sorted(known)}")
+    opts = MapOptions(**options)
+    if model.training:
+        raise ValueError("compute_maps needs the model in eval mode (BatchNorm would mix the batch); call model.eval()")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if targets is not None:
+        targets = torch.as_tensor(targets, device=images.device).long()
+        if targets.shape != (images.shape[0],):
+            raise ValueError(f"targets must be ({images.shape[0]},) class indices, got {tuple(targets.shape)}")
+        bad = (targets < 0) | (targets >= model.num_classes)
+        if bad.any():
+            raise ValueError(f"targets {targets[bad].tolist()} out of range for {model.num_classes} classes")
+    if opts.size is None:
+        opts = replace(opts, size=tuple(images.shape[-2:]))
+    # Gradient methods need autograd even when called under inference_mode or no_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        raw, logits = _METHOD_FUNCTIONS[method](model, images, targets, opts)
+    with torch.no_grad(), _full_precision(images):
+        maps = normalize_maps(_acc(raw))
+    return maps, _acc(logits.detach())
+
+
+def _full_precision(t: Tensor):
+    """A context without autocast for the map arithmetic (the network itself may run in bf16)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _acc(t: Tensor) -> Tensor:
+    """The map arithmetic's dtype: float32, or float64 for a float64 network."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _predicted(targets: Tensor | None, logits: Tensor) -> Tensor:
+    return logits.argmax(1) if targets is None else targets
+
+
+def _cam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode():
+        out = model(images, return_features=True)
+        targets = _predicted(targets, out.logits[0])
+        with _full_precision(images):
+            weights = _acc(model.classifier.weight[targets])
+            raw = channel_weighted_mean(weights, _acc(out.features["head"]))
+            return resize_maps(raw, opts.size, opts.resize), out.logits[0]
+
+
+def _mnpo(model, images, targets, opts) -> tuple[Tensor, Tensor]:
+    """Spec section 4: ``H(w_y)`` on every branch's features, resize each, fuse, (normalize)."""
+    with torch.inference_mode():
+        out = model(images, return_features=True)
+        targets = _predicted(targets, out.logits[0])
+        a, b = opts.h_factors("mnpo")
+        with _full_precision(images):
+            weights = weight_postprocess(_acc(model.classifier.weight[targets]), opts.h_mode, a, b)
+            maps = [
+                resize_maps(channel_weighted_mean(weights, _acc(out.features[branch.name])), opts.size, opts.resize)
+                for branch in model.layout.branches
+            ]
+            return fuse_maps(maps, opts.fusion), out.logits[0]
+
+
+def _target_layer(model, opts) -> str:
+    return opts.target_layer or DEFAULT_GRADIENT_LAYER[model.layout.backbone]
+
+
+def _vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str, retain: bool = False) -> Tensor:
+    """``sum_i J_i^T vectors[i]`` at ``target`` over the outputs that depend on it (one truncated pass)."""
+    pairs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
+    if not pairs:
+        raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
+                         "choose a backbone layer or a layer of the main branch")
+    (grad,) = torch.autograd.grad([o for o, _ in pairs], target, grad_outputs=[v for _, v in pairs],
+                                  retain_graph=retain)
+    return grad
+
+
+def _dual_gradient(model, images, targets, opts, method: str, branches: int | None) -> tuple[Tensor, Tensor]:
+    """Spec section 5 (mnpos: every branch; dgl: ``branches=1``, the main one).
+
+    One truncated forward from the target layer ``A``; two vector-Jacobian products at ``A``:
+    ``G = sum_i J_i^T e_y`` and ``D = sum_i J_i^T v_i`` with ``v_i = p_i - t`` (released) or
+    ``sum(t) p_i - t`` (exact). Then ``alpha = H(sum_hw G)``, ``An = A/||A|| - D/||D||``,
+    map ``= mean_c(alpha * An)``.
+    """
+    layer = _target_layer(model, opts)
+    out = model(images, return_features=True, grad_from=layer)
+    A = out.features[layer]
+    logits = out.logits[:branches]
+    targets = _predicted(targets, out.logits[0].detach())
+    index = targets[:, None]
+    selector = torch.zeros_like(logits[0]).scatter_(1, index, 1.0)  # e_y per image
+    G = _vjp(list(logits), [selector] * len(logits), A, layer, retain=True)
+    onehot = _acc(torch.zeros_like(logits[0])).scatter_(1, index, opts.loss_scale)
+    scale = 1.0 if opts.loss_gradient == "released" else opts.loss_scale
+    vectors = [(scale * _acc(l.detach()).softmax(1) - onehot).to(l.dtype) for l in logits]
+    D = _vjp(list(logits), vectors, A, layer)
+    with torch.no_grad(), _full_precision(images):
+        A, G, D = _acc(A.detach()), _acc(G), _acc(D)
+        a, b = opts.h_factors(method)
+        alpha = weight_postprocess(G.sum((2, 3)), opts.h_mode, a, b)
+        norm_A = A.flatten(1).norm(dim=1)[:, None, None, None]
+        norm_D = D.flatten(1).norm(dim=1)[:, None, None, None]
+        enhanced = A / norm_A - D / norm_D
+        raw = channel_weighted_mean(alpha, enhanced)
+        return resize_maps(raw, opts.size, opts.resize), out.logits[0].detach()
+
+
+def _mnpos(model, images, targets, opts):
+    return _dual_gradient(model, images, targets, opts, "mnpos", branches=None)
+
+
+def _dgl(model, images, targets, opts):
+    return _dual_gradient(model, images, targets, opts, "dgl", branches=1)
+
+
+def _gradcam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
+    """Grad-CAM of the main branch's logit at ``target_layer`` (default ``head``)."""
+    layer = opts.target_layer or "head"
+    out = model(images, return_features=True, grad_from=layer)
+    A = out.features[layer]
+    targets = _predicted(targets, out.logits[0].detach())
+    selector = torch.zeros_like(out.logits[0]).scatter_(1, targets[:, None], 1.0)
+    G = _vjp([out.logits[0]], [selector], A, layer)
+    with torch.no_grad(), _full_precision(images):
+        weights = _acc(G).mean((2, 3))
+        raw = torch.einsum("bc,bchw->bhw", weights, _acc(A.detach()))
+        if opts.relu:
+            raw = raw.clamp_min(0)
+        return resize_maps(raw, opts.size, opts.resize), out.logits[0].detach()
+
+
+_METHOD_FUNCTIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "cam": _cam, "mnpo": _mnpo, "mnpos": _mnpos, "gradcam": _gradcam, "dgl": _dgl,
+}

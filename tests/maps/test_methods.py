@@ -1,0 +1,285 @@
+import numpy as np
+import pytest
+import torch
+from reference import naive_maps
+
+from mnpo.maps import METHODS, compute_maps
+from mnpo.models import build_model
+from mnpo.models.multibranch import BranchLayout, NetworkLayout, released_vgg16_layout
+
+SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16)}
+
+
+def make_model(backbone, classes=6, seed=0):
+    name, width = SETUPS[backbone]
+    torch.manual_seed(seed)
+    model = build_model(name, classes, width=width)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+        model.classifier.weight.normal_(0, 0.5)  # He-init's 0.01 gives near-flat softmax; spread it
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def setup(request):
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 64, 64)
+    return request.param, make_model(request.param), images, torch.tensor([0, 4, 5])
+
+
+def max_diff(fast, naive):
+    return float(np.abs(fast.detach().double().numpy() - naive).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_equals_naive_in_float64(setup, method):
+    _, model, images, targets = setup
+    fast, logits = compute_maps(model.double(), images.double(), targets, method=method)
+    model.float()
+    naive = naive_maps(model, images, targets, method)
+    assert fast.shape == (3, 64, 64) and fast.dtype == torch.float64
+    assert all(m.max() == 1 for m in naive), "reference maps must not be degenerate for this test to mean anything"
+    assert max_diff(fast, naive) <= 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(logits.float(), model(images).logits[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_close_to_float64_reference(setup, method):
+    _, model, images, targets = setup
+    fast, _ = compute_maps(model, images, targets, method=method)
+    assert fast.dtype == torch.float32
+    assert max_diff(fast, naive_maps(model, images, targets, method)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("mnpo", dict(h_mode="step", a=1.0, b=0.2, fusion="mean", resize="bilinear")),
+        ("mnpos", dict(h_mode="step", loss_gradient="exact", target_layer="conv5_1")),
+        ("mnpos", dict(target_layer="conv4_3", a=3.0, b=-1.0)),
+        ("dgl", dict(target_layer="head", loss_scale=1.0)),
+        ("gradcam", dict(target_layer="conv4_2", relu=False)),
+        ("gradcam", dict(target_layer="head", relu=True)),
+    ],
+)
+def test_options_match_naive_vgg16(method, options):
+    model = make_model("vgg16", seed=3).double()
+    torch.manual_seed(2)
+    images, targets = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([1, 2])
+    fast, _ = compute_maps(model, images, targets, method=method, **options)
+    naive_options = {("resize_mode" if k == "resize" else k): v for k, v in options.items()}
+    naive = naive_maps(model.float(), images, targets, method, **naive_options)
+    assert max_diff(fast, naive) <= 1e-5
+
+
+def test_resnet50_other_target_layer():
+    model = make_model("resnet50", seed=4).double()
+    images, targets = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([3, 0])
+    fast, _ = compute_maps(model, images, targets, method="mnpos", target_layer="layer2")
+    assert max_diff(fast, naive_maps(model.float(), images, targets, "mnpos", target_layer="layer2")) <= 1e-5
+
+
+# --- identities --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", list(SETUPS))
+def test_cam_equals_gradcam_at_the_last_feature_layer(backbone):
+    """For a GAP + FC head, d logit_y / d F = w_y / (h w) everywhere: Grad-CAM's weights are CAM's."""
+    model = make_model(backbone).double()
+    images, targets = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([1, 5])
+    cam, _ = compute_maps(model, images, targets, method="cam")
+    grad, _ = compute_maps(model, images, targets, method="gradcam", target_layer="head", relu=False)
+    assert float((cam - grad).abs().max()) <= 1e-10
+    relu, _ = compute_maps(model, images, targets, method="gradcam", target_layer="head")
+    assert not torch.allclose(relu, cam)  # the ReLU matters where the CAM is negative
+    assert torch.equal(relu == 0, relu <= 0) and (relu == 0).any()
+
+
+def test_scale_h_with_b_equal_a_is_plain_cam():
+    main_only = NetworkLayout("vgg16", (released_vgg16_layout().branches[0],), 1 / 8)
+    torch.manual_seed(0)
+    model = build_model(main_only, 5).double().eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    images, targets = torch.randn(2, 3, 48, 48, dtype=torch.float64), torch.tensor([0, 3])
+    cam, _ = compute_maps(model, images, targets, method="cam")
+    for a in (1.0, 3.0, 10.0):
+        same, _ = compute_maps(model, images, targets, method="mnpo", a=a, b=a)
+        assert float((same - cam).abs().max()) <= 1e-10
+    different, _ = compute_maps(model, images, targets, method="mnpo", a=1.0, b=0.2)
+    assert float((different - cam).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("method, ratio_pairs", [
+    ("mnpo", [(10.0, 5.0), (2.0, 1.0), (1.0, 0.5)]),
+    ("mnpos", [(8.0, 4.0), (1.0, 0.5), (0.3, 0.15)]),
+])
+def test_only_the_ratio_b_over_a_matters(method, ratio_pairs):
+    model = make_model("vgg16").double()
+    images, targets = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([2, 3])
+    maps = [compute_maps(model, images, targets, method=method, a=a, b=b)[0] for a, b in ratio_pairs]
+    for m in maps[1:]:
+        assert float((m - maps[0]).abs().max()) <= 1e-10
+    other, _ = compute_maps(model, images, targets, method=method, a=1.0, b=0.05)
+    assert float((other - maps[0]).abs().max()) > 1e-3
+
+
+def test_mnpo_of_one_branch_network_ignores_fusion_and_two_branches_use_both():
+    model = make_model("vgg16")
+    images, targets = torch.randn(2, 3, 64, 64), torch.tensor([1, 1])
+    both, _ = compute_maps(model, images, targets, method="mnpo")
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.weight[1, 0] = 1.0  # weight only on channel 0 of each branch's features
+    main_channel, _ = compute_maps(model, images, targets, method="mnpo", a=1.0, b=1.0)
+    with torch.inference_mode():
+        f = model(images, return_features=True).features
+    from mnpo.maps import fuse_maps, normalize_maps, resize_maps
+
+    expected = normalize_maps(fuse_maps([resize_maps(f[n][:, 0] / f[n].shape[1], (64, 64)) for n in ("main", "parallel")]))
+    torch.testing.assert_close(main_channel, expected)
+    assert not torch.allclose(both, main_channel)
+
+
+# --- mechanics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_parameter_gradients_no_hooks_and_model_untouched(method):
+    model = make_model("vgg16")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compute_maps(model, torch.randn(2, 3, 64, 64), torch.tensor([0, 1]), method=method)
+    assert all(p.grad is None for p in model.parameters())
+    for m in model.modules():
+        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), m
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_truncated_forward_records_only_what_depends_on_the_target():
+    model = make_model("vgg16")
+    out = model(torch.randn(1, 3, 64, 64), return_features=True, taps=["conv4_2"], grad_from="conv5_2")
+    target = out.features["conv5_2"]
+    assert target.is_leaf and target.requires_grad
+    assert out.features["conv4_2"].grad_fn is None  # before the target: no graph
+    assert out.features["parallel.a"].grad_fn is None  # fed by conv4_2 only: no graph either
+    assert out.features["parallel.d"].grad_fn is not None  # conv5_3 depends on conv5_2
+    assert all(l.grad_fn is not None for l in out.logits)
+    (g,) = torch.autograd.grad(out.logits[1].sum(), target)
+    assert g.abs().sum() > 0
+    # the same gradient as a full graph's
+    x = torch.randn(1, 3, 64, 64)
+    full = model(x, return_features=True, taps=["conv5_2"])
+    a = full.features["conv5_2"]
+    a.retain_grad()
+    full.logits[1].sum().backward()
+    truncated = model(x, return_features=True, grad_from="conv5_2")
+    (g2,) = torch.autograd.grad(truncated.logits[1].sum(), truncated.features["conv5_2"])
+    torch.testing.assert_close(g2, a.grad)
+    model.zero_grad(set_to_none=True)
+
+
+def test_works_inside_inference_mode_and_with_frozen_parameters():
+    model = make_model("vgg16")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    expected, _ = compute_maps(model, x, y, method="mnpos")
+    with torch.inference_mode():
+        got, _ = compute_maps(model, x.clone(), y, method="mnpos")
+    torch.testing.assert_close(got, expected)
+
+
+def test_predicted_class_when_no_targets():
+    model = make_model("vgg16")
+    x = torch.randn(2, 3, 64, 64)
+    for method in METHODS:
+        maps, logits = compute_maps(model, x, None, method=method)
+        torch.testing.assert_close(maps, compute_maps(model, x, logits.argmax(1), method=method)[0])
+
+
+def test_output_size_option():
+    model = make_model("vgg16")
+    maps, _ = compute_maps(model, torch.randn(1, 3, 64, 48), torch.tensor([0]), method="mnpo", size=(224, 224))
+    assert maps.shape == (1, 224, 224)
+    maps, _ = compute_maps(model, torch.randn(1, 3, 64, 48), torch.tensor([0]), method="cam")
+    assert maps.shape == (1, 64, 48)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_equals_naive_under_bf16_autocast(method):
+    """Both run the network under the same bf16 autocast; the fast path must not add error of its
+    own (its map arithmetic runs in float32 outside autocast).
+
+    mnpos sums the two branches' gradients inside one backward pass, so the sum is rounded to
+    bf16 before the conv backward, where the naive version rounds each branch's part and adds
+    them in float64: 1.4e-3 to 1.7e-3 apart (seeds 5-7), while each is 3e-2 to 6e-2 from the
+    float64 maps. For it the test asserts that the fast map is no further from float64 than the
+    naive one, and a 3e-3 bound.
+    """
+    model = make_model("vgg16", seed=5)
+    torch.manual_seed(5)
+    x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, logits = compute_maps(model, x, y, method=method)
+        naive = naive_maps(model, x, y, method, dtype=torch.float32)
+    assert fast.dtype == torch.float32 and logits.dtype == torch.float32
+    if method != "mnpos":
+        assert max_diff(fast, naive) <= 1e-3
+    else:
+        exact = naive_maps(model, x, y, method)
+        assert max_diff(fast, naive) <= 3e-3
+        assert max_diff(fast, exact) <= 1.1 * float(np.abs(naive - exact).max())
+
+
+def test_bf16_drift_from_float32_is_bounded():
+    """bf16 keeps 8 significant bits (relative step 2**-8 = 0.4 %) in every activation, so maps
+    of a bf16 network differ from the float32 network's by more than 1e-3: measured 0.01 to 0.04
+    (max abs, normalized maps) on a random full-width VGG16 at 224x224. This guards that drift."""
+    model = make_model("vgg16", seed=5)
+    x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 2])
+    for method in METHODS:
+        exact, _ = compute_maps(model, x, y, method=method)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = compute_maps(model, x, y, method=method)
+        assert float((low - exact).abs().max()) <= 0.1, method
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(method="lrp"), ValueError, "unknown map method 'lrp'"),
+        (dict(method="mnpo", alpha=2), TypeError, r"unknown map option\(s\) \['alpha'\]"),
+        (dict(method="mnpo", h_mode="soft"), ValueError, "h_mode='soft'"),
+        (dict(method="mnpo", fusion="min"), ValueError, "fusion='min'"),
+        (dict(method="mnpo", resize="nearest"), ValueError, "resize='nearest'"),
+        (dict(method="mnpos", loss_gradient="true"), ValueError, "loss_gradient='true'"),
+        (dict(method="mnpo", size=(0, 3)), ValueError, "size="),
+        (dict(method="mnpos", target_layer="conv9_9"), KeyError, "unknown feature 'conv9_9'"),
+        (dict(method="gradcam", target_layer="parallel.c"), ValueError,
+         "do not depend on target layer 'parallel.c'"),
+    ],
+)
+def test_bad_options(kwargs, error, message):
+    model = make_model("vgg16")
+    with pytest.raises(error, match=message):
+        compute_maps(model, torch.randn(1, 3, 32, 32), torch.tensor([0]), **kwargs)
+
+
+def test_bad_inputs():
+    model = make_model("vgg16")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"targets \[6\] out of range for 6 classes"):
+        compute_maps(model, x, torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match=r"targets must be \(2,\)"):
+        compute_maps(model, x, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\), got \(3, 32, 32\)"):
+        compute_maps(model, x[0], torch.tensor([0]))
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        compute_maps(model, x, torch.tensor([0, 1]))
