@@ -166,7 +166,7 @@ def test_truncated_forward_records_only_what_depends_on_the_target():
     out = model(torch.randn(1, 3, 64, 64), return_features=True, taps=["conv4_2"], grad_from="conv5_2")
     target = out.features["conv5_2"]
     assert target.is_leaf and target.requires_grad
-    assert out.features["conv4_2"].grad_fn is None  # before the target: no graph
+    assert out.features["conv4_2"].is_inference()  # before the target: inference mode, no graph
     assert out.features["parallel.a"].grad_fn is None  # fed by conv4_2 only: no graph either
     assert out.features["parallel.d"].grad_fn is not None  # conv5_3 depends on conv5_2
     assert all(l.grad_fn is not None for l in out.logits)

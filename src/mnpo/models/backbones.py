@@ -56,18 +56,22 @@ def _wanted(known: dict[str, TapInfo], taps: Sequence[str], grad_from: str | Non
 
 
 def run_tracked(module: nn.Module | Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-    """``module(*inputs)``, recording autograd only if an input requires grad.
+    """``module(*inputs)`` with autograd if an input requires grad, else under inference mode.
 
     In a truncated pass this keeps the graph to what depends on the target tensor: layers
-    fed only by constants keep no activations for backward, whatever their parameters say.
+    fed only by constants record nothing and keep no activations, whatever their parameters say.
     """
-    with torch.set_grad_enabled(any(t.requires_grad for t in inputs)):
+    if any(t.requires_grad for t in inputs):
+        with torch.enable_grad():
+            return module(*inputs)
+    with torch.inference_mode():
         return module(*inputs)
 
 
 def gradient_leaf(x: Tensor) -> Tensor:
-    """A detached view of ``x`` that requires grad: where a truncated pass starts."""
-    return x.detach().requires_grad_()
+    """A tensor equal to ``x`` that requires grad and has no history: where a truncated pass
+    starts (a copy when ``x`` was made under inference mode, which autograd may not use)."""
+    return (x.clone() if x.is_inference() else x.detach()).requires_grad_()
 
 
 def make_vgg_features(config: Sequence[int | str], width: float = 1.0) -> tuple[nn.Sequential, dict[str, int], dict[str, TapInfo]]:

@@ -361,8 +361,8 @@ class MultiBranchNet(nn.Module):
         """Per-branch logits and, with ``return_features``, the named features.
 
         ``taps``: extra backbone taps to return. ``grad_from``: a feature name (tap, block,
-        branch or ``head``); it is returned as a leaf requiring grad, nothing before it records
-        autograd and only what depends on it does, so ``torch.autograd.grad(logits, features
+        branch or ``head``); it is returned as a leaf requiring grad, what comes before it runs
+        under inference mode and only what depends on it records autograd, so ``torch.autograd.grad(logits, features
         [grad_from])`` is a backward pass truncated there.
         """
         target = None if grad_from is None else self.resolve_feature(grad_from)
@@ -370,7 +370,7 @@ class MultiBranchNet(nn.Module):
         backbone_target = target if target in self.backbone.taps else None
         wanted = (*self._taps, *taps)
         if target is not None and backbone_target is None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 values: dict[str, Tensor] = dict(self.backbone(x, wanted))
         else:
             values = dict(self.backbone(x, wanted, grad_from=backbone_target))
