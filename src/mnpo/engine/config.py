@@ -1,0 +1,238 @@
+"""Training configuration: dataclasses read from YAML, validated when read.
+
+A config file has four sections (every key optional except ``data.root`` and
+``data.metadata``; the defaults are the released ILSVRC recipe)::
+
+    data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
+              resize_size, crop_size, random_resized}
+    model:   {layout, width, pretrained}
+    optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
+              nesterov, lr_milestones, lr_gamma}
+    eval:    {method, metric, cam_curve_interval, batch_size}
+    runtime: {out, device, precision, channels_last, compile, seed, log_every}
+
+``data.metadata`` is a folder holding the ``train``, ``val`` (and ``test``) split folders
+in the wsolevaluation layout. Unknown keys, wrong types and impossible values are refused
+with the file and the dotted key named. Overrides on the command line use the same dotted
+keys: ``optim.lr=0.001 runtime.out=runs/x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    metadata: str = ""
+    mask_root: str | None = None
+    num_classes: int | None = None
+    val_per_class: int | None = None
+    workers: int = 4
+    resize_size: int = 256
+    crop_size: int = 224
+    random_resized: bool = False
+
+
+@dataclass
+class ModelConfig:
+    layout: str = "vgg16-mnpo"
+    width: float = 1.0
+    pretrained: str | None = "imagenet"
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 0.0008
+    new_layer_lr_ratio: float = 15.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+    lr_milestones: list[int] = field(default_factory=lambda: [4, 8])
+    lr_gamma: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    method: str = "mnpos"
+    metric: str = "max_box_acc_v2"
+    cam_curve_interval: float = 0.01
+    batch_size: int = 64
+
+
+@dataclass
+class RuntimeConfig:
+    out: str = "runs/mnpo"
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 20
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SELECTION_METRICS = ("max_box_acc", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pxap", "top1_cls")
+
+
+def _check_value(where: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the annotated type ``hint`` or a ConfigError naming ``where``."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is not None and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; known keys here: {names}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], data[name], key)
+        else:
+            kwargs[name] = _check_value(key, data[name], hints[name])
+    return cls(**kwargs)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from mnpo.maps import METHODS
+    from mnpo.models import LAYOUTS
+
+    problems = []
+    if not cfg.data.root:
+        problems.append("data.root: required (the folder the image ids are relative to)")
+    if not cfg.data.metadata:
+        problems.append("data.metadata: required (the folder holding train/, val/ and test/)")
+    positive = {"optim.epochs": cfg.optim.epochs, "optim.batch_size": cfg.optim.batch_size,
+                "eval.batch_size": cfg.eval.batch_size, "data.crop_size": cfg.data.crop_size,
+                "data.resize_size": cfg.data.resize_size, "runtime.log_every": cfg.runtime.log_every}
+    problems += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
+    if cfg.optim.lr <= 0:
+        problems.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.data.workers < 0:
+        problems.append(f"data.workers: must be >= 0, got {cfg.data.workers}")
+    if cfg.data.num_classes is not None and cfg.data.num_classes < 1:
+        problems.append(f"data.num_classes: must be >= 1, got {cfg.data.num_classes}")
+    if cfg.model.width <= 0:
+        problems.append(f"model.width: must be > 0, got {cfg.model.width}")
+    if cfg.model.layout not in LAYOUTS and not cfg.model.layout.endswith((".yaml", ".yml")):
+        problems.append(f"model.layout: {cfg.model.layout!r} is neither a shipped layout {sorted(LAYOUTS)} "
+                        "nor a .yaml layout file")
+    if cfg.eval.method not in METHODS:
+        problems.append(f"eval.method: {cfg.eval.method!r}; choose one of {METHODS}")
+    if cfg.eval.metric not in SELECTION_METRICS:
+        problems.append(f"eval.metric: {cfg.eval.metric!r}; choose one of {SELECTION_METRICS}")
+    if cfg.runtime.precision not in PRECISIONS:
+        problems.append(f"runtime.precision: {cfg.runtime.precision!r}; choose one of {PRECISIONS}")
+    if sorted(cfg.optim.lr_milestones) != cfg.optim.lr_milestones or any(m < 1 for m in cfg.optim.lr_milestones):
+        problems.append(f"optim.lr_milestones: must be increasing epochs >= 1, got {cfg.optim.lr_milestones}")
+    if not 0 < cfg.eval.cam_curve_interval < 1:
+        problems.append(f"eval.cam_curve_interval: must be in (0, 1), got {cfg.eval.cam_curve_interval}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.01"`` -> ``(["optim", "lr"], 0.01)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=0.001")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: malformed key {key!r}")
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "config") -> TrainConfig:
+    """Build and validate a config from plain data plus ``KEY=VALUE`` overrides."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in (data or {}).items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    try:
+        cfg = _build(TrainConfig, merged, "")
+        _validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config file; relative data paths stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(data or {}, overrides, str(path))

@@ -1,0 +1,182 @@
+"""Evaluate a model on a split: maps of any method, classification, every localization metric.
+
+One pass over an ``evaluate``-mode ``WSOLDataset`` (each image decoded once for both views):
+the 224x224 view gives the map of the ground-truth class (``compute_maps``), the ten-crop
+view gives the classification logits (main branch, averaged over the crops, under
+``inference_mode``: no graph is kept), and the streaming evaluators turn both into curves.
+Under torchrun each rank takes every ``world``-th image and the curves' counts are summed,
+so the numbers equal a single-process run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from mnpo.data.dataset import WSOLDataset, collate_evaluation
+from mnpo.data.transforms import ImageReadError
+from mnpo.engine.evaluate_maps import EVAL_SIZE, gt_boxes_in_frame
+from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
+from mnpo.maps import compute_maps
+from mnpo.metrics.localization import BoxCurves, BoxEvaluator, MaskCurves, MaskEvaluator
+from mnpo.metrics.masks import load_gt_mask
+
+log = logging.getLogger(__name__)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every image exactly once over the ranks (no padding)."""
+
+    def __init__(self, size: int, ctx: DistContext) -> None:
+        self.indices = list(range(ctx.rank, size, ctx.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Wraps a data set: an unreadable image becomes ``{"skipped": image_id, "reason": ...}``."""
+
+    def __init__(self, dataset: WSOLDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.dataset[index]
+        except ImageReadError as err:
+            log.warning("skipping unreadable image %s", err)
+            return {"skipped": self.dataset.image_ids[index], "reason": str(err)}
+
+
+def collate_skipping(collate):
+    """A collate function that drops skipped items and lists them under ``"skipped"``."""
+
+    def run(items):
+        kept = [i for i in items if "skipped" not in i]
+        skipped = [i["skipped"] for i in items if "skipped" in i]
+        batch = collate(kept) if kept else {}
+        batch["skipped"] = skipped
+        return batch
+
+    return run
+
+
+@dataclass
+class SplitResult:
+    """Curves (box or mask), classification counts and skipped images of one split."""
+
+    curves: BoxCurves | MaskCurves
+    num_images: int
+    top1_correct: int
+    top5_correct: int
+    skipped: list[str]
+
+    @property
+    def classification(self) -> dict[str, float]:
+        n = max(self.num_images, 1)
+        return {"top1_cls": 100.0 * self.top1_correct / n, "top5_cls": 100.0 * self.top5_correct / n}
+
+
+def _evaluator(dataset: WSOLDataset, thresholds: np.ndarray, workers: int | None):
+    meta = dataset.meta
+    if meta.kind == "box":
+        return BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE, workers=workers)
+    if meta.kind == "mask":
+        if dataset.mask_root is None:
+            raise ValueError("a mask split needs a mask root (the folder its mask paths are relative to)")
+        root = dataset.mask_root
+
+        def load_mask(image_id: str) -> np.ndarray:
+            return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
+
+        return MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers)
+    raise ValueError("the split has no localization.txt: nothing to evaluate against")
+
+
+def _sum_curves(curves: BoxCurves | MaskCurves, ctx: DistContext) -> BoxCurves | MaskCurves:
+    if not ctx.enabled:
+        return curves
+    n = int(all_reduce_sum(np.array([curves.num_images], np.int64), ctx)[0])
+    if isinstance(curves, MaskCurves):
+        return MaskCurves(curves.thresholds, n, all_reduce_sum(curves.positive, ctx),
+                          all_reduce_sum(curves.negative, ctx))
+    top = None if curves.top1 is None else all_reduce_sum(np.stack([curves.top1, curves.top5]), ctx)
+    return BoxCurves(curves.thresholds, n, all_reduce_sum(curves.largest, ctx), all_reduce_sum(curves.multi, ctx),
+                     curves.iou_thresholds, None if top is None else top[0], None if top is None else top[1])
+
+
+def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: np.ndarray, method: str = "mnpos",
+                   map_options: Mapping[str, Any] | None = None, device: torch.device = torch.device("cpu"),
+                   precision: str = "fp32", batch_size: int = 64, workers: int = 0, ten_crop: bool = True,
+                   ctx: DistContext = DistContext(), save_maps: str | Path | None = None,
+                   on_batch=None, progress: bool = False, metric_workers: int | None = None) -> SplitResult:
+    """Evaluate ``model`` (eval mode) on an ``evaluate``-mode data set.
+
+    ten_crop: classify from the ten-crop average (the protocol) or from the 224 view (faster,
+    used for per-epoch validation). save_maps: write each 224x224 map as ``DIR/<image_id>.npy``.
+    on_batch: called with ``(batch, maps)`` (e.g. to draw overlays).
+    """
+    if dataset.mode != "evaluate":
+        raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
+    model.eval()
+    loader = DataLoader(SkipUnreadable(dataset), batch_size=batch_size, sampler=ShardSampler(len(dataset), ctx),
+                        num_workers=workers, collate_fn=collate_skipping(collate_evaluation),
+                        pin_memory=device.type == "cuda")
+    evaluator = _evaluator(dataset, thresholds, metric_workers)
+    top1 = top5 = seen = 0
+    skipped: list[str] = []
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=len(loader.sampler), desc="evaluate", unit="img", dynamic_ncols=True)
+    with evaluator:
+        for batch in loader:
+            skipped += batch["skipped"]
+            if "image" not in batch:
+                continue
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device)
+            with autocast(device, precision):
+                options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(map_options or {})}  # the protocol's frame
+                maps, logits = compute_maps(model, images, labels, method=method, **options)
+                if ten_crop:
+                    crops = batch["ten_crop"].to(device, non_blocking=True)
+                    with torch.inference_mode():
+                        crop_logits = model(crops.flatten(0, 1)).logits[0].float()
+                    logits = crop_logits.view(len(labels), -1, crop_logits.shape[-1]).mean(1)
+            ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
+            top1 += int((ranks < 1).sum())
+            top5 += int((ranks < 5).sum())
+            seen += len(labels)
+            maps_np = maps.cpu().numpy()
+            evaluator.update(maps_np, batch["image_id"], logits.cpu().numpy() if dataset.meta.kind == "box" else None)
+            if save_maps is not None:
+                for image_id, scoremap in zip(batch["image_id"], maps_np):
+                    target = Path(save_maps) / f"{image_id}.npy"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(target, scoremap)
+            if on_batch is not None:
+                on_batch(batch, maps_np)
+            if bar is not None:
+                bar.update(len(labels) + len(batch["skipped"]))
+    if bar is not None:
+        bar.close()
+    curves = _sum_curves(evaluator.compute(), ctx)
+    counts = all_reduce_sum(np.array([seen, top1, top5], np.int64), ctx)
+    if ctx.enabled:
+        gathered: list[list[str]] = [[] for _ in range(ctx.world)]
+        torch.distributed.all_gather_object(gathered, skipped)
+        skipped = [s for part in gathered for s in part]
+    return SplitResult(curves, int(counts[0]), int(counts[1]), int(counts[2]), skipped)

@@ -1,0 +1,292 @@
+"""Training: SGD (Nesterov) on the sum of the branches' cross-entropies, validation each epoch,
+atomic best/last checkpoints, exact resume.
+
+The run folder (``runtime.out``) holds ``config.yaml``, ``metrics.csv`` (one row per epoch),
+``tensorboard/`` (when the ``tensorboard`` package is installed), ``last.pt`` (written after
+every epoch, with the optimizer, scheduler and RNG states) and ``best.pt`` (the epoch with the
+best ``eval.metric`` on val). ``resume=True`` continues from ``last.pt``: every epoch draws its
+data order and augmentations from ``(seed, epoch)``, so a resumed run ends with the same
+weights as one never interrupted (on the CPU; GPU kernels may not be deterministic).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from mnpo.data.dataset import WSOLDataset
+from mnpo.data.metadata import read_split
+from mnpo.engine.config import ConfigError, TrainConfig
+from mnpo.engine.evaluate import SkipUnreadable, collate_skipping, evaluate_model
+from mnpo.engine.evaluate_maps import build_report
+from mnpo.engine.runtime import (
+    DistContext,
+    autocast,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from mnpo.io import atomic_path
+from mnpo.metrics.boxes import cam_thresholds
+from mnpo.models import LAYOUTS, MultiBranchNet, NetworkLayout, build_model
+from mnpo.models.checkpoint import load_plain, model_from_payload, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(model: MultiBranchNet, cfg: TrainConfig) -> torch.optim.SGD:
+    """Two parameter groups: the (pretrained) backbone at ``lr``, every new layer (head,
+    branches, classifier) at ``lr * new_layer_lr_ratio``."""
+    o = cfg.optim
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    new = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    return torch.optim.SGD(
+        [{"params": backbone, "lr": o.lr}, {"params": new, "lr": o.lr * o.new_layer_lr_ratio}],
+        lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
+    )
+
+
+def wsol_loss(logits: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i CE(logits_i, y)`` over the branches (spec section 2)."""
+    return sum(F.cross_entropy(l.float(), labels) for l in logits)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    skipped: int
+    seconds: float
+
+
+class Trainer:
+    """Train one config. ``fit()`` runs the remaining epochs; ``on_epoch_end`` (tests, tools)
+    is called with the epoch number after its checkpoint is written."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+                 on_epoch_end: Callable[[int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.device = resolve_device(cfg.runtime.device)
+        self.precision = resolve_precision(cfg.runtime.precision, self.device)
+        self.ctx = init_distributed(self.device)
+        self.out = Path(cfg.runtime.out)
+        self._check_data()
+        self.train_set, self.val_set = self._datasets()
+        self.num_classes = cfg.data.num_classes or self.train_set.meta.num_classes
+        seed_everything(cfg.runtime.seed)
+        self.model = self._model().to(self.device)
+        if cfg.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.optim.lr_milestones, cfg.optim.lr_gamma)
+        self.start_epoch = 0
+        self.best: dict[str, Any] = {"value": -math.inf, "epoch": None}
+        if resume:
+            self._resume()
+        self.train_model = self.model
+        if self.ctx.enabled:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.runtime.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # --- set-up -----------------------------------------------------------------------
+
+    def _check_data(self) -> None:
+        d = self.cfg.data
+        root, meta = Path(d.root), Path(d.metadata)
+        if not root.is_dir():
+            raise ConfigError(f"data.root: {root} is not a folder")
+        for split in ("train", "val"):
+            if not (meta / split).is_dir():
+                raise ConfigError(f"data.metadata: {meta / split} is missing (expected train/, val/ and test/ "
+                                  "split folders in the wsolevaluation layout)")
+        if d.mask_root is not None and not Path(d.mask_root).is_dir():
+            raise ConfigError(f"data.mask_root: {d.mask_root} is not a folder")
+        if self.cfg.optim.batch_size % self.ctx.world:
+            raise ConfigError(f"optim.batch_size {self.cfg.optim.batch_size} must be divisible by the "
+                              f"{self.ctx.world} processes")
+
+    def _datasets(self) -> tuple[WSOLDataset, WSOLDataset]:
+        d = self.cfg.data
+        meta = Path(d.metadata)
+        train_meta = read_split(meta / "train", d.num_classes)
+        train = WSOLDataset(d.root, train_meta, "train", crop_size=d.crop_size, resize_size=d.resize_size,
+                            random_resized=d.random_resized)
+        val = WSOLDataset(d.root, meta / "val", "evaluate", num_per_class=d.val_per_class,
+                          num_classes=d.num_classes or train_meta.num_classes, mask_root=d.mask_root,
+                          crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed)
+        return train, val
+
+    def _model(self) -> MultiBranchNet:
+        m = self.cfg.model
+        layout = LAYOUTS[m.layout](m.width) if m.layout in LAYOUTS else NetworkLayout.from_yaml(m.layout)
+        return build_model(layout, self.num_classes, pretrained=m.pretrained)
+
+    def _resume(self) -> None:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nothing to resume (no last checkpoint in runtime.out)")
+        payload = load_plain(path)
+        state = payload.get("training")
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: a checkpoint without training state cannot be resumed")
+        model = model_from_payload(payload, str(path), layout=self.model.layout, num_classes=self.num_classes)
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"])
+        self.best = dict(state["best"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s after epoch %d", path, self.start_epoch)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _loader(self, epoch: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.runtime.seed * 100003 + epoch)
+        dataset = SkipUnreadable(self.train_set)
+        if self.ctx.enabled:
+            sampler = DistributedSampler(dataset, self.ctx.world, self.ctx.rank, shuffle=True,
+                                         seed=self.cfg.runtime.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(dataset, generator=generator)
+        return DataLoader(dataset, batch_size=self.cfg.optim.batch_size // self.ctx.world, sampler=sampler,
+                          num_workers=self.cfg.data.workers, collate_fn=collate_skipping(torch.utils.data.default_collate),
+                          generator=generator, pin_memory=self.device.type == "cuda", drop_last=False,
+                          persistent_workers=False)
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        self.train_model.train()
+        torch.manual_seed(self.cfg.runtime.seed * 100003 + epoch)  # augmentations in the main process
+        loader = self._loader(epoch)
+        total_loss = correct = seen = skipped = 0
+        start = time.perf_counter()
+        bar = None
+        if self.progress and self.ctx.is_main:
+            from tqdm import tqdm
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="batch", dynamic_ncols=True)
+        for step, batch in enumerate(bar or loader):
+            skipped += len(batch["skipped"])
+            if "image" not in batch:
+                continue
+            images = batch["image"].to(self.device, non_blocking=True)
+            if self.cfg.runtime.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch["label"].to(self.device, non_blocking=True)
+            with autocast(self.device, self.precision):
+                logits = self.train_model(images).logits
+                loss = wsol_loss(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            n = len(labels)
+            total_loss += float(loss.detach()) * n
+            correct += int((logits[0].argmax(1) == labels).sum())
+            seen += n
+            if bar is not None and (step % self.cfg.runtime.log_every == 0):
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.1f}",
+                                img_s=f"{seen * self.ctx.world / max(elapsed, 1e-9):.0f}")
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        return EpochStats(total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, skipped, seconds)
+
+    def validate(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """Oracle metrics on val (per-epoch selection) and the classification accuracy."""
+        e = self.cfg.eval
+        result = evaluate_model(self.model, self.val_set, thresholds=cam_thresholds(e.cam_curve_interval),
+                                method=e.method, device=self.device, precision=self.precision,
+                                batch_size=e.batch_size, workers=self.cfg.data.workers, ten_crop=False,
+                                ctx=self.ctx)
+        report = build_report(result.curves, None, {})
+        values = {k: m.value for k, m in report.oracle.items()}
+        values.update(result.classification)
+        thresholds = {k: m.threshold for k, m in report.oracle.items()}
+        return values, thresholds
+
+    def fit(self) -> dict[str, Any]:
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        writer = self._tensorboard()
+        last: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            stats = self.train_epoch(epoch)
+            self.scheduler.step()
+            values, thresholds = self.validate()
+            metric = self.cfg.eval.metric
+            if metric not in values:
+                raise ConfigError(f"eval.metric: {metric!r} is not computed on this split; it has {sorted(values)}")
+            improved = values[metric] > self.best["value"]
+            if improved:
+                self.best = {"value": values[metric], "epoch": epoch + 1}
+            row = {"epoch": epoch + 1, "lr": lrs[0], "lr_new_layers": lrs[1], "train_loss": stats.loss,
+                   "train_acc": stats.accuracy, "train_images": stats.images, "skipped_images": stats.skipped,
+                   "images_per_s": stats.images * self.ctx.world / max(stats.seconds, 1e-9),
+                   **{f"val_{k}": v for k, v in values.items()}}
+            last = row
+            if self.ctx.is_main:
+                self._write_row(row)
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                    writer.flush()
+                meta = {"val_metrics": values, "epoch": epoch + 1,
+                        "operating_threshold": thresholds.get("max_box_acc")}
+                training = {"epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict(), "best": self.best, "rng": rng_state(),
+                            "config": self.cfg.to_dict()}
+                save_checkpoint(self.out / "last.pt", self.model, meta=meta, training=training)
+                if improved:
+                    save_checkpoint(self.out / "best.pt", self.model, meta=meta)
+                log.info("epoch %d: loss %.4f, train acc %.2f, val %s %.2f%s", epoch + 1, stats.loss,
+                         stats.accuracy, metric, values[metric], " (best)" if improved else "")
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch + 1)
+        if writer is not None:
+            writer.close()
+        return last
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        path = self.out / "metrics.csv"
+        rows = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < row["epoch"]]
+        rows.append(row)
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def _tensorboard(self):
+        if not self.ctx.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed: metrics go to metrics.csv only")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from mnpo.engine.config import ConfigError, TrainConfig, config_from_dict, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+MINIMAL = {"data": {"root": "images", "metadata": "metadata"}}
+
+
+def test_defaults_are_the_released_recipe():
+    cfg = config_from_dict(MINIMAL)
+    assert cfg.optim.lr == 0.0008 and cfg.optim.batch_size == 100 and cfg.optim.new_layer_lr_ratio == 15
+    assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.optim.nesterov
+    assert cfg.model.layout == "vgg16-mnpo" and cfg.model.pretrained == "imagenet"
+    assert cfg.eval.method == "mnpos"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), TrainConfig)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  root: /data/images\n  metadata: /data/meta\noptim:\n  epochs: 5\n")
+    cfg = load_config(path, ["optim.lr=0.01", "model.pretrained=null", "optim.lr_milestones=[2, 4]",
+                             "runtime.precision=bf16"])
+    assert cfg.optim.epochs == 5 and cfg.optim.lr == 0.01 and cfg.model.pretrained is None
+    assert cfg.optim.lr_milestones == [2, 4] and cfg.runtime.precision == "bf16"
+    assert config_from_dict(cfg.to_dict()) == cfg  # round trip
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr'"),
+        ({"optimizer": {}}, "unknown key 'optimizer'"),
+        ({"optim": {"epochs": "ten"}}, "optim.epochs: expected an integer, got 'ten'"),
+        ({"optim": {"epochs": 0}}, "optim.epochs: must be >= 1, got 0"),
+        ({"optim": {"nesterov": "yes"}}, "optim.nesterov: expected true or false"),
+        ({"optim": {"lr_milestones": [8, 4]}}, "optim.lr_milestones: must be increasing"),
+        ({"optim": {"lr_milestones": [2, "x"]}}, r"optim.lr_milestones\[1\]: expected an integer"),
+        ({"model": {"layout": "vgg19"}}, "model.layout: 'vgg19' is neither"),
+        ({"eval": {"method": "lrp"}}, "eval.method: 'lrp'"),
+        ({"eval": {"metric": "iou"}}, "eval.metric: 'iou'"),
+        ({"runtime": {"precision": "fp8"}}, "runtime.precision: 'fp8'"),
+        ({"data": {"root": ""}}, "data.root: required"),
+        ({"model": []}, "model: expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(data, message):
+    merged = {**MINIMAL, **data}
+    if "data" in data:
+        merged["data"] = {**MINIMAL["data"], **data["data"]}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(merged, source="run.yaml")
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {root: a, metadata: b}\noptim: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'optim.lrr'"):
+        load_config(path)
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    for text in ("optim.lr", "=3", "optim..lr=1"):
+        with pytest.raises(ConfigError, match="override"):
+            parse_override(text)
