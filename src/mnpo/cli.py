@@ -66,6 +66,59 @@ def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mnpo.engine.config import load_config
+    from mnpo.engine.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    if result:
+        print(f"done: {cfg.runtime.out} (last epoch {result['epoch']}, val {cfg.eval.metric} "
+              f"{result.get('val_' + cfg.eval.metric, float('nan')):.2f})")
+    return 0
+
+
+def _map_options(args: argparse.Namespace) -> dict:
+    options = {}
+    for key in ("h_mode", "a", "b", "target_layer", "fusion", "resize", "loss_gradient"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mnpo.engine.evaluate import evaluate_checkpoint
+    from mnpo.io import write_json_atomic
+
+    report = evaluate_checkpoint(
+        args.checkpoint, args.data, args.metadata, val_metadata=args.val_metadata, mask_root=args.mask_root,
+        method=args.method, map_options=_map_options(args), cam_curve_interval=args.cam_curve_interval,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
+        ten_crop=not args.no_ten_crop, save_maps=args.save_maps, save_overlays=args.save_overlays,
+        input_size=args.input_size, progress=not args.quiet,
+    )
+    cls = report.info["classification"]
+    print(f"method {args.method}, {report.info['num_images']} images"
+          + (f" ({len(report.info['skipped_images'])} unreadable, skipped)" if report.info["skipped_images"] else ""))
+    print(f"classification ({report.info['classification_view']}): top-1 {cls['top1_cls']:.2f}, "
+          f"top-5 {cls['top5_cls']:.2f}")
+    print(report.table())
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mnpo.engine.demo import DemoSettings, print_summary, run_demo
+
+    settings = DemoSettings(epochs=args.epochs, image_size=args.image_size, seed=args.seed)
+    summary = run_demo(Path(args.out), settings, progress=not args.quiet)
+    print_summary(summary, Path(args.out))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnpo",
@@ -126,6 +179,73 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="load SRC with full pickle (runs code stored in the file); only for files you trust "
                      "that weights_only loading refuses")
     imp.set_defaults(func=_cmd_import_checkpoint)
+
+    tr = sub.add_parser(
+        "train",
+        help="train an MNPO network from a YAML config",
+        description="Train from a YAML config (see configs/). KEY=VALUE overrides replace config "
+        "entries by dotted key, e.g. optim.lr=0.001 runtime.out=runs/x. Writes config.yaml, "
+        "metrics.csv, tensorboard/, last.pt (every epoch, resumable) and best.pt into runtime.out. "
+        "Under torchrun (python -m torch.distributed.run --nproc_per_node=N -m mnpo train ...) "
+        "it trains data-parallel.",
+    )
+    tr.add_argument("--config", required=True, help="YAML config file")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides by dotted key")
+    tr.add_argument("--resume", action="store_true", help="continue from runtime.out/last.pt")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+    ev2 = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint: classification, maps and every localization metric",
+        description="Evaluate a checkpoint on a split: ten-crop classification, the chosen method's "
+        "maps of the ground-truth class, MaxBoxAcc, MaxBoxAccV2, GT-known / Top-1 / Top-5 Loc (box "
+        "splits) or PxAP (mask splits), under the oracle protocol and, with --val-metadata, the "
+        "calibrated one.",
+    )
+    ev2.add_argument("--checkpoint", required=True, help="an mnpo checkpoint (see import-checkpoint)")
+    ev2.add_argument("--data", required=True, help="image root the image ids are relative to")
+    ev2.add_argument("--metadata", required=True, help="metadata folder of the evaluated split")
+    ev2.add_argument("--val-metadata", help="metadata folder of val (thresholds for the calibrated protocol)")
+    ev2.add_argument("--mask-root", help="folder the mask paths of a mask split are relative to")
+    ev2.add_argument("--method", default="mnpos", choices=("cam", "mnpo", "mnpos", "gradcam", "dgl"),
+                     help="map method (default mnpos)")
+    ev2.add_argument("--h-mode", dest="h_mode", choices=("scale", "step"), help="weight post-processing H")
+    ev2.add_argument("--a", type=float, help="H factor for positive weights (method default)")
+    ev2.add_argument("--b", type=float, help="H factor for the other weights (method default)")
+    ev2.add_argument("--target-layer", dest="target_layer", help="layer of the gradient methods (e.g. conv5_2)")
+    ev2.add_argument("--fusion", choices=("max", "mean"), help="branch fusion of mnpo (default max)")
+    ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
+    ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),
+                     help="MNPOs loss gradient (default released)")
+    ev2.add_argument("--cam-curve-interval", type=float, default=0.01, help="threshold step (default 0.01)")
+    ev2.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    ev2.add_argument("--workers", type=int, default=4, help="data loader processes (default 4)")
+    ev2.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    ev2.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                     help="auto: bf16 on a GPU that has it, else fp32")
+    ev2.add_argument("--no-ten-crop", action="store_true", help="classify from the 224x224 view instead")
+    ev2.add_argument("--input-size", type=int, default=224,
+                     help="network input side (default 224, the protocol; ten crops from 256/224 of it)")
+    ev2.add_argument("--save-maps", help="write each 224x224 map as DIR/<image_id>.npy")
+    ev2.add_argument("--save-overlays", help="write DIR/<image_id>.png: map, predicted and true boxes")
+    ev2.add_argument("--json", help="write the report as JSON to this file")
+    ev2.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev2.set_defaults(func=_cmd_evaluate)
+
+    demo = sub.add_parser(
+        "demo",
+        help="synthetic data, CPU training, CAM vs MNPO vs MNPOs, a report (a few minutes)",
+        description="Generate the synthetic 'parts' set, train a reduced-width MNPO on the CPU, "
+        "evaluate CAM, MNPO and MNPOs under both protocols and write report.md, report.json and "
+        "gallery.png into --out.",
+    )
+    demo.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    demo.add_argument("--image-size", type=int, default=64, help="synthetic image side (default 64)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run (default 0)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
 
     return parser
 

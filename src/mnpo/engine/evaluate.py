@@ -30,6 +30,11 @@ from mnpo.metrics.masks import load_gt_mask
 log = logging.getLogger(__name__)
 
 
+def resize_for(crop: int) -> int:
+    """The protocol's resize side for a crop side: 256 for 224, in proportion otherwise."""
+    return round(crop * 256 / 224)
+
+
 class ShardSampler(Sampler[int]):
     """Indices ``rank, rank + world, ...``: every image exactly once over the ranks (no padding)."""
 
@@ -180,3 +185,96 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
         torch.distributed.all_gather_object(gathered, skipped)
         skipped = [s for part in gathered for s in part]
     return SplitResult(curves, int(counts[0]), int(counts[1]), int(counts[2]), skipped)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str | Path, *,
+                        val_metadata: str | Path | None = None, mask_root: str | Path | None = None,
+                        method: str = "mnpos", map_options: Mapping[str, Any] | None = None,
+                        cam_curve_interval: float = 0.01, batch_size: int = 64, workers: int = 4,
+                        device: str = "auto", precision: str = "auto", ten_crop: bool = True,
+                        save_maps: str | Path | None = None, save_overlays: str | Path | None = None,
+                        input_size: int = EVAL_SIZE, progress: bool = True):
+    """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
+
+    ``input_size``: side of the network's input views (the protocol's 224; a model trained at
+    another size, like the demo's, is evaluated at its own); maps are always scored in the
+    224x224 frame. Returns the ``Report`` of the evaluated split; its ``info`` holds the
+    classification accuracy (ten-crop), the skipped images and what was evaluated.
+    """
+    from mnpo.engine.evaluate_maps import build_report
+    from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
+    from mnpo.metrics.boxes import cam_thresholds
+    from mnpo.models import load_model
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    ctx = init_distributed(dev)
+    model, payload = load_model(checkpoint)
+    model.to(dev)
+    thresholds = cam_thresholds(cam_curve_interval)
+    maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
+
+    def split(meta_dir, maps_to):
+        dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
+                              crop_size=input_size, resize_size=resize_for(input_size))
+        return evaluate_model(model, dataset, thresholds=thresholds, method=method, map_options=map_options,
+                              device=dev, precision=prec, batch_size=batch_size, workers=workers,
+                              ten_crop=ten_crop, ctx=ctx, save_maps=maps_to, progress=progress)
+
+    test = split(metadata, maps_dir)
+    val = None if val_metadata is None else split(val_metadata, None)
+    info = {
+        "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
+        "map_options": dict(map_options or {}), "precision": prec, "num_images": test.num_images,
+        "skipped_images": test.skipped, "classification": test.classification,
+        "classification_view": "ten-crop" if ten_crop else "224x224",
+        "cam_curve_interval": cam_curve_interval,
+        "oracle": "thresholds chosen on the evaluated split itself (optimistic; the MNPO paper's protocol)",
+        "calibrated": ("thresholds chosen on val, applied to the evaluated split (wsolevaluation's protocol)"
+                       if val is not None else "not computed: no --val-metadata given"),
+    }
+    if val is not None:
+        info.update(val_metadata=str(val_metadata), val_num_images=val.num_images,
+                    val_classification=val.classification)
+    report = build_report(test.curves, None if val is None else val.curves, info)
+    if save_overlays and ctx.is_main:
+        protocol = report.calibrated or report.oracle
+        threshold = protocol["max_box_acc"].threshold if "max_box_acc" in protocol else 0.5
+        write_overlays(Path(save_overlays), data, metadata, maps_dir, threshold)
+    return report
+
+
+def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: str | Path, threshold: float) -> int:
+    """One PNG per image under ``out`` (``<image_id>.png``): the map on the image, the predicted
+    box (largest contour at ``threshold``) in green and the ground truth in red."""
+    from PIL import Image
+
+    from mnpo.data.metadata import read_split
+    from mnpo.data.transforms import load_image
+    from mnpo.engine.overlay import heatmap_overlay
+    from mnpo.metrics.boxes import predicted_boxes
+
+    meta = read_split(metadata)
+    written = 0
+    for image_id in meta.image_ids:
+        map_path = Path(maps_dir) / f"{image_id}.npy"
+        if not map_path.is_file():
+            continue  # skipped image
+        try:
+            image = load_image(Path(data) / image_id)
+        except ImageReadError:
+            continue
+        scoremap = np.load(map_path)
+        w, h = image.size
+        scale = np.array([w / EVAL_SIZE, h / EVAL_SIZE, w / EVAL_SIZE, h / EVAL_SIZE])
+        boxes = (predicted_boxes(scoremap, threshold) * scale).astype(int)
+        gt = np.zeros((0, 4), int)
+        if meta.boxes is not None:  # boxes are in the image_sizes.txt frame; the file may differ
+            sw, sh = meta.sizes[image_id] if meta.sizes is not None else image.size
+            gt = (np.asarray(meta.boxes[image_id], float) * [w / sw, h / sh, w / sw, h / sh]).astype(int)
+        target = out / f"{image_id}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        overlay: Image.Image = heatmap_overlay(image, scoremap, boxes=boxes, gt_boxes=gt)
+        overlay.save(target)
+        written += 1
+    return written

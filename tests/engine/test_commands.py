@@ -1,0 +1,90 @@
+"""The train / evaluate / demo commands end to end on a tiny synthetic set."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mnpo.cli import main
+from mnpo.data.synthetic import write_synthetic_dataset
+from mnpo.engine.demo import DEMO_METHODS, DemoSettings, run_demo
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmd")
+    data = root / "parts"
+    write_synthetic_dataset(out=data, preset="parts", seed=1, image_size=48, num_classes=3,
+                            train_per_class=6, val_per_class=2, test_per_class=3)
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
+                 "resize_size": 55, "crop_size": 48},
+        "model": {"width": 0.0625, "pretrained": None},
+        "optim": {"epochs": 1, "batch_size": 6, "lr": 0.01},
+        "eval": {"method": "mnpo"},
+        "runtime": {"out": str(root / "ignored"), "device": "cpu", "channels_last": False},
+    }))
+    assert main(["train", "--config", str(config), "-q", f"runtime.out={root / 'run'}", "optim.epochs=2"]) == 0
+    return root, data
+
+
+def test_train_command_applies_overrides(trained):
+    root, _ = trained
+    saved = yaml.safe_load((root / "run" / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 2 and saved["runtime"]["out"] == str(root / "run")
+    assert not (root / "ignored").exists()
+    assert (root / "run" / "best.pt").is_file()
+
+
+def test_evaluate_saves_maps_that_evaluate_maps_scores_identically(trained, tmp_path, capsys):
+    root, data = trained
+    args = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+            "--metadata", str(data / "metadata" / "test"), "--val-metadata", str(data / "metadata" / "val"),
+            "--input-size", "48", "--workers", "0", "--method", "mnpo", "--a", "2", "--b", "1"]
+    assert main(args + ["--save-maps", str(tmp_path / "maps"), "--save-overlays", str(tmp_path / "overlays"),
+                        "--json", str(tmp_path / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "classification (ten-crop)" in out and "calibrated max_box_acc_v2" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) == {"oracle", "calibrated", "info"}
+    assert report["info"]["num_images"] == 9 and report["info"]["map_options"] == {"a": 2.0, "b": 1.0}
+    maps = sorted((tmp_path / "maps").rglob("*.npy"))
+    assert len(maps) == 9 and np.load(maps[0]).shape == (224, 224)
+    assert len(list((tmp_path / "overlays").rglob("*.png"))) == 9
+    assert main(["evaluate-maps", "-q", "--maps", str(tmp_path / "maps"), "--metadata", str(data / "metadata" / "test"),
+                 "--json", str(tmp_path / "maps.json")]) == 0
+    from_maps = json.loads((tmp_path / "maps.json").read_text())["oracle"]
+    for key in ("max_box_acc", "max_box_acc_v2", "gt_known_loc"):
+        assert from_maps[key] == report["oracle"][key], key
+
+
+def test_evaluate_refuses_a_split_with_more_classes(trained, tmp_path, capsys):
+    root, _ = trained
+    other = tmp_path / "five"
+    write_synthetic_dataset(out=other, preset="shapes", seed=0, image_size=32, num_classes=5,
+                            train_per_class=1, val_per_class=1, test_per_class=1)
+    code = main(["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(other / "images"),
+                 "--metadata", str(other / "metadata" / "test"), "--workers", "0"])
+    assert code == 2
+    assert "mnpo evaluate: error:" in capsys.readouterr().err
+
+
+def test_demo_writes_report_table_and_gallery(tmp_path):
+    settings = DemoSettings(image_size=32, classes=2, train_per_class=4, val_per_class=2, test_per_class=3,
+                            width=0.0625, epochs=1, batch_size=4, gallery_images=2)
+    summary = run_demo(tmp_path, settings, progress=False)
+    assert list(summary["methods"]) == list(DEMO_METHODS)
+    for r in summary["methods"].values():
+        assert 0 <= r["oracle"]["max_box_acc"]["value"] <= 100 and 0 <= r["pxap"] <= 100
+        assert r["calibrated"]["max_box_acc"]["value"] <= 100
+    text = (tmp_path / "report.md").read_text()
+    assert all(f"| {m} |" in text for m in DEMO_METHODS)
+    from PIL import Image
+
+    from mnpo.engine.overlay import caption_height
+
+    with Image.open(tmp_path / "gallery.png") as gallery:  # 2 images x 3 methods, captions below
+        assert gallery.size == (2 * 160, 3 * (160 + caption_height()))
+    assert json.loads((tmp_path / "report.json").read_text())["methods"].keys() == summary["methods"].keys()
