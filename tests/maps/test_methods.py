@@ -5,7 +5,7 @@ from reference import naive_maps
 
 from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
-from mnpo.models.multibranch import BranchLayout, NetworkLayout, released_vgg16_layout
+from mnpo.models.multibranch import NetworkLayout, released_vgg16_layout
 
 SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16)}
 

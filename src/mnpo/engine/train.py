@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -30,7 +31,7 @@ from mnpo.engine.config import ConfigError, TrainConfig
 from mnpo.engine.evaluate import SkipUnreadable, collate_skipping, evaluate_model
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import (
-    DistContext,
+    all_reduce_sum,
     autocast,
     init_distributed,
     resolve_device,
@@ -101,6 +102,9 @@ class Trainer:
             self._resume()
         self.train_model = self.model
         if self.ctx.enabled:
+            if self.device.type == "cuda":  # batch statistics over all ranks, as one process would have
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.train_model = self.model
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.runtime.compile:
@@ -207,6 +211,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
+        total_loss, correct, seen, skipped = all_reduce_sum(
+            np.array([total_loss, correct, seen, skipped], np.float64), self.ctx).tolist()
+        seen, skipped = int(seen), int(skipped)
         return EpochStats(total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, skipped, seconds)
 
     def validate(self) -> tuple[dict[str, float], dict[str, Any]]:
@@ -242,7 +249,7 @@ class Trainer:
                 self.best = {"value": values[metric], "epoch": epoch + 1}
             row = {"epoch": epoch + 1, "lr": lrs[0], "lr_new_layers": lrs[1], "train_loss": stats.loss,
                    "train_acc": stats.accuracy, "train_images": stats.images, "skipped_images": stats.skipped,
-                   "images_per_s": stats.images * self.ctx.world / max(stats.seconds, 1e-9),
+                   "images_per_s": stats.images / max(stats.seconds, 1e-9),
                    **{f"val_{k}": v for k, v in values.items()}}
             last = row
             if self.ctx.is_main:

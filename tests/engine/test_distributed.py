@@ -1,0 +1,108 @@
+"""Data-parallel runs with two CPU processes on the gloo backend (what torchrun starts)."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mnpo.data.dataset import WSOLDataset
+from mnpo.data.synthetic import write_synthetic_dataset
+from mnpo.engine.config import config_from_dict
+from mnpo.engine.evaluate import evaluate_model
+from mnpo.engine.runtime import DistContext, init_distributed
+from mnpo.engine.train import Trainer
+from mnpo.metrics.boxes import cam_thresholds
+from mnpo.models import build_model, load_model
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = build_model("vgg16-mnpo", 3, width=0.0625)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def evaluate_split(data, ctx, split="test"):
+    dataset = WSOLDataset(data / "images", data / "metadata" / split, "evaluate", crop_size=48, resize_size=55)
+    return evaluate_model(tiny_model(), dataset, thresholds=cam_thresholds(0.05), method="mnpos", batch_size=2,
+                          ctx=ctx, ten_crop=True)
+
+
+def worker(rank, world, port, data, out, job):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        if job == "evaluate":
+            ctx = init_distributed(torch.device("cpu"))
+            result = evaluate_split(data, ctx)
+            if ctx.is_main:
+                torch.save({"largest": torch.from_numpy(result.curves.largest),
+                            "multi": torch.from_numpy(result.curves.multi),
+                            "top1": torch.from_numpy(result.curves.top1),
+                            "n": result.num_images, "cls": (result.top1_correct, result.top5_correct)}, out)
+        else:
+            trainer = Trainer(config_from_dict(train_config(data, out)), progress=False)
+            trainer.fit()
+            torch.save(trainer.model.state_dict(), out / f"rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train_config(data, out):
+    return {
+        "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
+                 "resize_size": 55, "crop_size": 48},
+        "model": {"width": 0.0625, "pretrained": None},
+        "optim": {"epochs": 1, "batch_size": 6, "lr": 0.01},
+        "eval": {"method": "mnpo", "batch_size": 4},
+        "runtime": {"out": str(out), "device": "cpu", "channels_last": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_synthetic_dataset(out=root, preset="parts", seed=2, image_size=48, num_classes=3,
+                            train_per_class=4, val_per_class=2, test_per_class=3)
+    return root
+
+
+def test_distributed_evaluation_equals_a_single_process(data, tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(worker, args=(2, free_port(), data, out, "evaluate"), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = evaluate_split(data, DistContext())
+    assert ddp["n"] == single.num_images == 9  # 9 images over 2 ranks: 5 + 4, none twice
+    assert np.array_equal(ddp["largest"].numpy(), single.curves.largest)
+    assert np.array_equal(ddp["multi"].numpy(), single.curves.multi)
+    assert np.array_equal(ddp["top1"].numpy(), single.curves.top1)
+    assert ddp["cls"] == (single.top1_correct, single.top5_correct)
+
+
+def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    mp.spawn(worker, args=(2, free_port(), data, out, "train"), nprocs=2, join=True)
+    model, payload = load_model(out / "last.pt")
+    assert payload["training"]["epoch"] == 1
+    import csv
+
+    with open(out / "metrics.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert int(row["train_images"]) == 12  # both ranks' images, counted once each
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in ranks[0].items():  # DDP keeps the replicas identical ...
+        if "running" not in key and "num_batches" not in key:  # (BatchNorm statistics stay per process on CPU)
+            assert torch.equal(value, ranks[1][key]), key
+        assert torch.equal(value, model.state_dict()[key]) or "running" in key, key  # ... and rank 0 saved its own
