@@ -14,7 +14,9 @@ The protocol (wsolevaluation, CVPR 2020; spec section 6), for a score map
    scores the best IoU over its ground-truth boxes (and, in multi mode, over
    its predicted boxes).
 
-Boxes are ``(x0, y0, x1, y1)`` int64 in the map's frame. Two implementations:
+Boxes are ``(x0, y0, x1, y1)`` int64 in the map's frame. :func:`predicted_boxes`
+gives the box(es) of one map at one threshold (steps 1-5). Two implementations
+of the IoU sweep:
 :func:`box_ious_reference` is the plain per-threshold OpenCV loop;
 :func:`box_ious` answers every threshold from two union-find sweeps
 (:mod:`mnpo.metrics._components`) and asks OpenCV only where the largest
@@ -23,6 +25,7 @@ contour is not settled by area bounds. Both return identical numbers (tested).
 
 from __future__ import annotations
 
+import numbers
 import threading
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ __all__ = [
     "box_ious_reference",
     "cam_thresholds",
     "check_scoremap",
+    "predicted_boxes",
     "threshold_levels",
     "to_uint8",
 ]
@@ -156,6 +160,37 @@ def box_ious_reference(scoremap: np.ndarray, thresholds: np.ndarray, gt_boxes) -
         multi_iou.append(_max_iou(boxes, gt))
     return BoxScores(np.array(largest, np.int64).reshape(-1, 4),
                      np.array(largest_iou, np.float64), np.array(multi_iou, np.float64))
+
+
+def predicted_boxes(scoremap: np.ndarray, threshold: float, multi: bool = False) -> np.ndarray:
+    """The protocol's box(es) of one score map at one threshold (module doc, steps 1-5).
+
+    Args:
+        scoremap: float (H, W) in [0, 1] (checked by :func:`check_scoremap`).
+        threshold: score-map threshold ``t`` in [0, 1]; the binarization level is
+            ``int(t * max(uint8 map))``.
+        multi: ``False`` keeps the largest contour (by ``cv2.contourArea``); ``True`` keeps
+            the boxes of all contours, in OpenCV's order (holes included, as ``RETR_TREE``).
+
+    Returns:
+        int64 (k, 4) boxes ``(x0, y0, x1, y1)``, inclusive pixel coordinates in the map's
+        frame; k is 1 for the largest contour, the contour count in multi mode, and 0 when
+        nothing lies above the level (a zero map; at ``t = 1`` every map). Where
+        :func:`box_ious_reference` scores the box ``(0, 0, 0, 0)`` for that case, this
+        returns no box.
+    """
+    check_scoremap(scoremap)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    height, width = scoremap.shape
+    image = to_uint8(scoremap)
+    binary = (image > int(threshold * np.max(image))).astype(np.uint8)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if len(contours) == 0:
+        return np.zeros((0, 4), np.int64)
+    if not multi:
+        contours = [max(contours, key=cv2.contourArea)]
+    return np.array([_contour_box(c, width, height) for c in contours], np.int64).reshape(-1, 4)
 
 
 def _largest_by_opencv(image: np.ndarray, level: int) -> list[int]:

@@ -1,0 +1,345 @@
+"""`mnpo localize`: real image files of several sizes and formats through a tiny checkpoint."""
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mnpo.data.transforms import load_image, localization_transform, ten_crop
+from mnpo.engine.localize import (
+    METHOD_CHOICES,
+    LocalizeError,
+    add_localize_parser,
+    box_to_image,
+    localize_images,
+    unique_stems,
+    write_localization,
+)
+from mnpo.maps import METHODS, compute_maps
+from mnpo.metrics.boxes import predicted_boxes
+from mnpo.models import build_model, save_checkpoint
+
+CLASS_NAMES = ["heron", "gull", "wren"]
+# (relative path, (W, H), PIL mode, format)
+IMAGES = [
+    ("a.png", (300, 200), "RGB", "PNG"),
+    ("b.jpg", (150, 260), "RGB", "JPEG"),
+    ("gray.png", (64, 48), "L", "PNG"),
+    ("rgba.png", (100, 100), "RGBA", "PNG"),
+    ("sub/a.png", (90, 120), "RGB", "PNG"),  # same stem as a.png
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = build_model("vgg16-mnpo", 3, width=1 / 16).eval()
+    with torch.no_grad():
+        net.classifier.weight.mul_(50)  # spread the random network's class probabilities
+    return net
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (w, h), mode, fmt in IMAGES:
+        pixels = rng.integers(0, 60, (h, w, 4), dtype=np.uint8)
+        pixels[h // 4: h // 2, w // 3: 2 * w // 3] = 230  # a bright block
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / name, format=fmt)
+        paths.append(str(root / name))
+    bad = root / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return paths, str(bad)
+
+
+@pytest.fixture(scope="module")
+def report(model, files):
+    paths, bad = files
+    return localize_images(model, paths[:2] + [bad] + paths[2:], threshold=0.3, topk=2,
+                           class_names=CLASS_NAMES, batch_size=4)
+
+
+def test_report_covers_every_readable_image(report, files):
+    paths, bad = files
+    assert report.method == "mnpo" and report.threshold == 0.3
+    assert [r.path for r in report.images] == paths
+    assert [s.path for s in report.skipped] == [bad]
+    assert report.skipped[0].reason  # why, from the decoder
+    for result, (_, size, _, _) in zip(report.images, IMAGES):
+        assert result.size == size and result.image.mode == "RGB"
+        w, h = size
+        assert result.scoremap.shape == (h, w) and result.scoremap.dtype == np.float32
+        assert 0.0 <= result.scoremap.min() and result.scoremap.max() <= 1.0
+        assert result.box is not None
+        x0, y0, x1, y1 = result.box
+        assert 0 <= x0 <= x1 <= w - 1 and 0 <= y0 <= y1 <= h - 1
+
+
+def test_top_classes_are_sorted_named_and_sum_to_at_most_one(report):
+    for result in report.images:
+        probs = [c.probability for c in result.top_classes]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True)
+        assert 0.0 < sum(probs) <= 1.0
+        assert [c.name for c in result.top_classes] == [CLASS_NAMES[c.index] for c in result.top_classes]
+
+
+def test_classification_is_the_ten_crop_average(model, report, files):
+    paths, _ = files
+    for result, path in zip(report.images, paths):
+        image = load_image(path)
+        with torch.no_grad():
+            crops = model(ten_crop(image)).logits[0].double()              # (10, 3)
+            single = model(localization_transform()(image)[None]).logits[0].double()[0]
+        expected = crops.mean(0).softmax(0)
+        order = expected.argsort(descending=True)[:2]
+        assert [c.index for c in result.top_classes] == order.tolist()
+        got = [c.probability for c in result.top_classes]
+        assert np.allclose(got, expected[order].numpy(), rtol=1e-5, atol=1e-7)
+        # A single view gives other numbers: the test can tell the two apart.
+        assert not np.allclose(got, single.softmax(0)[order].numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_map_and_box_come_from_the_224_view_of_the_top_class(model, report, files):
+    paths, _ = files
+    for result, path in zip(report.images, paths):
+        image = load_image(path)
+        top = torch.tensor([result.top_classes[0].index])
+        maps, _ = compute_maps(model, localization_transform()(image)[None], top, method="mnpo")
+        scoremap = maps[0].numpy()
+        w, h = image.size
+        (bx0, by0, bx1, by1), = predicted_boxes(scoremap, 0.3)
+        assert result.box == (bx0 * w // 224, by0 * h // 224, bx1 * w // 224, by1 * h // 224)
+        full = cv2.resize(scoremap, (w, h), interpolation=cv2.INTER_LINEAR)
+        assert np.allclose(result.scoremap, full, atol=1e-6)
+
+
+def test_box_to_image_by_hand():
+    # x: 0 -> 0, 223 * 448 / 224 = 446; y: 10 * 100 / 224 = 4.46 -> 4, 111 * 100 / 224 = 49.6 -> 49.
+    assert box_to_image([0, 10, 223, 111], 448, 100) == (0, 4, 446, 49)
+    # Shrinking: 223 * 10 / 224 = 9.96 -> 9 (the last column).
+    assert box_to_image([112, 0, 223, 223], 10, 5) == (5, 0, 9, 4)
+    # Clipped to the image when a coordinate would fall beyond it.
+    assert box_to_image([0, 0, 224, 224], 7, 3) == (0, 0, 6, 2)
+
+
+def test_unique_stems():
+    assert unique_stems(["x/a.png", "y/a.jpg", "a-1.png", "A.PNG", "b.png"]) == ["a", "a-1", "a-1-1", "A-2", "b"]
+
+
+def test_write_localization(report, files, tmp_path):
+    _, bad = files
+    out = tmp_path / "out"
+    path = write_localization(report, out, save_maps=True)
+    assert path == out / "localization.json"
+    data = json.loads(path.read_text())
+    assert data["method"] == "mnpo" and data["threshold"] == 0.3
+    assert data["skipped"] == [{"path": bad, "reason": report.skipped[0].reason}]
+    assert [e["overlay"] for e in data["images"]] == ["a.png", "b.png", "gray.png", "rgba.png", "a-1.png"]
+    for entry, result, (_, (w, h), _, _) in zip(data["images"], report.images, IMAGES):
+        assert entry["path"] == result.path and entry["size"] == [w, h]
+        assert entry["box"] == list(result.box)
+        assert entry["top_classes"] == [{"index": c.index, "name": c.name, "probability": c.probability}
+                                        for c in result.top_classes]
+        with Image.open(out / entry["overlay"]) as overlay:
+            assert overlay.format == "PNG" and overlay.size == (w, h)
+        saved = np.load(out / entry["map"])
+        assert saved.shape == (h, w) and np.array_equal(saved, result.scoremap)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["localization.json"] + [f"{s}.{x}" for s in ("a", "b", "gray", "rgba", "a-1")
+                                                     for x in ("png", "npy")])
+
+
+def test_write_without_overlays(report, tmp_path):
+    path = write_localization(report, tmp_path, overlays=False)
+    data = json.loads(path.read_text())
+    assert all(e["overlay"] is None and "map" not in e for e in data["images"])
+    assert [p.name for p in tmp_path.iterdir()] == ["localization.json"]
+
+
+def test_a_box_drawn_in_the_overlay(report, tmp_path):
+    write_localization(report, tmp_path)
+    result = report.images[0]
+    x0, y0, x1, y1 = result.box
+    with Image.open(tmp_path / "a.png") as overlay:
+        px = np.asarray(overlay)
+    assert (px[y0, x0:x1 + 1] == (0, 255, 0)).all() and (px[y0:y1 + 1, x1] == (0, 255, 0)).all()
+
+
+def test_no_box_when_nothing_is_above_the_threshold(model, files):
+    paths, _ = files
+    # At t = 1 nothing is strictly above the maximum.
+    result = localize_images(model, paths[:1], threshold=1.0).images[0]
+    assert result.box is None
+    assert result.to_json()["box"] is None
+
+
+def test_gradient_method_and_default_threshold(model, files, caplog):
+    paths, _ = files
+    with caplog.at_level(logging.INFO, logger="mnpo.engine.localize"):
+        report = localize_images(model, paths[2:3], method="mnpos", topk=10)
+    assert report.threshold == 0.2 and "default 0.2" in caplog.text
+    assert len(report.images[0].top_classes) == 3  # topk is capped at the class count
+    assert report.images[0].top_classes[0].name is None
+    assert sum(c.probability for c in report.images[0].top_classes) == pytest.approx(1.0)
+
+
+def test_unreadable_images_are_skipped_with_a_warning(model, files, caplog):
+    paths, bad = files
+    with caplog.at_level(logging.WARNING, logger="mnpo.engine.localize"):
+        report = localize_images(model, [bad, paths[2]])
+    assert bad in caplog.text and len(report.images) == 1
+
+
+def test_all_unreadable_is_an_error(model, files, tmp_path):
+    _, bad = files
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(LocalizeError, match="none of the 2 images") as info:
+        localize_images(model, [bad, missing])
+    assert bad in str(info.value) and missing in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"method": "magic"}, "unknown map method 'magic'"),
+    ({"threshold": 1.5}, r"threshold must be a number in \[0, 1\]"),
+    ({"threshold": float("nan")}, "threshold must be"),
+    ({"topk": 0}, "topk must be a positive int"),
+    ({"batch_size": 0}, "batch_size must be a positive int"),
+    ({"class_names": ["a", "b"]}, "class_names has 2 names, but the model has 3 classes"),
+    ({"class_names": "abc"}, "list of strings"),
+    ({"map_options": {"size": (10, 10)}}, "'size' is fixed"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+])
+def test_bad_arguments(model, files, kwargs, msg):
+    paths, _ = files
+    with pytest.raises(ValueError, match=msg):
+        localize_images(model, paths[:1], **kwargs)
+
+
+def test_empty_paths_and_training_mode(model, files):
+    paths, _ = files
+    with pytest.raises(ValueError, match="no image paths"):
+        localize_images(model, [])
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            localize_images(model, paths[:1])
+    finally:
+        model.eval()
+
+
+def test_unknown_map_option_is_refused(model, files):
+    paths, _ = files
+    with pytest.raises(TypeError, match="unknown map option"):
+        localize_images(model, paths[:1], map_options={"colour": 1})
+
+
+def test_method_choices_are_the_map_methods():
+    assert set(METHOD_CHOICES) == set(METHODS)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="mnpo")
+    add_localize_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_parser_defaults_and_help():
+    args = _parser().parse_args(["localize", "--checkpoint", "m.pt", "x.png", "y.jpg"])
+    assert args.images == ["x.png", "y.jpg"] and args.checkpoint == "m.pt"
+    assert (args.out, args.method, args.threshold, args.topk, args.batch_size, args.device) == \
+        ("localize-output", "mnpo", None, 5, 16, "auto")
+    assert not args.no_overlays and not args.save_maps
+    sub = add_localize_parser(argparse.ArgumentParser().add_subparsers())
+    helps = {a.dest: a.help for a in sub._actions}
+    assert set(helps) == {"help", "checkpoint", "images", "out", "method", "threshold", "topk", "batch_size",
+                          "device", "no_overlays", "save_maps"}
+    assert all(text and len(text) > 20 for text in helps.values())
+    assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
+    assert sub.description and "localization.json" in sub.description
+
+
+@pytest.mark.parametrize("argv", [
+    ["--threshold", "2"], ["--threshold", "nan"], ["--topk", "0"], ["--batch-size", "x"],
+    ["--method", "magic"], ["--device", "tpu"],
+])
+def test_parser_refuses_bad_values(argv, capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["localize", "--checkpoint", "m.pt", "x.png", *argv])
+    assert "localize: error" in capsys.readouterr().err
+
+
+def test_run_localize_end_to_end(model, files, tmp_path, capsys, caplog):
+    paths, bad = files
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model, meta={"class_names": CLASS_NAMES, "operating_threshold": 0.3})
+    out = tmp_path / "result"
+    args = _parser().parse_args(["localize", "--checkpoint", str(ckpt), *paths, bad, "--out", str(out),
+                                 "--topk", "2", "--device", "cpu"])
+    with caplog.at_level(logging.INFO, logger="mnpo.engine.localize"):
+        assert args.func(args) == 0
+    assert "operating_threshold" in caplog.text
+    data = json.loads((out / "localization.json").read_text())
+    assert data["threshold"] == 0.3 and len(data["images"]) == 5
+    assert data["skipped"][0]["path"] == bad
+    assert data["images"][0]["top_classes"][0]["name"] in CLASS_NAMES
+    printed = capsys.readouterr().out
+    for path in paths:
+        assert path in printed
+    assert f"skipped {bad}" in printed and "localization.json" in printed
+    # --threshold wins over the checkpoint's value; without either, 0.2.
+    args = _parser().parse_args(["localize", "--checkpoint", str(ckpt), paths[2], "--out", str(out),
+                                 "--threshold", "0.5", "--no-overlays", "--device", "cpu"])
+    args.func(args)
+    assert json.loads((out / "localization.json").read_text())["threshold"] == 0.5
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(bare, model)
+    args = _parser().parse_args(["localize", "--checkpoint", str(bare), paths[2], "--out", str(out),
+                                 "--device", "cpu"])
+    args.func(args)
+    data = json.loads((out / "localization.json").read_text())
+    assert data["threshold"] == 0.2 and data["images"][0]["top_classes"][0]["name"] is None
+
+
+@pytest.mark.parametrize("meta, msg", [
+    ({"class_names": ["a"]}, "meta class_names has 1 names"),
+    ({"operating_threshold": 7.0}, "meta operating_threshold must be a number in"),
+])
+def test_run_localize_refuses_bad_checkpoint_meta(model, files, tmp_path, meta, msg):
+    paths, _ = files
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, meta=meta)
+    args = _parser().parse_args(["localize", "--checkpoint", str(ckpt), paths[0], "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=msg) as info:
+        args.func(args)
+    assert str(ckpt) in str(info.value)
+
+
+def test_registering_the_subcommand_does_not_import_torch():
+    code = ("import argparse, sys\n"
+            "from mnpo.engine.localize import add_localize_parser\n"
+            "add_localize_parser(argparse.ArgumentParser().add_subparsers())\n"
+            "assert 'torch' not in sys.modules and 'cv2' not in sys.modules, 'heavy import'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resolve_device():
+    from mnpo.engine.localize import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
