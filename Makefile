@@ -23,8 +23,8 @@ test: $(STAMP)
 
 # The demo (mnpo demo): a synthetic 'parts' set, a reduced-width MNPO trained on the CPU,
 # CAM vs MNPO vs MNPOs under both protocols (report.md, gallery.png); then the same
-# checkpoint through `mnpo evaluate` (maps saved in wsolevaluation's layout) and those maps
-# through `mnpo evaluate-maps`.
+# checkpoint through `mnpo evaluate` (maps saved in wsolevaluation's layout), those maps
+# through `mnpo evaluate-maps`, and `mnpo localize` on a few test images.
 DEMO_DATA := $(DEMO_DIR)/parts
 demo: $(STAMP)
 	$(VENV)/bin/mnpo demo --out $(DEMO_DIR)
@@ -32,6 +32,8 @@ demo: $(STAMP)
 	  --metadata $(DEMO_DATA)/metadata/test --val-metadata $(DEMO_DATA)/metadata/val --input-size 64 \
 	  --method mnpos --workers 0 --save-maps $(DEMO_DIR)/maps/mnpos --json $(DEMO_DIR)/evaluate-mnpos.json
 	$(VENV)/bin/mnpo evaluate-maps -q --maps $(DEMO_DIR)/maps/mnpos --metadata $(DEMO_DATA)/metadata/test
+	$(VENV)/bin/mnpo localize --checkpoint $(DEMO_DIR)/run/best.pt --input-size 64 --method mnpos \
+	  --out $(DEMO_DIR)/localize $(DEMO_DATA)/images/test/*/*_0000.png
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

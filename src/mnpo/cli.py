@@ -233,6 +233,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev2.set_defaults(func=_cmd_evaluate)
 
+    from mnpo.engine.localize import add_localize_parser
+
+    add_localize_parser(sub)
+
     demo = sub.add_parser(
         "demo",
         help="synthetic data, CPU training, CAM vs MNPO vs MNPOs, a report (a few minutes)",

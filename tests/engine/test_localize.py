@@ -119,16 +119,21 @@ def test_map_and_box_come_from_the_224_view_of_the_top_class(model, report, file
         scoremap = maps[0].numpy()
         w, h = image.size
         (bx0, by0, bx1, by1), = predicted_boxes(scoremap, 0.3)
-        assert result.box == (bx0 * w // 224, by0 * h // 224, bx1 * w // 224, by1 * h // 224)
+        assert result.box == box_to_image((bx0, by0, bx1, by1), w, h)
         full = cv2.resize(scoremap, (w, h), interpolation=cv2.INTER_LINEAR)
         assert np.allclose(result.scoremap, full, atol=1e-6)
 
 
 def test_box_to_image_by_hand():
-    # x: 0 -> 0, 223 * 448 / 224 = 446; y: 10 * 100 / 224 = 4.46 -> 4, 111 * 100 / 224 = 49.6 -> 49.
-    assert box_to_image([0, 10, 223, 111], 448, 100) == (0, 4, 446, 49)
-    # Shrinking: 223 * 10 / 224 = 9.96 -> 9 (the last column).
+    # x0: 0 -> 0; x1 = 223 covers [446, 448) -> 447 (the last column); y0: 10 * 100 / 224 = 4.46 -> 4;
+    # y1 = 111 ends at 112 * 100 / 224 = 50 -> 49.
+    assert box_to_image([0, 10, 223, 111], 448, 100) == (0, 4, 447, 49)
+    # The full frame maps onto the full image.
+    assert box_to_image([0, 0, 223, 223], 448, 100) == (0, 0, 447, 99)
+    # Shrinking: 112 * 10 / 224 = 5; 224 * 10 / 224 - 1 = 9 (the last column).
     assert box_to_image([112, 0, 223, 223], 10, 5) == (5, 0, 9, 4)
+    # One frame pixel shrunk below one image pixel keeps a one-pixel box.
+    assert box_to_image([100, 100, 100, 100], 10, 10) == (4, 4, 4, 4)
     # Clipped to the image when a coordinate would fall beyond it.
     assert box_to_image([0, 0, 224, 224], 7, 3) == (0, 0, 6, 2)
 
@@ -263,7 +268,7 @@ def test_parser_defaults_and_help():
     sub = add_localize_parser(argparse.ArgumentParser().add_subparsers())
     helps = {a.dest: a.help for a in sub._actions}
     assert set(helps) == {"help", "checkpoint", "images", "out", "method", "threshold", "topk", "batch_size",
-                          "device", "no_overlays", "save_maps"}
+                          "device", "no_overlays", "save_maps", "input_size"}
     assert all(text and len(text) > 20 for text in helps.values())
     assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
     assert sub.description and "localization.json" in sub.description
@@ -334,7 +339,7 @@ def test_registering_the_subcommand_does_not_import_torch():
 
 
 def test_resolve_device():
-    from mnpo.engine.localize import resolve_device
+    from mnpo.engine.runtime import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():

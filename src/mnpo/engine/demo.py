@@ -23,6 +23,7 @@ from mnpo.data.transforms import load_image
 from mnpo.engine.config import config_from_dict
 from mnpo.engine.evaluate import evaluate_model, resize_for
 from mnpo.engine.evaluate_maps import EVAL_SIZE, build_report
+from mnpo.engine.localize import box_to_image
 from mnpo.engine.overlay import heatmap_overlay, save_gallery
 from mnpo.engine.train import Trainer
 from mnpo.io import atomic_path, write_json_atomic
@@ -138,8 +139,7 @@ def _gallery(path: Path, image_root: Path, dataset: WSOLDataset, shown: list[str
         for image_id in shown:
             image = load_image(image_root / image_id)
             w, h = image.size
-            scale = np.array([w, h, w, h]) / EVAL_SIZE
-            boxes = (predicted_boxes(kept[image_id], threshold) * scale).astype(int)
+            boxes = [box_to_image(b, w, h, EVAL_SIZE) for b in predicted_boxes(kept[image_id], threshold)]
             sw, sh = meta.sizes[image_id] if meta.sizes is not None else image.size
             gt = (np.asarray(meta.boxes[image_id], float) * [w / sw, h / sh, w / sw, h / sh]).astype(int)
             tiles.append(heatmap_overlay(image, kept[image_id], boxes=boxes, gt_boxes=gt))

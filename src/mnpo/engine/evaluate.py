@@ -251,6 +251,7 @@ def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: 
 
     from mnpo.data.metadata import read_split
     from mnpo.data.transforms import load_image
+    from mnpo.engine.localize import box_to_image
     from mnpo.engine.overlay import heatmap_overlay
     from mnpo.metrics.boxes import predicted_boxes
 
@@ -266,8 +267,7 @@ def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: 
             continue
         scoremap = np.load(map_path)
         w, h = image.size
-        scale = np.array([w / EVAL_SIZE, h / EVAL_SIZE, w / EVAL_SIZE, h / EVAL_SIZE])
-        boxes = (predicted_boxes(scoremap, threshold) * scale).astype(int)
+        boxes = [box_to_image(b, w, h, EVAL_SIZE) for b in predicted_boxes(scoremap, threshold)]
         gt = np.zeros((0, 4), int)
         if meta.boxes is not None:  # boxes are in the image_sizes.txt frame; the file may differ
             sw, sh = meta.sizes[image_id] if meta.sizes is not None else image.size

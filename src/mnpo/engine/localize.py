@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_THRESHOLD", "ClassScore", "ImageLocalization", "LocalizeError", "LocalizeReport",
-    "SkippedImage", "add_localize_parser", "box_to_image", "localize_images", "resolve_device",
+    "SkippedImage", "add_localize_parser", "box_to_image", "localize_images",
     "run_localize", "unique_stems", "write_localization",
 ]
 
@@ -115,29 +115,18 @@ class LocalizeReport:
     skipped: list[SkippedImage]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` (CUDA when torch sees it, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use one of {DEVICE_CHOICES}") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return resolved
-
-
 def box_to_image(box: Sequence[int], width: int, height: int, frame: int = VIEW_SIZE) -> tuple[int, int, int, int]:
-    """A box of the ``frame x frame`` map, scaled into a W x H image.
+    """An inclusive box of the ``frame x frame`` map, scaled into a W x H image.
 
-    ``x -> floor(x * W / frame)``, ``y -> floor(y * H / frame)`` (exact integer arithmetic),
-    clipped to ``[0, W - 1]`` and ``[0, H - 1]``.
+    Pixel ``x`` of the frame covers ``[x, x + 1)``, i.e. ``[x W / frame, (x + 1) W / frame)`` of
+    the image: ``x0 -> floor(x0 W / frame)``, ``x1 -> floor((x1 + 1) W / frame) - 1`` (never
+    left of ``x0``), the same for ``y``, clipped to ``[0, W - 1]`` and ``[0, H - 1]``.
     """
-    scaled = (np.asarray(box, np.int64) * np.array([width, height, width, height])) // frame
-    clipped = np.clip(scaled, 0, [width - 1, height - 1, width - 1, height - 1])
+    x0, y0, x1, y1 = (int(v) for v in box)
+    left, top = x0 * width // frame, y0 * height // frame
+    right = max(left, (x1 + 1) * width // frame - 1)
+    bottom = max(top, (y1 + 1) * height // frame - 1)
+    clipped = np.clip([left, top, right, bottom], 0, [width - 1, height - 1, width - 1, height - 1])
     return tuple(int(v) for v in clipped)
 
 
@@ -167,7 +156,7 @@ def _check_class_names(class_names: Sequence[str] | None, num_classes: int, sour
 def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], *, method: str = "mnpo",
                     threshold: float | None = None, topk: int = 5, class_names: Sequence[str] | None = None,
                     map_options: Mapping[str, Any] | None = None, batch_size: int = 16,
-                    device: str | torch.device = "cpu") -> LocalizeReport:
+                    device: str | torch.device = "cpu", input_size: int = VIEW_SIZE) -> LocalizeReport:
     """Classify and localize each image file (see the module doc).
 
     Args:
@@ -180,6 +169,8 @@ def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], 
         map_options: options of ``compute_maps`` (``MapOptions``), except ``size``.
         batch_size: images per localization batch and crops per classification forward.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        input_size: side of the network's views (224, the protocol; the ten crops come from a
+            ``input_size * 256 / 224`` resize); the map is made in the 224 x 224 frame either way.
 
     Raises:
         LocalizeError: none of the images could be read (each is named).
@@ -204,7 +195,9 @@ def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], 
         raise ValueError("map option 'size' is fixed by localize: maps are made at 224 x 224, then resized")
     if model.training:
         raise ValueError("localize_images needs the model in eval mode; call model.eval()")
-    device = resolve_device(device)
+    from mnpo.engine.runtime import resolve_device
+
+    device = resolve_device(str(device))
     model.to(device)
 
     results: list[ImageLocalization] = []
@@ -219,7 +212,7 @@ def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], 
                 skipped.append(SkippedImage(path, err.reason))
         if batch:
             results.extend(_localize_batch(model, batch, method, threshold, topk, class_names,
-                                           map_options, batch_size, device))
+                                           map_options, batch_size, device, input_size))
     if not results:
         listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped)
         raise LocalizeError(f"none of the {len(paths)} images could be read: {listed}")
@@ -239,7 +232,8 @@ def _ten_crop_probabilities(model, crops: torch.Tensor, chunk: int) -> torch.Ten
     return logits.double().view(crops.shape[0], crops.shape[1], -1).mean(1).softmax(1)
 
 
-def _localize_batch(model, batch, method, threshold, topk, class_names, map_options, chunk, device):
+def _localize_batch(model, batch, method, threshold, topk, class_names, map_options, chunk, device,
+                    input_size=VIEW_SIZE):
     """Results for ``batch``, a list of ``(path, PIL RGB image)``: one classification, one map pass."""
     import cv2
     import torch
@@ -250,11 +244,13 @@ def _localize_batch(model, batch, method, threshold, topk, class_names, map_opti
 
     dtype = next(model.parameters()).dtype
     images = [image for _, image in batch]
-    crops = torch.stack([ten_crop(image) for image in images]).to(device, dtype)
+    from mnpo.engine.evaluate import resize_for
+
+    crops = torch.stack([ten_crop(image, resize_for(input_size), input_size) for image in images]).to(device, dtype)
     top_p, top_i = _ten_crop_probabilities(model, crops, chunk).topk(topk, dim=1)
-    view = localization_transform(VIEW_SIZE)
+    view = localization_transform(input_size)
     views = torch.stack([view(image) for image in images]).to(device, dtype)
-    maps, _ = compute_maps(model, views, top_i[:, 0], method=method, **map_options)
+    maps, _ = compute_maps(model, views, top_i[:, 0], method=method, size=(VIEW_SIZE, VIEW_SIZE), **map_options)
     maps = maps.cpu().numpy()
     results = []
     for (path, image), scoremap, probs, indices in zip(batch, maps, top_p.tolist(), top_i.tolist()):
@@ -381,6 +377,8 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         help="classes to report per image, at most the class count (default: 5)")
     parser.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                         help="images per map batch and crops per classification forward (default: 16)")
+    parser.add_argument("--input-size", type=_positive_int, default=VIEW_SIZE, metavar="PX",
+                        help="network input side (default: 224, the protocol; the demo's models use 64)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="where the network runs; auto takes CUDA when available (default: auto)")
     parser.add_argument("--no-overlays", action="store_true",
@@ -422,7 +420,8 @@ def run_localize(args: argparse.Namespace) -> int:
         threshold = meta_threshold
         log.info("threshold %s: the checkpoint's operating_threshold", threshold)
     report = localize_images(model, args.images, method=args.method, threshold=threshold, topk=args.topk,
-                             class_names=class_names, batch_size=args.batch_size, device=args.device)
+                             class_names=class_names, batch_size=args.batch_size, device=args.device,
+                             input_size=args.input_size)
     path = write_localization(report, args.out, overlays=not args.no_overlays, save_maps=args.save_maps)
     for result in report.images:
         print(_summary(result))
