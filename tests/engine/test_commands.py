@@ -88,3 +88,27 @@ def test_demo_writes_report_table_and_gallery(tmp_path):
     with Image.open(tmp_path / "gallery.png") as gallery:  # 2 images x 3 methods, captions below
         assert gallery.size == (2 * 160, 3 * (160 + caption_height()))
     assert json.loads((tmp_path / "report.json").read_text())["methods"].keys() == summary["methods"].keys()
+
+
+def test_evaluate_skips_an_unreadable_image_and_reports_it(trained, tmp_path, capsys):
+    import shutil
+
+    root, data = trained
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    broken = sorted((copy / "images" / "test").rglob("*.png"))[0]
+    broken.write_bytes(b"\x89PNG truncated")
+    assert main(["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(copy / "images"),
+                 "--metadata", str(copy / "metadata" / "test"), "--input-size", "48", "--workers", "0",
+                 "--method", "cam", "--json", str(tmp_path / "r.json")]) == 0
+    assert "8 images (1 unreadable, skipped)" in capsys.readouterr().out
+    info = json.loads((tmp_path / "r.json").read_text())["info"]
+    assert info["num_images"] == 8 and info["skipped_images"] == [str(broken.relative_to(copy / "images"))]
+
+
+def test_python_dash_m_mnpo_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mnpo", "--help"], capture_output=True, text=True, check=True)
+    assert "localize" in done.stdout and "train" in done.stdout

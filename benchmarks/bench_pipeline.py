@@ -1,0 +1,171 @@
+"""End-to-end throughput: `mnpo evaluate` per method, a training epoch of the released layout,
+the same for a plain torchvision VGG16 (the ratio baseline), and peak GPU memory.
+
+Data: synthetic JPEGs (default 500x375, like ILSVRC photos) in the wsolevaluation layout with
+``--classes`` classes, written once to ``--data`` (reused when present). Everything runs in one
+process on whatever device is present, at a size that fills it (``--batch``).
+
+    python benchmarks/bench_pipeline.py [--device auto] [--images 512] [--batch 64] [--workers 8]
+        [--classes 1000] [--precision auto] [--methods cam,mnpo,mnpos] [--data /tmp/mnpo-bench]
+
+Prints a markdown table (device, versions, images/s, ratios, peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from mnpo.data.dataset import WSOLDataset
+from mnpo.data.metadata import SplitMetadata, write_split
+from mnpo.engine.evaluate import evaluate_model
+from mnpo.engine.runtime import autocast, resolve_device, resolve_precision
+from mnpo.engine.train import wsol_loss
+from mnpo.metrics.boxes import cam_thresholds
+from mnpo.models import build_model
+
+
+def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> None:
+    """Synthetic JPEG photos with one box each, for ``train`` and ``test`` (same images)."""
+    if (root / "metadata" / "test" / "image_ids.txt").is_file():
+        return
+    rng = np.random.default_rng(0)
+    ids, labels, sizes, boxes = [], {}, {}, {}
+    w, h = size
+    for i in range(images):
+        image_id = f"img/{i:06d}.jpg"
+        path = root / "images" / image_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        noise = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((w, h), Image.BILINEAR).save(path, quality=90)
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        ids.append(image_id)
+        labels[image_id] = int(rng.integers(0, classes))
+        sizes[image_id] = (w, h)
+        boxes[image_id] = np.array([[x0, y0, x0 + w // 3, y0 + h // 3]])
+    meta = SplitMetadata(image_ids=tuple(ids), labels=labels, sizes=sizes, boxes=boxes)
+    for split in ("train", "val", "test"):
+        write_split(root / "metadata" / split, meta)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device) -> str:
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
+
+
+def train_throughput(model, loader, device, precision, steps, loss_fn) -> float:
+    """Images/s over ``steps`` SGD (Nesterov) steps after 3 warm-up steps, cycling the loader."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def batches():
+        while True:
+            yield from loader
+
+    seen, start = 0, 0.0
+    for step, batch in enumerate(batches()):
+        if step == 3:
+            sync(device)
+            start, seen = time.perf_counter(), 0
+        if step == 3 + steps:
+            break
+        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = loss_fn(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(labels)
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", default="/tmp/mnpo-bench")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--methods", default="cam,mnpo,mnpos")
+    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--width", type=float, default=1.0, help="MNPO width multiplier (smoke runs on a CPU)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    root = Path(args.data)
+    write_data(root, args.images, args.classes, (500, 375))
+    print(f"device: {device_name(device)}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"Python {platform.python_version()}; precision {precision}, channels-last")
+    print(f"data: {args.images} synthetic 500x375 JPEGs, {args.classes} classes, batch {args.batch}, "
+          f"{args.workers} loader workers; MNPO width {args.width}\n")
+    print("| job | images/s | ratio | peak GPU GiB |\n|---|---:|---:|---:|")
+
+    model = build_model("vgg16-mnpo", args.classes, pretrained=None, width=args.width).to(device)
+    model = model.to(memory_format=torch.channels_last).eval()
+    test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate")
+    rows = []
+    for method in args.methods.split(","):
+        peak_reset(device)
+        evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
+                       precision=precision, batch_size=args.batch, workers=args.workers)  # warm-up pass
+        sync(device)
+        start = time.perf_counter()
+        evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
+                       precision=precision, batch_size=args.batch, workers=args.workers)
+        sync(device)
+        rate = len(test) / (time.perf_counter() - start)
+        rows.append((f"`mnpo evaluate`, {method} (ten-crop + maps + box metrics)", rate, None, peak(device)))
+
+    train = WSOLDataset(root / "images", root / "metadata" / "train", "train")
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=args.workers > 0)
+    peak_reset(device)
+    plain = torchvision.models.vgg16(num_classes=args.classes).to(device).to(memory_format=torch.channels_last)
+    plain_rate = train_throughput(plain, loader, device, precision, args.train_steps,
+                                  lambda out, y: torch.nn.functional.cross_entropy(out.float(), y))
+    plain_peak = peak(device)
+    del plain
+    peak_reset(device)
+    model = build_model("vgg16-mnpo", args.classes, pretrained=None, width=args.width)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    mnpo_rate = train_throughput(model, loader, device, precision, args.train_steps,
+                                 lambda out, y: wsol_loss(out.logits, y))
+    rows.append(("training, released MNPO VGG16 layout", mnpo_rate, mnpo_rate / plain_rate, peak(device)))
+    rows.append(("training, plain torchvision VGG16", plain_rate, 1.0, plain_peak))
+    for name, rate, ratio, mem in rows:
+        print(f"| {name} | {rate:.1f} | {'-' if ratio is None else f'{ratio:.2f}'} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
