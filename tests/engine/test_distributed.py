@@ -51,6 +51,9 @@ def worker(rank, world, port, data, out, job):
                             "multi": torch.from_numpy(result.curves.multi),
                             "top1": torch.from_numpy(result.curves.top1),
                             "n": result.num_images, "cls": (result.top1_correct, result.top5_correct)}, out)
+        elif job == "train-no-bn":
+            trainer = Trainer(config_from_dict(train_config(data, out, no_bn_layout(out.parent))), progress=False)
+            trainer.fit()
         else:
             trainer = Trainer(config_from_dict(train_config(data, out)), progress=False)
             trainer.fit()
@@ -60,11 +63,21 @@ def worker(rank, world, port, data, out, job):
             torch.distributed.destroy_process_group()
 
 
-def train_config(data, out):
+def no_bn_layout(folder):
+    """Two branches without BatchNorm: batch statistics cannot differ between 1 and 2 processes."""
+    path = folder / "no-bn.yaml"
+    path.write_text(
+        "backbone: vgg16\nwidth: 0.0625\nbranches:\n"
+        "  - {name: main, blocks: [{name: head, kind: conv3x3_relu, inputs: [conv5_3], out_channels: 1024}]}\n"
+        "  - {name: side, blocks: [{name: a, kind: conv3x3_relu, inputs: [conv5_1], out_channels: 1024}]}\n")
+    return str(path)
+
+
+def train_config(data, out, layout="vgg16-mnpo"):
     return {
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
                  "resize_size": 55, "crop_size": 48},
-        "model": {"width": 0.0625, "pretrained": None},
+        "model": {"layout": layout, "width": 0.0625, "pretrained": None},
         "optim": {"epochs": 1, "batch_size": 6, "lr": 0.01},
         "eval": {"method": "mnpo", "batch_size": 4},
         "runtime": {"out": str(out), "device": "cpu", "channels_last": False},
@@ -106,3 +119,23 @@ def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
         if "running" not in key and "num_batches" not in key:  # (BatchNorm statistics stay per process on CPU)
             assert torch.equal(value, ranks[1][key]), key
         assert torch.equal(value, model.state_dict()[key]) or "running" in key, key  # ... and rank 0 saved its own
+
+
+def test_distributed_training_equals_a_single_process_without_batchnorm(data, tmp_path):
+    """With BatchNorm out of the way (its batch statistics are per process on the CPU; GPUs use
+    SyncBatchNorm), two processes of batch 3 train exactly what one process of batch 6 does."""
+    single_out, ddp_out = tmp_path / "single" / "run", tmp_path / "ddp" / "run"
+    single_out.parent.mkdir()
+    ddp_out.parent.mkdir()
+    Trainer(config_from_dict(train_config(data, single_out, no_bn_layout(single_out.parent))), progress=False).fit()
+    mp.spawn(worker, args=(2, free_port(), data, ddp_out, "train-no-bn"), nprocs=2, join=True)
+    single, _ = load_model(single_out / "last.pt")
+    ddp, _ = load_model(ddp_out / "last.pt")
+    for (key, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+    import csv
+
+    rows = [next(csv.DictReader(open(p / "metrics.csv", newline=""))) for p in (single_out, ddp_out)]
+    for key in ("train_images", "val_max_box_acc", "val_top1_cls"):
+        assert rows[0][key] == rows[1][key], key
+    assert float(rows[0]["train_loss"]) == pytest.approx(float(rows[1]["train_loss"]), rel=1e-5)

@@ -5,8 +5,10 @@ The run folder (``runtime.out``) holds ``config.yaml``, ``metrics.csv`` (one row
 ``tensorboard/`` (when the ``tensorboard`` package is installed), ``last.pt`` (written after
 every epoch, with the optimizer, scheduler and RNG states) and ``best.pt`` (the epoch with the
 best ``eval.metric`` on val). ``resume=True`` continues from ``last.pt``: every epoch draws its
-data order and augmentations from ``(seed, epoch)``, so a resumed run ends with the same
-weights as one never interrupted (on the CPU; GPU kernels may not be deterministic).
+data order from ``(seed, epoch)`` and each image's augmentation from ``(seed, epoch, index)``,
+so a resumed run ends with the same weights as one never interrupted, with any number of
+loader workers (on the CPU; GPU kernels may not be deterministic), and W data-parallel
+processes see exactly the batches of one process.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.metadata import read_split
@@ -163,22 +165,21 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------
 
     def _loader(self, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.runtime.seed * 100003 + epoch)
-        dataset = SkipUnreadable(self.train_set)
-        if self.ctx.enabled:
-            sampler = DistributedSampler(dataset, self.ctx.world, self.ctx.rank, shuffle=True,
-                                         seed=self.cfg.runtime.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=generator)
+        """The epoch's batches. The order is ``randperm(n)`` seeded by ``(seed, epoch)`` and every
+        image's augmentation is seeded by ``(seed, epoch, index)``; rank ``r`` of ``W`` takes
+        ``perm[r::W]``, so the W ranks' k-th batches together are exactly the k-th batch a single
+        process draws (with ``W`` times the per-rank batch)."""
+        epoch_seed = self.cfg.runtime.seed * 100003 + epoch
+        dataset = SkipUnreadable(self.train_set, seed=epoch_seed)
+        sampler = DistributedSampler(dataset, self.ctx.world, self.ctx.rank, shuffle=True,
+                                     seed=self.cfg.runtime.seed, drop_last=True)
+        sampler.set_epoch(epoch)
         return DataLoader(dataset, batch_size=self.cfg.optim.batch_size // self.ctx.world, sampler=sampler,
                           num_workers=self.cfg.data.workers, collate_fn=collate_skipping(torch.utils.data.default_collate),
-                          generator=generator, pin_memory=self.device.type == "cuda", drop_last=False,
-                          persistent_workers=False)
+                          pin_memory=self.device.type == "cuda", drop_last=False, persistent_workers=False)
 
     def train_epoch(self, epoch: int) -> EpochStats:
         self.train_model.train()
-        torch.manual_seed(self.cfg.runtime.seed * 100003 + epoch)  # augmentations in the main process
         loader = self._loader(epoch)
         total_loss = correct = seen = skipped = 0
         start = time.perf_counter()
