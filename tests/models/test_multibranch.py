@@ -156,3 +156,14 @@ def test_forward_reference_to_later_branch_is_rejected():
 def test_branch_without_blocks_needs_output():
     with pytest.raises(LayoutError, match="no blocks and no output"):
         BranchLayout("main")
+
+
+def test_one_branch_cam_layout_is_the_released_main_branch():
+    from mnpo.models.multibranch import vgg16_cam_layout
+
+    one = MultiBranchNet(vgg16_cam_layout(1 / 8), num_classes=5)
+    two = MultiBranchNet(released_vgg16_layout(1 / 8), num_classes=5)
+    assert [b.name for b in one.layout.branches] == ["main"]
+    two_keys = set(two.state_dict())
+    assert set(one.state_dict()) == {k for k in two_keys if not k.startswith("branches.parallel.")}
+    assert len(one(torch.randn(1, 3, 32, 32)).logits) == 1

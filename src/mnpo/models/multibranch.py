@@ -286,7 +286,14 @@ def resnet50_layout(width: float = 1.0) -> NetworkLayout:
     return NetworkLayout("resnet50", (BranchLayout("main", (), output="layer4"), parallel), width)
 
 
+def vgg16_cam_layout(width: float = 1.0) -> NetworkLayout:
+    """The main branch alone (VGG16 + 3x3 conv to 1024 + GAP + FC): the one-branch baseline of the
+    ablation, a plain CAM network."""
+    return NetworkLayout("vgg16", (_head_branch(),), width)
+
+
 LAYOUTS = {
+    "vgg16-cam": vgg16_cam_layout,
     "vgg16-mnpo": released_vgg16_layout,
     "vgg16-mnpo-3branch": three_branch_vgg16_layout,
     "resnet50-mnpo": resnet50_layout,

@@ -1,0 +1,155 @@
+"""The synthetic study: does MNPO localize the whole object where CAM finds only the part?
+
+For each preset (``parts``: the class is only a small mark on a shared body; ``shapes``: the
+class is the object's own shape), train from scratch
+
+* the released two-branch VGG16 layout (``vgg16-mnpo``), and
+* its main branch alone (``vgg16-cam``, the one-branch ablation),
+
+then evaluate on the test split, thresholds calibrated on val and oracle:
+
+* two-branch: CAM, Grad-CAM, DGL, MNPO, MNPOs, and the ablations MNPO with H off
+  (``a = b``) and MNPOs with H off;
+* one-branch: CAM, MNPO (= H on a single branch), DGL (= MNPOs' gradient post-processing on
+  one branch, H off) and DGL with H on.
+
+    python benchmarks/study.py [--presets parts,shapes] [--image-size 224] [--classes 8]
+        [--train-per-class 200] [--epochs 30] [--batch 64] [--width 1.0] [--device auto]
+        [--out study-output]
+
+Writes ``OUT/study.md`` (the table) and ``OUT/study.json``. Meant for a GPU at 224 px; on a
+CPU, shrink it (``--image-size 64 --width 0.125 --train-per-class 40 --epochs 5``) to check it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mnpo.data.dataset import WSOLDataset
+from mnpo.data.synthetic import write_synthetic_dataset
+from mnpo.engine.config import config_from_dict
+from mnpo.engine.evaluate import evaluate_model, resize_for
+from mnpo.engine.evaluate_maps import build_report
+from mnpo.engine.runtime import resolve_device, resolve_precision
+from mnpo.engine.train import Trainer
+from mnpo.metrics.boxes import cam_thresholds
+from mnpo.models import load_model
+
+#: (row label, method, map options) per model
+EVALUATIONS = {
+    "vgg16-mnpo": [
+        ("CAM", "cam", {}),
+        ("Grad-CAM", "gradcam", {}),
+        ("DGL", "dgl", {}),
+        ("MNPO", "mnpo", {}),
+        ("MNPO, H off", "mnpo", {"a": 1.0, "b": 1.0}),
+        ("MNPOs", "mnpos", {}),
+        ("MNPOs, H off", "mnpos", {"a": 1.0, "b": 1.0}),
+    ],
+    "vgg16-cam": [
+        ("CAM", "cam", {}),
+        ("MNPO (H on one branch)", "mnpo", {}),
+        ("DGL", "dgl", {}),
+        ("DGL, H on", "dgl", {"a": 8.0, "b": 4.0}),
+    ],
+}
+
+
+def train(data: Path, out: Path, layout: str, args) -> Path:
+    cfg = config_from_dict({
+        "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": args.workers,
+                 "resize_size": resize_for(args.image_size), "crop_size": args.image_size},
+        "model": {"layout": layout, "width": args.width, "pretrained": None},
+        "optim": {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
+                  "lr_milestones": [max(1, args.epochs * 3 // 4)]},
+        "eval": {"method": "cam", "metric": "top1_cls", "batch_size": args.batch},
+        "runtime": {"out": str(out), "device": args.device, "seed": args.seed},
+    }, source="study")
+    Trainer(cfg, progress=not args.quiet).fit()
+    return out / "best.pt"
+
+
+def evaluate(checkpoint: Path, data: Path, rows, args) -> list[dict]:
+    device = resolve_device(args.device)
+    precision = resolve_precision("fp32" if args.fp32_maps else "auto", device)
+    model, _ = load_model(checkpoint)
+    model.to(device)
+    kwargs = dict(crop_size=args.image_size, resize_size=resize_for(args.image_size))
+    val = WSOLDataset(data / "images", data / "metadata" / "val", "evaluate", **kwargs)
+    test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs)
+    results = []
+    for label, method, options in rows:
+        common = dict(thresholds=cam_thresholds(0.01), method=method, map_options=options, device=device,
+                      precision=precision, batch_size=args.batch, workers=args.workers)
+        v, t = evaluate_model(model, val, **common), evaluate_model(model, test, **common)
+        report = build_report(t.curves, v.curves, {})
+        results.append({"label": label, "method": method, "options": options, "top1_cls": t.classification["top1_cls"],
+                        **{f"{p}_{k}": getattr(report, p)[k].value
+                           for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")}})
+    return results
+
+
+def table(all_results: dict) -> str:
+    lines = ["| preset | model | maps | top-1 cls | GT-known Loc cal. / oracle | Top-1 Loc cal. / oracle "
+             "| MaxBoxAccV2 cal. / oracle |", "|---|---|---|---:|---:|---:|---:|"]
+    for (preset, layout), results in all_results.items():
+        for r in results:
+            lines.append(
+                f"| {preset} | {layout} | {r['label']} | {r['top1_cls']:.1f} | "
+                f"{r['calibrated_gt_known_loc']:.1f} / {r['oracle_gt_known_loc']:.1f} | "
+                f"{r['calibrated_top1_loc']:.1f} / {r['oracle_top1_loc']:.1f} | "
+                f"{r['calibrated_max_box_acc_v2']:.1f} / {r['oracle_max_box_acc_v2']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="parts,shapes")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--train-per-class", type=int, default=200)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32-maps", action="store_true", help="maps in fp32 even where bf16 is available")
+    parser.add_argument("--out", default="study-output")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    start = time.perf_counter()
+    all_results = {}
+    for preset in args.presets.split(","):
+        data = out / preset
+        write_synthetic_dataset(out=data, preset=preset, seed=args.seed, image_size=args.image_size,
+                                num_classes=args.classes, train_per_class=args.train_per_class,
+                                val_per_class=args.val_per_class, test_per_class=args.test_per_class)
+        for layout, rows in EVALUATIONS.items():
+            checkpoint = train(data, out / f"{preset}-{layout}", layout, args)
+            all_results[(preset, layout)] = evaluate(checkpoint, data, rows, args)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (f"device: {name}; torch {torch.__version__}, Python {platform.python_version()}; "
+              f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
+              f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, seed {args.seed}; "
+              f"{time.perf_counter() - start:.0f} s")
+    text = f"{header}\n\n{table(all_results)}\n"
+    (out / "study.md").write_text(text)
+    (out / "study.json").write_text(json.dumps({"settings": vars(args), "header": header, "results": {
+        f"{p}/{l}": r for (p, l), r in all_results.items()}}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The benchmark and study scripts run (at toy sizes), so they work when a GPU session comes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script, *args):
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_maps_prints_every_method():
+    out = run("bench_maps.py", "--device", "cpu", "--batch", "2", "--size", "64", "--width", "0.0625",
+              "--classes", "10", "--repeats", "1")
+    for job in ("forward", "cam", "mnpo", "mnpos", "gradcam", "dgl", "mnpos, released recipe"):
+        assert f"| {job} |" in out
+
+
+@pytest.mark.slow
+def test_bench_pipeline_prints_the_table(tmp_path):
+    out = run("bench_pipeline.py", "--device", "cpu", "--images", "8", "--classes", "5", "--batch", "2",
+              "--workers", "0", "--methods", "mnpos", "--train-steps", "1", "--width", "0.0625",
+              "--data", str(tmp_path / "data"))
+    assert "`mnpo evaluate`, mnpos" in out and "training, plain torchvision VGG16 | " in out
+
+
+def test_study_writes_its_table(tmp_path):
+    out = run("study.py", "--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
+              "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+              "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "-q")
+    table = (tmp_path / "study.md").read_text()
+    assert table.strip() == out.strip()
+    assert table.count("| parts | vgg16-mnpo |") == 7 and table.count("| parts | vgg16-cam |") == 4
