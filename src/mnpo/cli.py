@@ -96,7 +96,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         method=args.method, map_options=_map_options(args), cam_curve_interval=args.cam_curve_interval,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         ten_crop=not args.no_ten_crop, save_maps=args.save_maps, save_overlays=args.save_overlays,
-        input_size=args.input_size, progress=not args.quiet,
+        input_size=args.input_size, map_precision=args.map_precision, progress=not args.quiet,
     )
     cls = report.info["classification"]
     print(f"method {args.method}, {report.info['num_images']} images"
@@ -223,7 +223,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--workers", type=int, default=4, help="data loader processes (default 4)")
     ev2.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ev2.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                     help="auto: bf16 on a GPU that has it, else fp32")
+                     help="of the ten-crop classification; auto: bf16 on a GPU that has it, else fp32")
+    ev2.add_argument("--map-precision", default="fp32", choices=("fp32", "bf16"),
+                     help="of the maps (default fp32: bf16 moves normalized maps by 1e-2 to 4e-2)")
     ev2.add_argument("--no-ten-crop", action="store_true", help="classify from the 224x224 view instead")
     ev2.add_argument("--input-size", type=int, default=224,
                      help="network input side (default 224, the protocol; ten crops from 256/224 of it)")

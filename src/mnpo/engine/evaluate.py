@@ -11,6 +11,7 @@ so the numbers equal a single-process run.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -131,14 +132,17 @@ def _sum_curves(curves: BoxCurves | MaskCurves, ctx: DistContext) -> BoxCurves |
 
 def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: np.ndarray, method: str = "mnpos",
                    map_options: Mapping[str, Any] | None = None, device: torch.device = torch.device("cpu"),
-                   precision: str = "fp32", batch_size: int = 64, workers: int = 0, ten_crop: bool = True,
-                   ctx: DistContext = DistContext(), save_maps: str | Path | None = None,
+                   precision: str = "fp32", map_precision: str = "fp32", batch_size: int = 64, workers: int = 0,
+                   ten_crop: bool = True, ctx: DistContext = DistContext(), save_maps: str | Path | None = None,
                    on_batch=None, progress: bool = False, metric_workers: int | None = None) -> SplitResult:
     """Evaluate ``model`` (eval mode) on an ``evaluate``-mode data set.
 
+    precision: of the classification pass (``fp32`` or ``bf16`` autocast). map_precision: of the
+    map pass; fp32 by default because bf16 moves normalized maps by 1e-2 to 4e-2 (README).
     ten_crop: classify from the ten-crop average (the protocol) or from the 224 view (faster,
     used for per-epoch validation). save_maps: write each 224x224 map as ``DIR/<image_id>.npy``.
-    on_batch: called with ``(batch, maps)`` (e.g. to draw overlays).
+    on_batch: called with ``(batch, maps)`` (e.g. to draw overlays). The box / mask metrics of a
+    batch run in a background thread while the network works on the next one.
     """
     if dataset.mode != "evaluate":
         raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
@@ -147,33 +151,37 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
                         num_workers=workers, collate_fn=collate_skipping(collate_evaluation),
                         pin_memory=device.type == "cuda")
     evaluator = _evaluator(dataset, thresholds, metric_workers)
+    options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(map_options or {})}  # the protocol's frame
     top1 = top5 = seen = 0
     skipped: list[str] = []
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
         bar = tqdm(total=len(loader.sampler), desc="evaluate", unit="img", dynamic_ncols=True)
-    with evaluator:
+    pending = None  # the previous batch's metric update, running beside this batch's network work
+    with evaluator, ThreadPoolExecutor(max_workers=1) as background:
         for batch in loader:
             skipped += batch["skipped"]
             if "image" not in batch:
                 continue
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device)
-            with autocast(device, precision):
-                options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(map_options or {})}  # the protocol's frame
+            with autocast(device, map_precision):
                 maps, logits = compute_maps(model, images, labels, method=method, **options)
-                if ten_crop:
-                    crops = batch["ten_crop"].to(device, non_blocking=True)
-                    with torch.inference_mode():
-                        crop_logits = model(crops.flatten(0, 1)).logits[0].float()
-                    logits = crop_logits.view(len(labels), -1, crop_logits.shape[-1]).mean(1)
+            if ten_crop:
+                crops = batch["ten_crop"].to(device, non_blocking=True)
+                with autocast(device, precision), torch.inference_mode():
+                    crop_logits = model(crops.flatten(0, 1)).logits[0].float()
+                logits = crop_logits.view(len(labels), -1, crop_logits.shape[-1]).mean(1)
             ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
             top1 += int((ranks < 1).sum())
             top5 += int((ranks < 5).sum())
             seen += len(labels)
             maps_np = maps.cpu().numpy()
-            evaluator.update(maps_np, batch["image_id"], logits.cpu().numpy() if dataset.meta.kind == "box" else None)
+            logits_np = logits.cpu().numpy() if dataset.meta.kind == "box" else None
+            if pending is not None:
+                pending.result()  # at most one update in flight; re-raises its errors here
+            pending = background.submit(evaluator.update, maps_np, list(batch["image_id"]), logits_np)
             if save_maps is not None:
                 for image_id, scoremap in zip(batch["image_id"], maps_np):
                     target = Path(save_maps) / f"{image_id}.npy"
@@ -183,6 +191,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
                 on_batch(batch, maps_np)
             if bar is not None:
                 bar.update(len(labels) + len(batch["skipped"]))
+        if pending is not None:
+            pending.result()
     if bar is not None:
         bar.close()
     curves = _sum_curves(evaluator.compute(), ctx)
@@ -200,7 +210,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         cam_curve_interval: float = 0.01, batch_size: int = 64, workers: int = 4,
                         device: str = "auto", precision: str = "auto", ten_crop: bool = True,
                         save_maps: str | Path | None = None, save_overlays: str | Path | None = None,
-                        input_size: int = EVAL_SIZE, progress: bool = True):
+                        input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
 
     ``input_size``: side of the network's input views (the protocol's 224; a model trained at
@@ -225,14 +235,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
                               crop_size=input_size, resize_size=resize_for(input_size))
         return evaluate_model(model, dataset, thresholds=thresholds, method=method, map_options=map_options,
-                              device=dev, precision=prec, batch_size=batch_size, workers=workers,
+                              device=dev, precision=prec, map_precision=map_precision,
+                              batch_size=batch_size, workers=workers,
                               ten_crop=ten_crop, ctx=ctx, save_maps=maps_to, progress=progress)
 
     test = split(metadata, maps_dir)
     val = None if val_metadata is None else split(val_metadata, None)
     info = {
         "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
-        "map_options": dict(map_options or {}), "precision": prec, "num_images": test.num_images,
+        "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_precision,
+        "num_images": test.num_images,
         "skipped_images": test.skipped, "classification": test.classification,
         "classification_view": "ten-crop" if ten_crop else "224x224",
         "cam_curve_interval": cam_curve_interval,
