@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--methods", default="cam,mnpo,mnpos")
+    parser.add_argument("--map-precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--width", type=float, default=1.0, help="MNPO width multiplier (smoke runs on a CPU)")
     args = parser.parse_args()
@@ -125,7 +126,7 @@ def main() -> None:
     root = Path(args.data)
     write_data(root, args.images, args.classes, (500, 375))
     print(f"device: {device_name(device)}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"Python {platform.python_version()}; precision {precision}, channels-last")
+          f"Python {platform.python_version()}; precision {precision} (maps {args.map_precision}), channels-last")
     print(f"data: {args.images} synthetic 500x375 JPEGs, {args.classes} classes, batch {args.batch}, "
           f"{args.workers} loader workers; MNPO width {args.width}\n")
     print("| job | images/s | ratio | peak GPU GiB |\n|---|---:|---:|---:|")
@@ -137,11 +138,13 @@ def main() -> None:
     for method in args.methods.split(","):
         peak_reset(device)
         evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
-                       precision=precision, batch_size=args.batch, workers=args.workers)  # warm-up pass
+                       precision=precision, map_precision=args.map_precision, batch_size=args.batch,
+                       workers=args.workers)  # warm-up pass
         sync(device)
         start = time.perf_counter()
         evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
-                       precision=precision, batch_size=args.batch, workers=args.workers)
+                       precision=precision, map_precision=args.map_precision, batch_size=args.batch,
+                       workers=args.workers)
         sync(device)
         rate = len(test) / (time.perf_counter() - start)
         rows.append((f"`mnpo evaluate`, {method} (ten-crop + maps + box metrics)", rate, None, peak(device)))
