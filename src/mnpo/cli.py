@@ -70,7 +70,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mnpo.engine.config import load_config
     from mnpo.engine.train import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.pretrained is not None:
+        overrides.append(f"model.pretrained={args.pretrained}")
+    cfg = load_config(args.config, overrides)
     result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
     if result:
         print(f"done: {cfg.runtime.out} (last epoch {result['epoch']}, val {cfg.eval.metric} "
@@ -192,6 +195,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="YAML config file")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides by dotted key")
     tr.add_argument("--resume", action="store_true", help="continue from runtime.out/last.pt")
+    tr.add_argument("--pretrained", metavar="SOURCE",
+                    help="backbone weights: 'imagenet' (torchvision's weights API, downloads once) or a local "
+                    ".pth state dict for machines without internet; same as model.pretrained=SOURCE")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 

@@ -112,3 +112,21 @@ def test_python_dash_m_mnpo_runs_the_cli():
 
     done = subprocess.run([sys.executable, "-m", "mnpo", "--help"], capture_output=True, text=True, check=True)
     assert "localize" in done.stdout and "train" in done.stdout
+
+
+def test_train_pretrained_flag_loads_a_local_file(trained, tmp_path):
+    import torch
+    from torchvision.models.vgg import cfgs, make_layers
+
+    root, data = trained
+    torch.manual_seed(0)
+    features = make_layers([max(1, round(v * 0.0625)) if v != "M" else v for v in cfgs["D"]])
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    torch.save(state, tmp_path / "vgg16-small.pth")
+    config = root / "run.yaml"
+    assert main(["train", "--config", str(config), "-q", f"runtime.out={tmp_path / 'run'}", "optim.epochs=1",
+                 "optim.lr=1e-9", "--pretrained", str(tmp_path / "vgg16-small.pth")]) == 0
+    from mnpo.models import load_model
+
+    model, _ = load_model(tmp_path / "run" / "last.pt")
+    torch.testing.assert_close(model.backbone.features[0].weight, state["features.0.weight"], atol=1e-6, rtol=0)

@@ -25,8 +25,9 @@ def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  root: /data/images\n  metadata: /data/meta\noptim:\n  epochs: 5\n")
     cfg = load_config(path, ["optim.lr=0.01", "model.pretrained=null", "optim.lr_milestones=[2, 4]",
-                             "runtime.precision=bf16"])
+                             "runtime.precision=bf16", "optim.weight_decay=5e-4"])
     assert cfg.optim.epochs == 5 and cfg.optim.lr == 0.01 and cfg.model.pretrained is None
+    assert cfg.optim.weight_decay == 5e-4  # YAML 1.1 reads 5e-4 as a string; numbers are meant
     assert cfg.optim.lr_milestones == [2, 4] and cfg.runtime.precision == "bf16"
     assert config_from_dict(cfg.to_dict()) == cfg  # round trip
 
