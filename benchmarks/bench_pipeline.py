@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--methods", default="cam,mnpo,mnpos")
     parser.add_argument("--map-precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--float-views", action="store_true",
+                        help="normalize and ten-crop in the loader (the old way) instead of on the device")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--width", type=float, default=1.0, help="MNPO width multiplier (smoke runs on a CPU)")
     args = parser.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
 
     model = build_model("vgg16-mnpo", args.classes, pretrained=None, width=args.width).to(device)
     model = model.to(memory_format=torch.channels_last).eval()
-    test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate")
+    test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=not args.float_views)
     rows = []
     for method in args.methods.split(","):
         peak_reset(device)

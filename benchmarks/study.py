@@ -80,7 +80,7 @@ def evaluate(checkpoint: Path, data: Path, rows, args) -> list[dict]:
     precision = resolve_precision("fp32" if args.fp32_maps else "auto", device)
     model, _ = load_model(checkpoint)
     model.to(device)
-    kwargs = dict(crop_size=args.image_size, resize_size=resize_for(args.image_size))
+    kwargs = dict(crop_size=args.image_size, resize_size=resize_for(args.image_size), uint8_views=True)
     val = WSOLDataset(data / "images", data / "metadata" / "val", "evaluate", **kwargs)
     test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs)
     results = []

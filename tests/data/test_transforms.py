@@ -236,3 +236,41 @@ def test_load_truncated_images_setting_is_reported(tmp_path, monkeypatch, caplog
     assert [r.message for r in caplog.records].count(
         "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
         "with missing pixels instead of raising ImageReadError") == 1
+
+
+# --- uint8 views, normalized and cropped batch-wise on the device --------------------------
+
+@pytest.mark.parametrize("size, crop, resize", [((500, 375), 224, 256), ((97, 211), 224, 256), ((64, 64), 48, 55)])
+def test_uint8_views_then_batch_ops_equal_the_float_transforms_exactly(size, crop, resize):
+    import numpy as np
+    from PIL import Image
+
+    from mnpo.data.transforms import (
+        localization_transform, normalize_batch, ten_crop, ten_crop_batch, uint8_views)
+
+    rng = np.random.default_rng(size[0])
+    images = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(3)]
+    views, sources = zip(*(uint8_views(im, crop, resize) for im in images))
+    assert views[0].dtype == torch.uint8 and views[0].shape == (3, crop, crop)
+    assert sources[0].shape == (3, resize, resize)
+    batch_views = normalize_batch(torch.stack(views))
+    batch_crops = ten_crop_batch(normalize_batch(torch.stack(sources)), crop)
+    assert batch_crops.shape == (3, 10, 3, crop, crop)
+    for i, image in enumerate(images):
+        assert torch.equal(batch_views[i], localization_transform(crop)(image))
+        assert torch.equal(batch_crops[i], ten_crop(image, resize, crop))
+
+
+def test_uint8_view_helpers_reject_bad_input():
+    from PIL import Image
+
+    from mnpo.data.transforms import normalize_batch, ten_crop_batch, uint8_views
+
+    with pytest.raises(ValueError, match="crop 300 is larger than the resized image 256"):
+        uint8_views(Image.new("RGB", (10, 10)), 300, 256)
+    with pytest.raises(ValueError, match="expected an RGB image, got mode 'L'"):
+        uint8_views(Image.new("L", (10, 10)))
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        normalize_batch(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"R >= 224"):
+        ten_crop_batch(torch.zeros(1, 3, 200, 200))

@@ -167,3 +167,11 @@ def test_one_branch_cam_layout_is_the_released_main_branch():
     two_keys = set(two.state_dict())
     assert set(one.state_dict()) == {k for k in two_keys if not k.startswith("branches.parallel.")}
     assert len(one(torch.randn(1, 3, 32, 32)).logits) == 1
+
+
+def test_input_sides_must_be_multiples_of_the_output_stride():
+    model = MultiBranchNet(released_vgg16_layout(1 / 16), num_classes=2).eval()
+    assert model.input_multiple == 16
+    with pytest.raises(ValueError, match="input of 40x48 pixels: this layout needs sides divisible by 16"):
+        model(torch.randn(1, 3, 40, 48))
+    model(torch.randn(1, 3, 48, 32))

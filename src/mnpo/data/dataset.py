@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mnpo.data.metadata import SplitMetadata, read_split
-from mnpo.data.transforms import load_image, localization_transform, ten_crop, train_transform
+from mnpo.data.transforms import load_image, localization_transform, ten_crop, train_transform, uint8_views
 
 __all__ = ["MODES", "WSOLDataset", "collate_evaluation", "resize_boxes", "subsample_per_class"]
 
@@ -136,9 +136,12 @@ class WSOLDataset(Dataset):
         crop_size: int = 224,
         resize_size: int = 256,
         random_resized: bool = False,
+        uint8_views: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if uint8_views and (mode != "evaluate" or transform is not None):
+            raise ValueError("uint8_views is an 'evaluate'-mode option and replaces the transform")
         meta = metadata if isinstance(metadata, SplitMetadata) else read_split(metadata, num_classes)
         if num_classes is not None and meta.num_classes > num_classes:
             raise ValueError(f"labels go up to {meta.num_classes - 1}, beyond num_classes {num_classes}")
@@ -152,6 +155,7 @@ class WSOLDataset(Dataset):
         self.mask_root = None if mask_root is None else Path(mask_root)
         self.crop_size = crop_size
         self.resize_size = resize_size
+        self.uint8_views = uint8_views
         if transform is None:
             if mode == "train":
                 transform = train_transform(crop_size, resize_size, random_resized=random_resized)
@@ -177,15 +181,22 @@ class WSOLDataset(Dataset):
         index %= len(self)
         image_id = self.meta.image_ids[index]
         image = load_image(self.image_root / image_id)
+        if self.uint8_views:
+            view, source = uint8_views(image, self.crop_size, self.resize_size)
+        else:
+            view = self.transform(image)
         item: dict[str, Any] = {
-            "image": self.transform(image),
+            "image": view,
             "label": self.meta.labels[image_id],
             "image_id": image_id,
             "index": index,
         }
         if self.mode != "evaluate":
             return item
-        item["ten_crop"] = ten_crop(image, self.resize_size, self.crop_size)
+        if self.uint8_views:
+            item["ten_crop_source"] = source
+        else:
+            item["ten_crop"] = ten_crop(image, self.resize_size, self.crop_size)
         meta = self.meta
         if meta.boxes is not None:
             size = meta.sizes[image_id] if meta.sizes is not None else image.size

@@ -74,7 +74,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
     Trainer(cfg, progress=progress).fit()
     model, _ = load_model(out / "run" / "best.pt")
     thresholds = cam_thresholds(0.01)
-    kwargs = dict(crop_size=settings.image_size, resize_size=resize_for(settings.image_size))
+    kwargs = dict(crop_size=settings.image_size, resize_size=resize_for(settings.image_size), uint8_views=True)
     splits = {
         "val": WSOLDataset(data / "images", data / "metadata" / "val", "evaluate", **kwargs),
         "test": WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs),

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
-from mnpo.data.transforms import ImageReadError
+from mnpo.data.transforms import ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gt_boxes_in_frame
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.maps import compute_maps
@@ -165,11 +165,17 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
             if "image" not in batch:
                 continue
             images = batch["image"].to(device, non_blocking=True)
+            if images.dtype == torch.uint8:  # uint8 views: normalize (and crop, below) on the device
+                images = normalize_batch(images)
             labels = batch["label"].to(device)
             with autocast(device, map_precision):
                 maps, logits = compute_maps(model, images, labels, method=method, **options)
             if ten_crop:
-                crops = batch["ten_crop"].to(device, non_blocking=True)
+                if "ten_crop_source" in batch:
+                    sources = normalize_batch(batch["ten_crop_source"].to(device, non_blocking=True))
+                    crops = ten_crop_batch(sources, images.shape[-1])
+                else:
+                    crops = batch["ten_crop"].to(device, non_blocking=True)
                 with autocast(device, precision), torch.inference_mode():
                     crop_logits = model(crops.flatten(0, 1)).logits[0].float()
                 logits = crop_logits.view(len(labels), -1, crop_logits.shape[-1]).mean(1)
@@ -233,7 +239,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
 
     def split(meta_dir, maps_to):
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
-                              crop_size=input_size, resize_size=resize_for(input_size))
+                              crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True)
         return evaluate_model(model, dataset, thresholds=thresholds, method=method, map_options=map_options,
                               device=dev, precision=prec, map_precision=map_precision,
                               batch_size=batch_size, workers=workers,

@@ -137,7 +137,8 @@ class Trainer:
                             random_resized=d.random_resized)
         val = WSOLDataset(d.root, meta / "val", "evaluate", num_per_class=d.val_per_class,
                           num_classes=d.num_classes or train_meta.num_classes, mask_root=d.mask_root,
-                          crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed)
+                          crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed,
+                          uint8_views=True)
         return train, val
 
     def _model(self) -> MultiBranchNet:

@@ -343,6 +343,7 @@ class MultiBranchNet(nn.Module):
                     blocks[spec.name] = Conv3x3ReLU(in_ch, out_ch)
             self.branches[branch.name] = blocks
         self.classifier = nn.Linear(layout.feature_channels, num_classes)
+        self.input_multiple = max(layout.input_shape(b.name, b.output).stride for b in layout.branches)
         init_he(self)
 
     @property
@@ -372,6 +373,9 @@ class MultiBranchNet(nn.Module):
         under inference mode and only what depends on it records autograd, so ``torch.autograd.grad(logits, features
         [grad_from])`` is a backward pass truncated there.
         """
+        if x.shape[-2] % self.input_multiple or x.shape[-1] % self.input_multiple:
+            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels: this layout needs sides divisible by "
+                             f"{self.input_multiple} (its branches meet at stride {self.input_multiple})")
         target = None if grad_from is None else self.resolve_feature(grad_from)
         run = (lambda m, *t: m(*t)) if target is None else run_tracked
         backbone_target = target if target in self.backbone.taps else None
