@@ -38,3 +38,8 @@ def test_study_writes_its_table(tmp_path):
     table = (tmp_path / "study.md").read_text()
     assert table.strip() == out.strip()
     assert table.count("| parts | vgg16-mnpo |") == 7 and table.count("| parts | vgg16-cam |") == 4
+
+
+def test_bench_input_prints_the_three_pipelines():
+    out = run("bench_input.py", "--images", "6", "--workers", "0", "--batch", "3")
+    assert "| naive (eleven conversions) |" in out and "| uint8 views, normalize + ten-crop batch-wise |" in out
