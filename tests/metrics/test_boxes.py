@@ -182,3 +182,17 @@ def test_bad_maps_are_refused(bad, err, msg):
 def test_missing_ground_truth_is_refused():
     with pytest.raises(ValueError, match="ground-truth"):
         box_ious(np.zeros((4, 4)), np.array([0.5]), np.zeros((0, 4)))
+
+
+def test_without_numba_box_ious_is_the_plain_loop(monkeypatch):
+    from mnpo.metrics import _components, boxes
+
+    rng = np.random.default_rng(5)
+    scoremap = rng.random((30, 40))
+    thresholds = boxes.cam_thresholds(0.05)
+    fast = boxes.box_ious(scoremap, thresholds, [[3, 4, 20, 25]])
+    monkeypatch.setattr(_components, "HAVE_NUMBA", False)
+    slow = boxes.box_ious(scoremap, thresholds, [[3, 4, 20, 25]])
+    assert np.array_equal(fast.largest_boxes, slow.largest_boxes)
+    assert np.array_equal(fast.largest_iou, slow.largest_iou)
+    assert np.array_equal(fast.multi_iou, slow.multi_iou)

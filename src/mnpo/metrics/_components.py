@@ -29,7 +29,16 @@ Box convention: ``(x0, y0, x1, y1)`` in pixels, inclusive, with
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+try:
+    from numba import njit
+
+    HAVE_NUMBA = True
+except ImportError:  # e.g. a GPU image without numba: mnpo.metrics.boxes falls back to OpenCV
+    HAVE_NUMBA = False
+
+    def njit(*args, **kwargs):
+        return lambda fn: fn
 
 # 8-neighbourhood, clockwise in image coordinates (y down), starting east.
 _DX8 = np.array([1, 1, 0, -1, -1, -1, 0, 1], np.int64)

@@ -220,8 +220,10 @@ def box_ious(scoremap: np.ndarray, thresholds: np.ndarray, gt_boxes, *, multi: b
     """Fast equivalent of :func:`box_ious_reference` (same arguments, same numbers).
 
     ``multi=False`` skips the hole sweep; ``multi_iou`` then covers outer
-    contours only and must not be used.
+    contours only and must not be used. Without numba installed this is the plain loop.
     """
+    if not _components.HAVE_NUMBA:
+        return box_ious_reference(scoremap, thresholds, gt_boxes)
     check_scoremap(scoremap)
     gt = _as_gt(gt_boxes)
     image = np.ascontiguousarray(to_uint8(scoremap))
