@@ -130,3 +130,17 @@ def test_train_pretrained_flag_loads_a_local_file(trained, tmp_path):
 
     model, _ = load_model(tmp_path / "run" / "last.pt")
     torch.testing.assert_close(model.backbone.features[0].weight, state["features.0.weight"], atol=1e-6, rtol=0)
+
+
+def test_paper_threshold_grid_oracle_is_bounded_by_the_full_grid(trained, tmp_path):
+    root, data = trained
+    base = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+            "--metadata", str(data / "metadata" / "test"), "--input-size", "48", "--workers", "0", "--method", "cam"]
+    assert main(base + ["--json", str(tmp_path / "full.json")]) == 0
+    assert main(base + ["--threshold-grid", "paper", "--json", str(tmp_path / "paper.json")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    paper = json.loads((tmp_path / "paper.json").read_text())
+    assert paper["info"]["threshold_grid"] == "paper"
+    t = paper["oracle"]["max_box_acc"]["threshold"]
+    assert 0.05 <= t <= 0.34
+    assert paper["oracle"]["max_box_acc"]["value"] <= full["oracle"]["max_box_acc"]["value"]

@@ -21,6 +21,9 @@ BOTH = pytest.mark.parametrize("fn", [box_ious, box_ious_reference], ids=["fast"
 
 def test_threshold_grids():
     assert np.allclose(PAPER_THRESHOLDS, [0.05 + 0.01 * i for i in range(30)])
+    assert np.array_equal(PAPER_THRESHOLDS, np.arange(0.05, 0.35, 0.01))  # the release's floats, bit for bit
+    # which matters: its 0.29000000000000004 puts the level of a map whose maximum is 100 at 29, not 28
+    assert int(PAPER_THRESHOLDS[24] * 100) == 29 and int(0.29 * 100) == 28
     grid = cam_thresholds(0.01)
     assert grid.shape == (100,) and grid[0] == 0.0 and grid[-1] < 1.0
     # Same float values as np.arange, which decides int(t * max) at the edges.

@@ -213,7 +213,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str | Path, *,
                         val_metadata: str | Path | None = None, mask_root: str | Path | None = None,
                         method: str = "mnpos", map_options: Mapping[str, Any] | None = None,
-                        cam_curve_interval: float = 0.01, batch_size: int = 64, workers: int = 4,
+                        cam_curve_interval: float = 0.01, threshold_grid: str = "full",
+                        batch_size: int = 64, workers: int = 4,
                         device: str = "auto", precision: str = "auto", ten_crop: bool = True,
                         save_maps: str | Path | None = None, save_overlays: str | Path | None = None,
                         input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True):
@@ -226,7 +227,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     """
     from mnpo.engine.evaluate_maps import build_report
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
-    from mnpo.metrics.boxes import cam_thresholds
+    from mnpo.metrics.boxes import threshold_grid as make_grid
     from mnpo.models import load_model
 
     dev = resolve_device(device)
@@ -234,7 +235,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     ctx = init_distributed(dev)
     model, payload = load_model(checkpoint)
     model.to(dev)
-    thresholds = cam_thresholds(cam_curve_interval)
+    thresholds = make_grid(threshold_grid, cam_curve_interval)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
     def split(meta_dir, maps_to):
@@ -253,7 +254,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         "num_images": test.num_images,
         "skipped_images": test.skipped, "classification": test.classification,
         "classification_view": "ten-crop" if ten_crop else "224x224",
-        "cam_curve_interval": cam_curve_interval,
+        "cam_curve_interval": cam_curve_interval, "threshold_grid": threshold_grid,
         "oracle": "thresholds chosen on the evaluated split itself (optimistic; the MNPO paper's protocol)",
         "calibrated": ("thresholds chosen on val, applied to the evaluated split (wsolevaluation's protocol)"
                        if val is not None else "not computed: no --val-metadata given"),

@@ -22,6 +22,7 @@ import numpy as np
 from mnpo.data.dataset import resize_boxes
 from mnpo.data.metadata import SplitMetadata, read_split
 from mnpo.metrics.boxes import cam_thresholds, check_scoremap
+from mnpo.metrics.boxes import threshold_grid as make_grid
 from mnpo.metrics.localization import (
     BoxCurves,
     BoxEvaluator,
@@ -163,12 +164,13 @@ def build_report(test: BoxCurves | MaskCurves, val: BoxCurves | MaskCurves | Non
 
 def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *, val_maps=None,
                          val_metadata=None, mask_root=None, cam_curve_interval: float = 0.01,
+                         threshold_grid: str = "full",
                          logits=None, val_logits=None, workers: int | None = None,
                          progress: bool = False) -> Report:
     """The ``mnpo evaluate-maps`` job: read, evaluate, report (see module doc)."""
     if (val_maps is None) != (val_metadata is None):
         raise ValueError("give both --val-maps and --val-metadata, or neither")
-    thresholds = cam_thresholds(cam_curve_interval)
+    thresholds = make_grid(threshold_grid, cam_curve_interval)
     meta = read_split(metadata)
     test_logits = None if logits is None else load_logits(logits, meta)
     test = evaluate_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
@@ -187,6 +189,7 @@ def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *
         "kind": meta.kind,
         "num_images": test.num_images,
         "cam_curve_interval": cam_curve_interval,
+        "threshold_grid": threshold_grid,
         "num_thresholds": int(len(thresholds)),
         "iou_thresholds_v2": list(test.iou_thresholds) if isinstance(test, BoxCurves) else None,
         "oracle": "thresholds chosen on the evaluated split itself (optimistic; the MNPO paper's protocol)",

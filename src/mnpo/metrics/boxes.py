@@ -37,6 +37,7 @@ from mnpo.metrics import _components
 __all__ = [
     "BoxScores",
     "PAPER_THRESHOLDS",
+    "threshold_grid",
     "box_ious",
     "box_ious_reference",
     "cam_thresholds",
@@ -46,8 +47,19 @@ __all__ = [
     "to_uint8",
 ]
 
-#: The released MNPO code's sweep: 0.05, 0.06, ..., 0.34.
-PAPER_THRESHOLDS = np.arange(5, 35, dtype=np.float64) / 100.0
+#: The released MNPO code's sweep, 0.05, 0.06, ..., 0.34, built by the same expression
+#: (``np.arange(0.05, 0.35, 0.01)``) so the float values, and the levels ``int(t * max)``, are
+#: its own: its 0.29000000000000004 gives level 29 for a map maximum of 100 where 0.29 gives 28.
+PAPER_THRESHOLDS = np.arange(0.05, 0.35, 0.01)
+
+
+def threshold_grid(name: str = "full", interval: float = 0.01) -> np.ndarray:
+    """``"full"``: wsolevaluation's ``cam_thresholds(interval)``; ``"paper"``: the release's sweep."""
+    if name == "full":
+        return cam_thresholds(interval)
+    if name == "paper":
+        return PAPER_THRESHOLDS.copy()
+    raise ValueError(f"unknown threshold grid {name!r}; choose 'full' or 'paper'")
 
 
 def cam_thresholds(interval: float = 0.01) -> np.ndarray:
