@@ -52,7 +52,12 @@ log = logging.getLogger(__name__)
 
 def build_optimizer(model: MultiBranchNet, cfg: TrainConfig) -> torch.optim.SGD:
     """Two parameter groups: the (pretrained) backbone at ``lr``, every new layer (head,
-    branches, classifier) at ``lr * new_layer_lr_ratio``."""
+    branches, classifier) at ``lr * new_layer_lr_ratio``, as wsolevaluation groups them.
+
+    (The release's ``main.py`` sorts parameters by name patterns, ``features.`` and
+    ``branch1_layer``, that its ``vgg_MNPO``/``vgg_MNPOs`` architectures do not match as
+    written, so its training grouping cannot be read off the code; only inference was released.)
+    """
     o = cfg.optim
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     new = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
