@@ -76,10 +76,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"model.pretrained={args.pretrained}")
     cfg = load_config(args.config, overrides)
     result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
-    if result:
+    if result and _is_main_process():
         print(f"done: {cfg.runtime.out} (last epoch {result['epoch']}, val {cfg.eval.metric} "
               f"{result.get('val_' + cfg.eval.metric, float('nan')):.2f})")
     return 0
+
+
+def _is_main_process() -> bool:
+    """True unless this is a torchrun worker other than rank 0."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _map_options(args: argparse.Namespace) -> dict:
@@ -103,6 +110,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ten_crop=not args.no_ten_crop, save_maps=args.save_maps, save_overlays=args.save_overlays,
         input_size=args.input_size, map_precision=args.map_precision, progress=not args.quiet,
     )
+    if not _is_main_process():
+        return 0  # under torchrun, rank 0 reports for all
     cls = report.info["classification"]
     print(f"method {args.method}, {report.info['num_images']} images"
           + (f" ({len(report.info['skipped_images'])} unreadable, skipped)" if report.info["skipped_images"] else ""))
