@@ -117,3 +117,10 @@ def test_bad_runs_fail_clearly(synth, tmp_path):
     Trainer(config(synth, out, optim={"epochs": 1}), progress=False).fit()
     with pytest.raises(ValueError, match="layout mismatch"):
         Trainer(config(synth, out, model={"width": 0.125}), resume=True, progress=False)
+
+
+def test_compiled_training_matches_eager(synth, tmp_path):
+    eager = Trainer(config(synth, tmp_path / "eager", optim={"epochs": 1}), progress=False).fit()
+    compiled = Trainer(config(synth, tmp_path / "compiled", optim={"epochs": 1}, runtime={"compile": True}),
+                       progress=False).fit()
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
