@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as err:
         # Bad input: say what and where, without a traceback (-v shows one).
         if args.verbose:
             raise

@@ -124,3 +124,13 @@ def test_compiled_training_matches_eager(synth, tmp_path):
     compiled = Trainer(config(synth, tmp_path / "compiled", optim={"epochs": 1}, runtime={"compile": True}),
                        progress=False).fit()
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_epoch(synth, tmp_path):
+    out = tmp_path / "run"
+    Trainer(config(synth, out, optim={"epochs": 1}), progress=False).fit()
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(FloatingPointError, match=r"training diverged: the loss is (nan|inf) at epoch 2, step \d+; "
+                                                 r"lower optim.lr \(now 1e\+30\)"):
+        Trainer(config(synth, out, optim={"epochs": 2, "lr": 1e30}), resume=True, progress=False).fit()
+    assert (out / "last.pt").read_bytes() == before

@@ -163,10 +163,25 @@ class Trainer:
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_new_learning_rates(state.get("config", {}).get("optim", {}))
         self.start_epoch = int(state["epoch"])
         self.best = dict(state["best"])
         set_rng_state(state["rng"])
         log.info("resumed from %s after epoch %d", path, self.start_epoch)
+
+    def _apply_new_learning_rates(self, saved: dict) -> None:
+        """A resumed run whose config changed ``optim.lr`` / ``new_layer_lr_ratio`` continues at the
+        new rates (scaled by the schedule's decay so far), as a user lowering the rate expects."""
+        o = self.cfg.optim
+        new = [o.lr, o.lr * o.new_layer_lr_ratio]
+        old = [saved.get("lr", o.lr), saved.get("lr", o.lr) * saved.get("new_layer_lr_ratio", o.new_layer_lr_ratio)]
+        if new == old:
+            return
+        log.warning("resuming with learning rates %s instead of the run's %s", new, old)
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] *= new[i] / old[i]
+            group["initial_lr"] = new[i]
+        self.scheduler.base_lrs = list(new)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -204,6 +219,11 @@ class Trainer:
             with autocast(self.device, self.precision):
                 logits = self.train_model(images).logits
                 loss = wsol_loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower optim.lr (now {self.cfg.optim.lr}) and resume or restart (last.pt keeps the "
+                    "last finished epoch)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
