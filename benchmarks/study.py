@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default="auto")
