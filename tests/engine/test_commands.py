@@ -144,3 +144,14 @@ def test_paper_threshold_grid_oracle_is_bounded_by_the_full_grid(trained, tmp_pa
     t = paper["oracle"]["max_box_acc"]["threshold"]
     assert 0.05 <= t <= 0.34
     assert paper["oracle"]["max_box_acc"]["value"] <= full["oracle"]["max_box_acc"]["value"]
+
+
+def test_evaluate_a_mask_split_gives_pxap(trained, tmp_path):
+    root, data = trained
+    assert main(["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+                 "--metadata", str(data / "metadata-masks" / "test"),
+                 "--val-metadata", str(data / "metadata-masks" / "val"), "--mask-root", str(data / "masks"),
+                 "--input-size", "48", "--workers", "0", "--method", "mnpo", "--json", str(tmp_path / "m.json")]) == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert list(report["oracle"]) == ["pxap"] and 0 <= report["oracle"]["pxap"]["value"] <= 100
+    assert report["calibrated"]["pxap"] == report["oracle"]["pxap"]  # PxAP needs no threshold

@@ -134,3 +134,15 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_epoch(synth, tmp
                                                  r"lower optim.lr \(now 1e\+30\)"):
         Trainer(config(synth, out, optim={"epochs": 2, "lr": 1e30}), resume=True, progress=False).fit()
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_mask_split_training_validates_by_pxap(synth, tmp_path):
+    masks = {"metadata": str(synth / "metadata-masks"), "mask_root": str(synth / "masks")}
+    out = tmp_path / "run"
+    Trainer(config(synth, out, data=masks, optim={"epochs": 1}, eval={"metric": "pxap"}), progress=False).fit()
+    row = rows(out / "metrics.csv")[0]
+    assert 0 <= float(row["val_pxap"]) <= 100 and "val_max_box_acc" not in row
+    with pytest.raises(ConfigError, match="eval.metric: 'max_box_acc_v2' is not computed on a mask split"):
+        Trainer(config(synth, out, data=masks), progress=False)
+    with pytest.raises(ConfigError, match="data.mask_root: required"):
+        Trainer(config(synth, out, data={**masks, "mask_root": None}, eval={"metric": "pxap"}), progress=False)

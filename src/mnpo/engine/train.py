@@ -96,6 +96,7 @@ class Trainer:
         self.out = Path(cfg.runtime.out)
         self._check_data()
         self.train_set, self.val_set = self._datasets()
+        self._check_metric()
         self.num_classes = cfg.data.num_classes or self.train_set.meta.num_classes
         seed_everything(cfg.runtime.seed)
         self.model = self._model().to(self.device)
@@ -133,6 +134,19 @@ class Trainer:
         if self.cfg.optim.batch_size % self.ctx.world:
             raise ConfigError(f"optim.batch_size {self.cfg.optim.batch_size} must be divisible by the "
                               f"{self.ctx.world} processes")
+
+    def _check_metric(self) -> None:
+        kind = self.val_set.meta.kind
+        metric = self.cfg.eval.metric
+        allowed = {"box": ("max_box_acc", "max_box_acc_v2", "gt_known_loc", "top1_loc", "top1_cls"),
+                   "mask": ("pxap", "top1_cls")}.get(kind)
+        if allowed is None:
+            raise ConfigError(f"data.metadata: {Path(self.cfg.data.metadata) / 'val'} has no localization.txt; "
+                              "validation needs boxes or masks")
+        if metric not in allowed:
+            raise ConfigError(f"eval.metric: {metric!r} is not computed on a {kind} split; choose one of {allowed}")
+        if kind == "mask" and self.cfg.data.mask_root is None:
+            raise ConfigError("data.mask_root: required, the val split is a mask split")
 
     def _datasets(self) -> tuple[WSOLDataset, WSOLDataset]:
         d = self.cfg.data
