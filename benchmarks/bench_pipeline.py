@@ -141,12 +141,12 @@ def main() -> None:
         peak_reset(device)
         evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
                        precision=precision, map_precision=args.map_precision, batch_size=args.batch,
-                       workers=args.workers)  # warm-up pass
+                       workers=args.workers, channels_last=True)  # warm-up pass
         sync(device)
         start = time.perf_counter()
         evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
                        precision=precision, map_precision=args.map_precision, batch_size=args.batch,
-                       workers=args.workers)
+                       workers=args.workers, channels_last=True)
         sync(device)
         rate = len(test) / (time.perf_counter() - start)
         rows.append((f"`mnpo evaluate`, {method} (ten-crop + maps + box metrics)", rate, None, peak(device)))

@@ -49,3 +49,14 @@ def test_dataset_uint8_items(data):
     with pytest.raises(ValueError, match="needs an 'evaluate'-mode data set"):
         evaluate_model(model(), WSOLDataset(data / "images", data / "metadata" / "test", "localization"),
                        thresholds=cam_thresholds(0.1))
+
+
+def test_channels_last_and_crop_chunks_do_not_change_the_evaluation(data):
+    ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,
+                     uint8_views=True)
+    plain = evaluate_model(model(), ds, thresholds=cam_thresholds(0.01), method="mnpo", batch_size=5)
+    nhwc_model = model().to(memory_format=torch.channels_last)
+    nhwc = evaluate_model(nhwc_model, ds, thresholds=cam_thresholds(0.01), method="mnpo", batch_size=2,
+                          channels_last=True)  # 2 images per batch: the 20 crops go through in 10 chunks
+    assert (plain.top1_correct, plain.top5_correct) == (nhwc.top1_correct, nhwc.top5_correct)
+    assert np.abs(plain.curves.largest - nhwc.curves.largest).sum() <= 1  # NHWC convolutions round differently

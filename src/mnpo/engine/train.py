@@ -263,6 +263,7 @@ class Trainer:
         result = evaluate_model(self.model, self.val_set, thresholds=cam_thresholds(e.cam_curve_interval),
                                 method=e.method, device=self.device, precision=self.precision,
                                 batch_size=e.batch_size, workers=self.cfg.data.workers, ten_crop=False,
+                                channels_last=self.cfg.runtime.channels_last,
                                 ctx=self.ctx)
         report = build_report(result.curves, None, {})
         values = {k: m.value for k, m in report.oracle.items()}
