@@ -15,9 +15,10 @@ then evaluate on the test split, thresholds calibrated on val and oracle:
 
     python benchmarks/study.py [--presets parts,shapes] [--image-size 224] [--classes 8]
         [--train-per-class 200] [--epochs 30] [--batch 64] [--width 1.0] [--device auto]
-        [--out study-output]
+        [--train-seeds 0,1,2] [--out study-output]
 
-Writes ``OUT/study.md`` (the table) and ``OUT/study.json``. Meant for a GPU at 224 px; on a
+Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training seeds, on one
+synthetic data set) and ``OUT/study.json`` (every seed's numbers too). Meant for a GPU at 224 px; on a
 CPU, shrink it (``--image-size 64 --width 0.125 --train-per-class 40 --epochs 5``) to check it.
 """
 
@@ -29,6 +30,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mnpo.data.dataset import WSOLDataset
@@ -61,7 +63,7 @@ EVALUATIONS = {
 }
 
 
-def train(data: Path, out: Path, layout: str, args) -> Path:
+def train(data: Path, out: Path, layout: str, args, seed: int) -> Path:
     cfg = config_from_dict({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": args.workers,
                  "resize_size": resize_for(args.image_size), "crop_size": args.image_size},
@@ -69,7 +71,7 @@ def train(data: Path, out: Path, layout: str, args) -> Path:
         "optim": {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
                   "lr_milestones": [max(1, args.epochs * 3 // 4)]},
         "eval": {"method": "cam", "metric": "top1_cls", "batch_size": args.batch},
-        "runtime": {"out": str(out), "device": args.device, "seed": args.seed},
+        "runtime": {"out": str(out), "device": args.device, "seed": seed},
     }, source="study")
     Trainer(cfg, progress=not args.quiet).fit()
     return out / "best.pt"
@@ -95,16 +97,37 @@ def evaluate(checkpoint: Path, data: Path, rows, args) -> list[dict]:
     return results
 
 
-def table(all_results: dict) -> str:
+METRICS = ("top1_cls", "calibrated_gt_known_loc", "oracle_gt_known_loc", "calibrated_top1_loc", "oracle_top1_loc",
+           "calibrated_max_box_acc_v2", "oracle_max_box_acc_v2")
+
+
+def summarize(runs: list[list[dict]]) -> list[dict]:
+    """Per row (method): the mean and the standard deviation over the training seeds."""
+    rows = []
+    for per_seed in zip(*runs):
+        row = {"label": per_seed[0]["label"]}
+        for key in METRICS:
+            values = np.array([r[key] for r in per_seed])
+            row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
+        rows.append(row)
+    return rows
+
+
+def _cell(value: tuple[float, float | None]) -> str:
+    mean, std = value
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def table(summary: dict) -> str:
     lines = ["| preset | model | maps | top-1 cls | GT-known Loc cal. / oracle | Top-1 Loc cal. / oracle "
              "| MaxBoxAccV2 cal. / oracle |", "|---|---|---|---:|---:|---:|---:|"]
-    for (preset, layout), results in all_results.items():
-        for r in results:
+    for (preset, layout), rows in summary.items():
+        for r in rows:
             lines.append(
-                f"| {preset} | {layout} | {r['label']} | {r['top1_cls']:.1f} | "
-                f"{r['calibrated_gt_known_loc']:.1f} / {r['oracle_gt_known_loc']:.1f} | "
-                f"{r['calibrated_top1_loc']:.1f} / {r['oracle_top1_loc']:.1f} | "
-                f"{r['calibrated_max_box_acc_v2']:.1f} / {r['oracle_max_box_acc_v2']:.1f} |")
+                f"| {preset} | {layout} | {r['label']} | {_cell(r['top1_cls'])} | "
+                f"{_cell(r['calibrated_gt_known_loc'])} / {_cell(r['oracle_gt_known_loc'])} | "
+                f"{_cell(r['calibrated_top1_loc'])} / {_cell(r['oracle_top1_loc'])} | "
+                f"{_cell(r['calibrated_max_box_acc_v2'])} / {_cell(r['oracle_max_box_acc_v2'])} |")
     return "\n".join(lines)
 
 
@@ -122,12 +145,15 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--train-seeds", default="0", help="comma-separated training seeds; the table gives "
+                        "mean ± standard deviation over them")
     parser.add_argument("--fp32-maps", action="store_true", help="maps in fp32 even where bf16 is available")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
+    seeds = [int(x) for x in args.train_seeds.split(",")]
     start = time.perf_counter()
     all_results = {}
     for preset in args.presets.split(","):
@@ -136,18 +162,23 @@ def main() -> None:
                                 num_classes=args.classes, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, test_per_class=args.test_per_class)
         for layout, rows in EVALUATIONS.items():
-            checkpoint = train(data, out / f"{preset}-{layout}", layout, args)
-            all_results[(preset, layout)] = evaluate(checkpoint, data, rows, args)
+            runs = []
+            for seed in seeds:
+                checkpoint = train(data, out / f"{preset}-{layout}-seed{seed}", layout, args, seed)
+                runs.append(evaluate(checkpoint, data, rows, args))
+            all_results[(preset, layout)] = runs
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"device: {name}; torch {torch.__version__}, Python {platform.python_version()}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
-              f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, seed {args.seed}; "
+              f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
+              f"training seeds {seeds}; "
               f"{time.perf_counter() - start:.0f} s")
-    text = f"{header}\n\n{table(all_results)}\n"
+    summary = {key: summarize(runs) for key, runs in all_results.items()}
+    text = f"{header}\n\n{table(summary)}\n"
     (out / "study.md").write_text(text)
     (out / "study.json").write_text(json.dumps({"settings": vars(args), "header": header, "results": {
-        f"{p}/{l}": r for (p, l), r in all_results.items()}}, indent=2))
+        f"{p}/{l}": {"per_seed": r, "summary": summary[(p, l)]} for (p, l), r in all_results.items()}}, indent=2))
     print(text)
 
 

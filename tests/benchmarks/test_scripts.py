@@ -43,3 +43,16 @@ def test_study_writes_its_table(tmp_path):
 def test_bench_input_prints_the_three_pipelines():
     out = run("bench_input.py", "--images", "6", "--workers", "0", "--batch", "3")
     assert "| naive (eleven conversions) |" in out and "| uint8 views, normalize + ten-crop batch-wise |" in out
+
+
+def test_study_summary_over_seeds():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import study
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    runs = [[{"label": "CAM", **{k: v for k in study.METRICS}}] for v in (10.0, 14.0)]
+    (row,) = study.summarize(runs)
+    assert row["label"] == "CAM" and row["top1_cls"] == (12.0, pytest.approx(2 ** 0.5 * 2))
+    assert study._cell(row["top1_cls"]) == "12.0 ± 2.8"
+    assert study._cell((5.0, None)) == "5.0"
