@@ -5,10 +5,12 @@ method     map (spec section)                                   passes per batch
 =========  ===================================================  ==========================
 cam        ``mean_c(w_y * F_head)`` (plain CAM, main branch)      1 forward
 mnpo       per branch ``mean_c(H(w_y) * F_i)``, resize, fuse (4)  1 forward
-mnpos      gradient post-processing at a target layer (5)       1 forward + 2 backward
+mnpos      gradient post-processing at a target layer (5)       1 forward + 2 backward (*)
 gradcam    ``ReLU(sum_c mean_hw(dy/dA)_c * A_c)`` at any layer    1 forward + 1 backward
 dgl        section 5 with the main branch only, H off            1 forward + 2 backward
 =========  ===================================================  ==========================
+
+(*) under bf16/fp16 autocast: 1 forward + 1 batched backward of 2 products per branch.
 
 Every backward is a vector-Jacobian product truncated at the target tensor
 (``torch.autograd.grad``, no parameter gradients, no hooks); the part of the network before
@@ -180,7 +182,10 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
     One truncated forward from the target layer ``A``; two vector-Jacobian products at ``A``:
     ``G = sum_i J_i^T e_y`` and ``D = sum_i J_i^T v_i`` with ``v_i = p_i - t`` (released) or
     ``sum(t) p_i - t`` (exact). Then ``alpha = H(sum_hw G)``, ``An = A/||A|| - D/||D||``,
-    map ``= mean_c(alpha * An)``.
+    map ``= mean_c(alpha * An)``. When ``A`` is in reduced precision (autocast) and there are
+    several branches, each branch's two products are taken apart instead, in one batched pass
+    (``is_grads_batched``), and added in float32: summing inside a bf16 backward would round
+    the sum before the convolutions' backward, a 1.5e-3 change of the normalized map.
     """
     layer = _target_layer(model, opts)
     out = model(images, return_features=True, grad_from=layer)
@@ -189,11 +194,14 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
     targets = _predicted(targets, out.logits[0].detach())
     index = targets[:, None]
     selector = torch.zeros_like(logits[0]).scatter_(1, index, 1.0)  # e_y per image
-    G = _vjp(list(logits), [selector] * len(logits), A, layer, retain=True)
     onehot = _acc(torch.zeros_like(logits[0])).scatter_(1, index, opts.loss_scale)
     scale = 1.0 if opts.loss_gradient == "released" else opts.loss_scale
     vectors = [(scale * _acc(l.detach()).softmax(1) - onehot).to(l.dtype) for l in logits]
-    D = _vjp(list(logits), vectors, A, layer)
+    if A.dtype in (torch.bfloat16, torch.float16) and len(logits) > 1:
+        G, D = _per_branch_vjps(list(logits), selector, vectors, A, layer)
+    else:
+        G = _vjp(list(logits), [selector] * len(logits), A, layer, retain=True)
+        D = _vjp(list(logits), vectors, A, layer)
     with torch.no_grad(), _full_precision(images):
         A, G, D = _acc(A.detach()), _acc(G), _acc(D)
         a, b = opts.h_factors(method)
@@ -203,6 +211,25 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
         enhanced = A / norm_A - D / norm_D
         raw = channel_weighted_mean(alpha, enhanced)
         return resize_maps(raw, opts.size, opts.resize), out.logits[0].detach()
+
+
+def _per_branch_vjps(logits: list[Tensor], selector: Tensor, vectors: list[Tensor], target: Tensor,
+                     layer: str) -> tuple[Tensor, Tensor]:
+    """``(sum_i J_i^T e_y, sum_i J_i^T v_i)`` from the 2n products taken one by one in a single
+    batched backward pass, summed in float32."""
+    n = len(logits)
+    used = [i for i, l in enumerate(logits) if l.requires_grad]
+    if not used:
+        raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
+                         "choose a backbone layer or a layer of the main branch")
+    zero = torch.zeros_like(selector)
+    grad_outputs = [torch.stack([selector if k == i else zero for k in range(n)]
+                                + [vectors[i].to(selector.dtype) if k == i else zero for k in range(n)])
+                    for i in used]
+    (parts,) = torch.autograd.grad([logits[i] for i in used], target, grad_outputs=grad_outputs,
+                                   is_grads_batched=True)
+    parts = parts.float()
+    return parts[:n].sum(0), parts[n:].sum(0)
 
 
 def _mnpos(model, images, targets, opts):
