@@ -131,7 +131,7 @@ def test_distributed_training_equals_a_single_process_without_batchnorm(data, tm
     mp.spawn(worker, args=(2, free_port(), data, ddp_out, "train-no-bn"), nprocs=2, join=True)
     single, _ = load_model(single_out / "last.pt")
     ddp, _ = load_model(ddp_out / "last.pt")
-    for (key, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
+    for (key, a), b in zip(single.state_dict().items(), ddp.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
     import csv
 

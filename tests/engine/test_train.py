@@ -56,7 +56,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(synth, tmp_path):
 
     full, _ = load_model(tmp_path / "full" / "last.pt")
     cut, payload = load_model(tmp_path / "cut" / "last.pt")
-    for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values()):
+    for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert payload["training"]["epoch"] == 3
     a, b = rows(tmp_path / "full" / "metrics.csv"), rows(tmp_path / "cut" / "metrics.csv")

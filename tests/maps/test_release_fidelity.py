@@ -30,7 +30,7 @@ def h_scale(w, a, b):
 def release_postprocess(per_branch_maps, size):
     """t2n, cubic resize per image, max over branches, normalize_scoremap."""
     out = []
-    for maps in zip(*per_branch_maps):
+    for maps in zip(*per_branch_maps, strict=True):
         resized = [cv2.resize(m.detach().numpy().astype(np.float64), (size[1], size[0]),
                               interpolation=cv2.INTER_CUBIC) for m in maps]
         cam = np.maximum.reduce(resized)

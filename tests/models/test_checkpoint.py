@@ -46,11 +46,11 @@ def test_round_trip_keeps_layout_classes_weights_and_outputs(tmp_path):
     assert loaded.layout == model.layout and loaded.num_classes == 5
     assert payload["meta"]["class_names"][-1] == "e"
     assert not loaded.training
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        for a, b in zip(model(x).logits, loaded(x).logits):
+        for a, b in zip(model(x).logits, loaded(x).logits, strict=True):
             assert torch.equal(a, b)
 
 

@@ -48,7 +48,7 @@ def test_shared_classifier_gives_logits_from_gap():
     model = MultiBranchNet(released_vgg16_layout(1 / 16), num_classes=3).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64), return_features=True)
-        for name, logits in zip(["main", "parallel"], out.logits):
+        for name, logits in zip(["main", "parallel"], out.logits, strict=True):
             expected = model.classifier(out.features[name].mean(dim=(2, 3)))
             torch.testing.assert_close(logits, expected)
     assert out.features["head"] is out.features["main"]

@@ -32,7 +32,7 @@ def test_import_gives_identical_logits_for_both_branches(tmp_path):
         expected = ref(x)
         got = model(x).logits
     assert len(got) == 2
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
 
 
@@ -43,7 +43,7 @@ def test_full_size_release_maps_every_tensor_and_agrees():
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        for e, g in zip(ref(x), model(x).logits):
+        for e, g in zip(ref(x), model(x).logits, strict=True):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
