@@ -21,13 +21,12 @@ from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.data.transforms import load_image
 from mnpo.engine.config import config_from_dict
-from mnpo.engine.evaluate import evaluate_model, resize_for
-from mnpo.engine.evaluate_maps import EVAL_SIZE, build_report
-from mnpo.engine.localize import box_to_image
-from mnpo.engine.overlay import heatmap_overlay, save_gallery
+from mnpo.engine.evaluate import evaluate_model, protocol_overlay, resize_for
+from mnpo.engine.evaluate_maps import build_report
+from mnpo.engine.overlay import save_gallery
 from mnpo.engine.train import Trainer
 from mnpo.io import atomic_path, write_json_atomic
-from mnpo.metrics.boxes import cam_thresholds, predicted_boxes
+from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import load_model
 
 log = logging.getLogger(__name__)
@@ -133,16 +132,11 @@ def demo_table(results: dict[str, Any]) -> str:
 def _gallery(path: Path, image_root: Path, dataset: WSOLDataset, shown: list[str],
              maps: dict[str, dict[str, np.ndarray]], results: dict[str, Any]) -> None:
     tiles, captions = [], []
-    meta = dataset.meta
     for method, kept in maps.items():
         threshold = results[method]["calibrated"]["max_box_acc"]["threshold"]
         for image_id in shown:
             image = load_image(image_root / image_id)
-            w, h = image.size
-            boxes = [box_to_image(b, w, h, EVAL_SIZE) for b in predicted_boxes(kept[image_id], threshold)]
-            sw, sh = meta.sizes[image_id] if meta.sizes is not None else image.size
-            gt = (np.asarray(meta.boxes[image_id], float) * [w / sw, h / sh, w / sw, h / sh]).astype(int)
-            tiles.append(heatmap_overlay(image, kept[image_id], boxes=boxes, gt_boxes=gt))
+            tiles.append(protocol_overlay(image, kept[image_id], threshold, dataset.meta, image_id))
             captions.append(f"{method} t={threshold:.2f}")
     save_gallery(tiles, path, columns=len(shown), captions=captions)
 

@@ -283,16 +283,27 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     return report
 
 
-def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: str | Path, threshold: float) -> int:
-    """One PNG per image under ``out`` (``<image_id>.png``): the map on the image, the predicted
-    box (largest contour at ``threshold``) in green and the ground truth in red."""
-    from PIL import Image
-
-    from mnpo.data.metadata import read_split
-    from mnpo.data.transforms import load_image
+def protocol_overlay(image, scoremap: np.ndarray, threshold: float, meta, image_id: str):
+    """``image`` (PIL RGB) with its 224x224 ``scoremap`` as a heat map, the predicted box(es)
+    (largest contour at ``threshold``, scaled from the map's frame) in green and, for a box
+    split, the ground truth (scaled from the ``image_sizes.txt`` frame) in red."""
     from mnpo.engine.localize import box_to_image
     from mnpo.engine.overlay import heatmap_overlay
     from mnpo.metrics.boxes import predicted_boxes
+
+    w, h = image.size
+    boxes = [box_to_image(b, w, h, EVAL_SIZE) for b in predicted_boxes(scoremap, threshold)]
+    gt = np.zeros((0, 4), int)
+    if meta.boxes is not None:  # boxes are in the image_sizes.txt frame; the file may differ
+        sw, sh = meta.sizes[image_id] if meta.sizes is not None else image.size
+        gt = (np.asarray(meta.boxes[image_id], float) * [w / sw, h / sh, w / sw, h / sh]).astype(int)
+    return heatmap_overlay(image, scoremap, boxes=boxes, gt_boxes=gt)
+
+
+def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: str | Path, threshold: float) -> int:
+    """One PNG per image under ``out`` (``<image_id>.png``): see :func:`protocol_overlay`."""
+    from mnpo.data.metadata import read_split
+    from mnpo.data.transforms import load_image
 
     meta = read_split(metadata)
     written = 0
@@ -304,16 +315,8 @@ def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: 
             image = load_image(Path(data) / image_id)
         except ImageReadError:
             continue
-        scoremap = np.load(map_path)
-        w, h = image.size
-        boxes = [box_to_image(b, w, h, EVAL_SIZE) for b in predicted_boxes(scoremap, threshold)]
-        gt = np.zeros((0, 4), int)
-        if meta.boxes is not None:  # boxes are in the image_sizes.txt frame; the file may differ
-            sw, sh = meta.sizes[image_id] if meta.sizes is not None else image.size
-            gt = (np.asarray(meta.boxes[image_id], float) * [w / sw, h / sh, w / sw, h / sh]).astype(int)
         target = out / f"{image_id}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        overlay: Image.Image = heatmap_overlay(image, scoremap, boxes=boxes, gt_boxes=gt)
-        overlay.save(target)
+        protocol_overlay(image, np.load(map_path), threshold, meta, image_id).save(target)
         written += 1
     return written
