@@ -130,6 +130,18 @@ def _sum_curves(curves: BoxCurves | MaskCurves, ctx: DistContext) -> BoxCurves |
                      curves.iou_thresholds, None if top is None else top[0], None if top is None else top[1])
 
 
+def ten_crop_logits(model: torch.nn.Module, crops: torch.Tensor, chunk: int,
+                    channels_last: bool = False) -> torch.Tensor:
+    """The main branch's logits of every crop: ``(B, 10, 3, S, S)`` -> ``(B, 10, K)``, forwarded
+    ``chunk`` crops at a time under ``inference_mode`` (no graph kept; memory of one chunk)."""
+    flat = crops.flatten(0, 1)
+    if channels_last:
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        logits = torch.cat([model(flat[i:i + chunk]).logits[0] for i in range(0, len(flat), chunk)])
+    return logits.view(*crops.shape[:2], -1)
+
+
 def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: np.ndarray, method: str = "mnpos",
                    map_options: Mapping[str, Any] | None = None, device: torch.device = torch.device("cpu"),
                    precision: str = "fp32", map_precision: str = "fp32", batch_size: int = 64, workers: int = 0,
@@ -181,13 +193,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
                     crops = ten_crop_batch(sources, images.shape[-1])
                 else:
                     crops = batch["ten_crop"].to(device, non_blocking=True)
-                flat = crops.flatten(0, 1)
-                if channels_last:
-                    flat = flat.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision), torch.inference_mode():
-                    crop_logits = torch.cat([model(flat[i:i + batch_size]).logits[0].float()
-                                             for i in range(0, len(flat), batch_size)])
-                logits = crop_logits.view(len(labels), -1, crop_logits.shape[-1]).mean(1)
+                with autocast(device, precision):
+                    logits = ten_crop_logits(model, crops, batch_size, channels_last).float().mean(1)
             ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
             top1 += int((ranks < 1).sum())
             top5 += int((ranks < 5).sum())

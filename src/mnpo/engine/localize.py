@@ -224,12 +224,9 @@ def _ten_crop_probabilities(model, crops: torch.Tensor, chunk: int) -> torch.Ten
 
     ``crops`` (B, 10, 3, 224, 224), forwarded ``chunk`` crops at a time -> float64 (B, K).
     """
-    import torch
+    from mnpo.engine.evaluate import ten_crop_logits
 
-    flat = crops.flatten(0, 1)
-    with torch.inference_mode():
-        logits = torch.cat([model(flat[i:i + chunk]).logits[0] for i in range(0, len(flat), chunk)])
-    return logits.double().view(crops.shape[0], crops.shape[1], -1).mean(1).softmax(1)
+    return ten_crop_logits(model, crops, chunk).double().mean(1).softmax(1)
 
 
 def _localize_batch(model, batch, method, threshold, topk, class_names, map_options, chunk, device,
