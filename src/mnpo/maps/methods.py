@@ -165,14 +165,19 @@ def _target_layer(model, opts) -> str:
     return opts.target_layer or DEFAULT_GRADIENT_LAYER[model.layout.backbone]
 
 
-def _vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str, retain: bool = False) -> Tensor:
-    """``sum_i J_i^T vectors[i]`` at ``target`` over the outputs that depend on it (one truncated pass)."""
-    pairs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
+def _vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str, retain: bool = False,
+         batched: bool = False) -> Tensor:
+    """``sum_i J_i^T vectors[i]`` at ``target`` over the outputs that depend on it (one truncated pass).
+
+    ``batched``: every ``vectors[i]`` has a leading axis of products taken apart
+    (``is_grads_batched``); the result has that axis too.
+    """
+    pairs = [(o, v) for o, v in zip(outputs, vectors, strict=True) if o.requires_grad]
     if not pairs:
         raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
                          "choose a backbone layer or a layer of the main branch")
     (grad,) = torch.autograd.grad([o for o, _ in pairs], target, grad_outputs=[v for _, v in pairs],
-                                  retain_graph=retain)
+                                  retain_graph=retain, is_grads_batched=batched)
     return grad
 
 
@@ -218,17 +223,11 @@ def _per_branch_vjps(logits: list[Tensor], selector: Tensor, vectors: list[Tenso
     """``(sum_i J_i^T e_y, sum_i J_i^T v_i)`` from the 2n products taken one by one in a single
     batched backward pass, summed in float32."""
     n = len(logits)
-    used = [i for i, l in enumerate(logits) if l.requires_grad]
-    if not used:
-        raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
-                         "choose a backbone layer or a layer of the main branch")
     zero = torch.zeros_like(selector)
-    grad_outputs = [torch.stack([selector if k == i else zero for k in range(n)]
-                                + [vectors[i].to(selector.dtype) if k == i else zero for k in range(n)])
-                    for i in used]
-    (parts,) = torch.autograd.grad([logits[i] for i in used], target, grad_outputs=grad_outputs,
-                                   is_grads_batched=True)
-    parts = parts.float()
+    stacked = [torch.stack([selector if k == i else zero for k in range(n)]
+                           + [vectors[i].to(selector.dtype) if k == i else zero for k in range(n)])
+               for i in range(n)]
+    parts = _vjp(logits, stacked, target, layer, batched=True).float()
     return parts[:n].sum(0), parts[n:].sum(0)
 
 
