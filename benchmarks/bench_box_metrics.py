@@ -12,7 +12,6 @@ Prints per-image times and speed-ups, and the machine they were taken on.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from mnpo.metrics.boxes import box_ious, box_ious_reference, cam_thresholds
 from mnpo.metrics.localization import BoxEvaluator
+from machine_info import cpu_cores, cpu_name
 
 
 def make_maps(n: int, seed: int = 0, size: int = 224) -> tuple[np.ndarray, dict]:
@@ -37,14 +37,8 @@ def make_maps(n: int, seed: int = 0, size: int = 224) -> tuple[np.ndarray, dict]
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores available, Python {platform.python_version()}, OpenCV {cv2.__version__}"
+    return (f"{cpu_name()}, {cpu_cores()} cores available, Python {platform.python_version()}, "
+            f"OpenCV {cv2.__version__}")
 
 
 def main() -> None:

@@ -16,8 +16,6 @@ Three ways to make an evaluation item from a 500x375 JPEG (the ILSVRC / CUB phot
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from PIL import Image
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.data.transforms import load_image, localization_transform, normalize_batch, normalize_image, ten_crop_batch
+from machine_info import cpu_cores, cpu_name
 
 
 def write_images(root: Path, n: int) -> None:
@@ -62,14 +61,6 @@ def per_item(fn, n: int) -> float:
     for i in range(n):
         fn(i)
     return n / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "CPU"
 
 
 def through_loader(dataset, workers: int, batch: int, uint8: bool) -> float:
@@ -106,7 +97,7 @@ def main() -> None:
             normalize_batch(item["image"][None])
             ten_crop_batch(normalize_batch(item["ten_crop_source"][None]), 224)
 
-        cores = len(os.sched_getaffinity(0))
+        cores = cpu_cores()
         print(f"machine: {cpu_name()}, {cores} cores; torch {torch.__version__}, "
               f"Pillow {Image.__version__}; {args.images} JPEGs of 500x375; 1 torch thread per process\n")
         print(f"| pipeline | items/s, one process | items/s, loader ({args.workers} workers, batch {args.batch}) "

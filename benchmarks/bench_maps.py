@@ -18,7 +18,6 @@ with a GPU also the peak memory. The header names the device and the versions.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 
@@ -26,6 +25,7 @@ import torch
 
 from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
+from machine_info import cpu_cores, cpu_name
 
 
 def released_recipe_mnpos(model, images, targets):
@@ -51,13 +51,7 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or "CPU"
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name += f", {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+        name = f"{cpu_name()}, {cpu_cores()} cores, {torch.get_num_threads()} torch threads"
     return f"{name}; torch {torch.__version__}, Python {platform.python_version()}"
 
 

@@ -14,7 +14,6 @@ Prints a markdown table (device, versions, images/s, ratios, peak memory).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from mnpo.engine.runtime import autocast, resolve_device, resolve_precision
 from mnpo.engine.train import wsol_loss
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import build_model
+from machine_info import cpu_cores, cpu_name
 
 
 def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> None:
@@ -59,7 +59,7 @@ def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads)"
+    return f"{cpu_name()} ({cpu_cores()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def sync(device):
