@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
+from box_strategies import scoremaps
 
 from mnpo.metrics.boxes import (
     PAPER_THRESHOLDS,
@@ -131,21 +131,6 @@ def _same(a, b):
     return (np.array_equal(a.largest_boxes, b.largest_boxes)
             and np.array_equal(a.largest_iou, b.largest_iou)
             and np.array_equal(a.multi_iou, b.multi_iou))
-
-
-@st.composite
-def scoremaps(draw):
-    h = draw(st.integers(1, 24))
-    w = draw(st.integers(1, 24))
-    levels = draw(st.sampled_from([2, 3, 5, 256]))
-    raw = draw(hnp.arrays(np.int64, (h, w), elements=st.integers(0, levels - 1)))
-    s = raw / (levels - 1)
-    if draw(st.booleans()):
-        s = s.astype(np.float32)
-    x0 = draw(st.integers(0, w - 1))
-    y0 = draw(st.integers(0, h - 1))
-    gt = [[x0, y0, draw(st.integers(x0, w - 1)), draw(st.integers(y0, h - 1))]]
-    return s, gt
 
 
 @settings(max_examples=300, deadline=None)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
+from box_strategies import scoremaps
 
 from mnpo.metrics.boxes import box_ious_reference, predicted_boxes
 
@@ -79,16 +79,7 @@ def test_constant_positive_map_boxes_the_whole_image():
 
 @st.composite
 def cases(draw):
-    h = draw(st.integers(1, 24))
-    w = draw(st.integers(1, 24))
-    levels = draw(st.sampled_from([2, 3, 5, 256]))
-    raw = draw(hnp.arrays(np.int64, (h, w), elements=st.integers(0, levels - 1)))
-    s = raw / (levels - 1)
-    if draw(st.booleans()):
-        s = s.astype(np.float32)
-    x0 = draw(st.integers(0, w - 1))
-    y0 = draw(st.integers(0, h - 1))
-    gt = [x0, y0, draw(st.integers(x0, w - 1)), draw(st.integers(y0, h - 1))]
+    s, (gt,) = draw(scoremaps())
     return s, gt, draw(st.floats(0, 0.999))
 
 
