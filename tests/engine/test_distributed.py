@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tiny_models import tiny_vgg_mnpo
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
@@ -15,7 +16,7 @@ from mnpo.engine.evaluate import evaluate_model
 from mnpo.engine.runtime import DistContext, init_distributed
 from mnpo.engine.train import Trainer
 from mnpo.metrics.boxes import cam_thresholds
-from mnpo.models import build_model, load_model
+from mnpo.models import load_model
 
 
 def free_port():
@@ -24,17 +25,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    model = build_model("vgg16-mnpo", 3, width=0.0625)
-    with torch.no_grad():
-        model.classifier.weight.normal_(0, 0.5)
-    return model.eval()
-
-
 def evaluate_split(data, ctx, split="test"):
     dataset = WSOLDataset(data / "images", data / "metadata" / split, "evaluate", crop_size=48, resize_size=55)
-    return evaluate_model(tiny_model(), dataset, thresholds=cam_thresholds(0.05), method="mnpos", batch_size=2,
+    return evaluate_model(tiny_vgg_mnpo(), dataset, thresholds=cam_thresholds(0.05), method="mnpos", batch_size=2,
                           ctx=ctx, ten_crop=True)
 
 
