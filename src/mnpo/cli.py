@@ -133,6 +133,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_threshold_args(parser: argparse.ArgumentParser) -> None:
+    """The score-map threshold grid, shared by evaluate and evaluate-maps."""
+    parser.add_argument("--cam-curve-interval", type=float, default=0.01,
+                        help="score-map threshold step (default 0.01: thresholds 0, 0.01, ..., 0.99)")
+    parser.add_argument("--threshold-grid", choices=("full", "paper"), default="full",
+                        help="'full': 0, interval, ..., < 1 (wsolevaluation, default); 'paper': 0.05, 0.06, ..., "
+                        "0.34, the released MNPO code's sweep (its oracle numbers are the paper's)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnpo",
@@ -172,11 +181,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask-root", help="folder the mask paths of a mask split are relative to (PxAP)")
     ev.add_argument("--logits", help=".npy (N, C) class scores, rows in image_ids.txt order (Top-1/5 Loc)")
     ev.add_argument("--val-logits", help=".npy (N, C) class scores of the val split")
-    ev.add_argument("--cam-curve-interval", type=float, default=0.01,
-                    help="score-map threshold step (default 0.01: thresholds 0, 0.01, ..., 0.99)")
-    ev.add_argument("--threshold-grid", choices=("full", "paper"), default="full",
-                    help="'full': 0, interval, ..., < 1 (wsolevaluation, default); 'paper': 0.05, 0.06, ..., 0.34, "
-                    "the released MNPO code's sweep (its oracle numbers are the paper's)")
+    _add_threshold_args(ev)
     ev.add_argument("--workers", type=int, default=None, help="threads (default: available cores, at most 8)")
     ev.add_argument("--json", help="write the report as JSON to this file")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -238,10 +243,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
     ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),
                      help="MNPOs loss gradient (default released)")
-    ev2.add_argument("--cam-curve-interval", type=float, default=0.01, help="threshold step (default 0.01)")
-    ev2.add_argument("--threshold-grid", choices=("full", "paper"), default="full",
-                     help="'full': 0, interval, ..., < 1 (wsolevaluation, default); 'paper': 0.05, 0.06, ..., 0.34, "
-                    "the released MNPO code's sweep (its oracle numbers are the paper's)")
+    _add_threshold_args(ev2)
     ev2.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     ev2.add_argument("--workers", type=int, default=4, help="data loader processes (default 4)")
     ev2.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
