@@ -235,18 +235,18 @@ def _localize_batch(model, batch, method, threshold, topk, class_names, map_opti
     import cv2
     import torch
 
-    from mnpo.data.transforms import localization_transform, ten_crop
+    from mnpo.data.transforms import normalize_batch, ten_crop_batch, uint8_views
+    from mnpo.engine.evaluate import resize_for
     from mnpo.maps.methods import compute_maps
     from mnpo.metrics.boxes import predicted_boxes
 
     dtype = next(model.parameters()).dtype
-    images = [image for _, image in batch]
-    from mnpo.engine.evaluate import resize_for
-
-    crops = torch.stack([ten_crop(image, resize_for(input_size), input_size) for image in images]).to(device, dtype)
+    # both views from one decode, as uint8; normalized and ten-cropped batch-wise on the device
+    pairs = [uint8_views(image, input_size, resize_for(input_size)) for _, image in batch]
+    views = normalize_batch(torch.stack([v for v, _ in pairs]).to(device)).to(dtype)
+    sources = normalize_batch(torch.stack([src for _, src in pairs]).to(device))
+    crops = ten_crop_batch(sources, input_size).to(dtype)
     top_p, top_i = _ten_crop_probabilities(model, crops, chunk).topk(topk, dim=1)
-    view = localization_transform(input_size)
-    views = torch.stack([view(image) for image in images]).to(device, dtype)
     maps, _ = compute_maps(model, views, top_i[:, 0], method=method, size=(VIEW_SIZE, VIEW_SIZE), **map_options)
     maps = maps.cpu().numpy()
     results = []
