@@ -18,7 +18,9 @@ then evaluate on the test split, thresholds calibrated on val and oracle:
         [--train-seeds 0,1,2] [--out study-output]
 
 Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training seeds, on one
-synthetic data set) and ``OUT/study.json`` (every seed's numbers too). Meant for a GPU at 224 px; on a
+synthetic data set), ``OUT/study.json`` (every seed's numbers too) and ``OUT/figure-PRESET.png``
+(overlays of CAM, DGL, MNPO and MNPOs on a few test images: the two-branch network of the first
+training seed, boxes at the thresholds calibrated on val). Meant for a GPU at 224 px; on a
 CPU, shrink it (``--image-size 64 --width 0.125 --train-per-class 40 --epochs 5``) to check it.
 """
 
@@ -35,7 +37,9 @@ import torch
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
+from mnpo.data.metadata import read_split
 from mnpo.engine.config import config_from_dict
+from mnpo.engine.demo import method_gallery
 from mnpo.engine.evaluate import evaluate_model, resize_for
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import resolve_device, resolve_precision
@@ -63,6 +67,10 @@ EVALUATIONS = {
 }
 
 
+#: the rows drawn in the figure (two-branch network, first training seed)
+FIGURE_ROWS = ("CAM", "DGL", "MNPO", "MNPOs")
+
+
 def train(data: Path, out: Path, layout: str, args, seed: int) -> Path:
     cfg = config_from_dict({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": args.workers,
@@ -73,11 +81,15 @@ def train(data: Path, out: Path, layout: str, args, seed: int) -> Path:
         "eval": {"method": "cam", "metric": "top1_cls", "batch_size": args.batch},
         "runtime": {"out": str(out), "device": args.device, "seed": seed},
     }, source="study")
-    Trainer(cfg, progress=not args.quiet).fit()
+    resume = args.resume and (out / "last.pt").is_file()  # a finished run resumes to no epochs at all
+    Trainer(cfg, resume=resume, progress=not args.quiet).fit()
     return out / "best.pt"
 
 
-def evaluate(checkpoint: Path, data: Path, rows, args) -> list[dict]:
+def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> list[dict]:
+    """Every row's metrics on the test split (thresholds calibrated on val and oracle). With
+    ``kept``: also ``kept[label] = {image_id: map}`` for the test images in ``shown`` and
+    ``kept["thresholds"][label]``, the calibrated MaxBoxAcc threshold, for the figure."""
     device = resolve_device(args.device)
     precision = resolve_precision("fp32" if args.fp32_maps else "auto", device)
     model, _ = load_model(checkpoint)
@@ -89,8 +101,17 @@ def evaluate(checkpoint: Path, data: Path, rows, args) -> list[dict]:
     for label, method, options in rows:
         common = dict(thresholds=cam_thresholds(0.01), method=method, map_options=options, device=device,
                       precision=precision, batch_size=args.batch, workers=args.workers)
-        v, t = evaluate_model(model, val, **common), evaluate_model(model, test, **common)
+        maps = {}
+
+        def keep(batch, batch_maps, maps=maps):
+            maps.update((i, m) for i, m in zip(batch["image_id"], batch_maps) if i in shown)
+
+        v = evaluate_model(model, val, **common)
+        t = evaluate_model(model, test, on_batch=keep if kept is not None else None, **common)
         report = build_report(t.curves, v.curves, {})
+        if kept is not None and label in FIGURE_ROWS:
+            kept[label] = maps
+            kept.setdefault("thresholds", {})[label] = report.calibrated["max_box_acc"].threshold
         results.append({"label": label, "method": method, "options": options, "top1_cls": t.classification["top1_cls"],
                         **{f"{p}_{k}": getattr(report, p)[k].value
                            for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")}})
@@ -148,6 +169,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--train-seeds", default="0", help="comma-separated training seeds; the table gives "
                         "mean ± standard deviation over them")
+    parser.add_argument("--figure-images", type=int, default=6, help="test images per row of figure-PRESET.png")
+    parser.add_argument("--resume", action="store_true", help="continue each training run from its last.pt "
+                        "in OUT where there is one (a finished run is not trained again)")
     parser.add_argument("--fp32-maps", action="store_true", help="maps in fp32 even where bf16 is available")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -161,11 +185,19 @@ def main() -> None:
         write_synthetic_dataset(out=data, preset=preset, seed=args.seed, image_size=args.image_size,
                                 num_classes=args.classes, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, test_per_class=args.test_per_class)
+        test_ids = read_split(data / "metadata" / "test").image_ids
+        shown = test_ids[:: max(1, len(test_ids) // args.figure_images)][: args.figure_images]
         for layout, rows in EVALUATIONS.items():
             runs = []
             for seed in seeds:
                 checkpoint = train(data, out / f"{preset}-{layout}-seed{seed}", layout, args, seed)
-                runs.append(evaluate(checkpoint, data, rows, args))
+                kept = {} if layout == "vgg16-mnpo" and seed == seeds[0] else None
+                runs.append(evaluate(checkpoint, data, rows, args, shown, kept))
+                if kept is not None:
+                    thresholds = kept.pop("thresholds")
+                    test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate",
+                                       crop_size=args.image_size, resize_size=resize_for(args.image_size))
+                    method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
             all_results[(preset, layout)] = runs
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from mnpo.engine.overlay import caption_height
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -31,13 +34,22 @@ def test_bench_pipeline_prints_the_table(tmp_path):
     assert "`mnpo evaluate`, mnpos" in out and "training, plain torchvision VGG16 | " in out
 
 
-def test_study_writes_its_table(tmp_path):
-    out = run("study.py", "--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
-              "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
-              "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "-q")
+def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
+    args = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
+            "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+            "--workers", "0", "--device", "cpu", "--figure-images", "3", "--out", str(tmp_path), "-q"]
+    out = run("study.py", *args)
     table = (tmp_path / "study.md").read_text()
     assert table.strip() == out.strip()
     assert table.count("| parts | vgg16-mnpo |") == 7 and table.count("| parts | vgg16-cam |") == 4
+    with Image.open(tmp_path / "figure-parts.png") as figure:  # CAM, DGL, MNPO, MNPOs x 3 test images
+        assert figure.width == 3 * 160 and figure.height == 4 * (160 + caption_height())
+    csv = tmp_path / "parts-vgg16-mnpo-seed0" / "metrics.csv"
+    rows = csv.read_text()
+    # --resume: the finished runs are not trained again; the numbers are those of the same checkpoints
+    again = run("study.py", *args, "--resume")
+    assert csv.read_text() == rows
+    assert again.split("\n", 1)[1] == out.split("\n", 1)[1]  # all but the header line (it holds the time)
 
 
 def test_bench_input_prints_the_three_pipelines():

@@ -104,7 +104,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
             "pxap": pxap,
         }
         gallery_maps[method] = kept
-    _gallery(out / "gallery.png", data / "images", splits["test"], shown, gallery_maps, results)
+    method_gallery(out / "gallery.png", data / "images", splits["test"], shown, gallery_maps,
+                   {m: results[m]["calibrated"]["max_box_acc"]["threshold"] for m in gallery_maps})
     seconds = time.perf_counter() - start
     summary = {"settings": settings.__dict__, "epochs_trained": settings.epochs,
                "checkpoint": str(out / "run" / "best.pt"), "methods": results, "seconds": round(seconds, 1)}
@@ -129,16 +130,21 @@ def demo_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _gallery(path: Path, image_root: Path, dataset: WSOLDataset, shown: list[str],
-             maps: dict[str, dict[str, np.ndarray]], results: dict[str, Any]) -> None:
+def method_gallery(path: Path, image_root: Path, dataset: WSOLDataset, shown: list[str],
+                   maps: dict[str, dict[str, np.ndarray]], thresholds: dict[str, float]) -> Path:
+    """One PNG of overlays: a row per entry of ``maps`` (label -> image id -> 224x224 map), a
+    column per image id in ``shown``; each tile has its row's box at ``thresholds[label]``
+    (see :func:`~mnpo.engine.evaluate.protocol_overlay`) and the caption ``label t=...``."""
     tiles, captions = [], []
-    for method, kept in maps.items():
-        threshold = results[method]["calibrated"]["max_box_acc"]["threshold"]
+    for label, kept in maps.items():
+        missing = [i for i in shown if i not in kept]
+        if missing:
+            raise KeyError(f"method_gallery: no {label!r} map for {missing}")
         for image_id in shown:
             image = load_image(image_root / image_id)
-            tiles.append(protocol_overlay(image, kept[image_id], threshold, dataset.meta, image_id))
-            captions.append(f"{method} t={threshold:.2f}")
-    save_gallery(tiles, path, columns=len(shown), captions=captions)
+            tiles.append(protocol_overlay(image, kept[image_id], thresholds[label], dataset.meta, image_id))
+            captions.append(f"{label} t={thresholds[label]:.2f}")
+    return save_gallery(tiles, path, columns=len(shown), captions=captions)
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
