@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from mnpo.engine.config import PRECISIONS  # light (no torch): the precision choices of the parser
+
 log = logging.getLogger("mnpo")
 
 
@@ -247,10 +249,11 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     ev2.add_argument("--workers", type=int, default=4, help="data loader processes (default 4)")
     ev2.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    ev2.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                     help="of the ten-crop classification; auto: bf16 on a GPU that has it, else fp32")
-    ev2.add_argument("--map-precision", default="fp32", choices=("fp32", "bf16"),
-                     help="of the maps (default fp32: bf16 moves normalized maps by 1e-2 to 4e-2)")
+    ev2.add_argument("--precision", default="auto", choices=PRECISIONS,
+                     help="of the ten-crop classification; auto: bf16 on a GPU that has it, else fp32 "
+                          "(fp32 is strict; tf32: fp32 on TF32 tensor cores, CUDA only)")
+    ev2.add_argument("--map-precision", default="fp32", choices=PRECISIONS[1:],
+                     help="of the maps (default fp32, strict: bf16 moves normalized maps by 1e-2 to 4e-2)")
     ev2.add_argument("--no-ten-crop", action="store_true", help="classify from the 224x224 view instead")
     ev2.add_argument("--input-size", type=int, default=224,
                      help="network input side (default 224, the protocol; ten crops from 256/224 of it)")

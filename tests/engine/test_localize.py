@@ -337,14 +337,3 @@ def test_registering_the_subcommand_does_not_import_torch():
             "assert 'torch' not in sys.modules and 'cv2' not in sys.modules, 'heavy import'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
-
-def test_resolve_device():
-    from mnpo.engine.runtime import resolve_device
-
-    assert resolve_device("cpu") == torch.device("cpu")
-    if torch.cuda.is_available():
-        assert resolve_device("auto").type == "cuda"
-    else:
-        assert resolve_device("auto") == torch.device("cpu")
-        with pytest.raises(ValueError, match="no CUDA device"):
-            resolve_device("cuda")

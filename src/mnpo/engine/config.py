@@ -96,7 +96,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # see mnpo.engine.runtime.resolve_precision
 SELECTION_METRICS = ("max_box_acc", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pxap", "top1_cls")
 
 

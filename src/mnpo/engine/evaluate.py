@@ -150,8 +150,9 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
                    channels_last: bool = False) -> SplitResult:
     """Evaluate ``model`` (eval mode) on an ``evaluate``-mode data set.
 
-    precision: of the classification pass (``fp32`` or ``bf16`` autocast). map_precision: of the
-    map pass; fp32 by default because bf16 moves normalized maps by 1e-2 to 4e-2 (README).
+    precision: of the classification pass; map_precision: of the map pass; each ``fp32``
+    (strict: no TF32), ``tf32`` or ``bf16`` (see :func:`~mnpo.engine.runtime.resolve_precision`).
+    Maps are fp32 by default because bf16 moves normalized maps by 1e-2 to 4e-2 (README).
     ten_crop: classify from the ten-crop average (the protocol) or from the 224 view (faster,
     used for per-epoch validation). save_maps: write each 224x224 map as ``DIR/<image_id>.npy``.
     on_batch: called with ``(batch, maps)`` (e.g. to draw overlays). The box / mask metrics of a
@@ -247,7 +248,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     from mnpo.models import load_model
 
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec, map_prec = resolve_precision(precision, dev), resolve_precision(map_precision, dev)
     ctx = init_distributed(dev)
     model, payload = load_model(checkpoint)
     model.to(dev)
@@ -261,7 +262,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
                               crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True)
         return evaluate_model(model, dataset, thresholds=thresholds, method=method, map_options=map_options,
-                              device=dev, precision=prec, map_precision=map_precision,
+                              device=dev, precision=prec, map_precision=map_prec,
                               batch_size=batch_size, workers=workers,
                               ten_crop=ten_crop, ctx=ctx, save_maps=maps_to, progress=progress,
                               channels_last=channels_last)
@@ -270,7 +271,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     val = None if val_metadata is None else split(val_metadata, None)
     info = {
         "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
-        "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_precision,
+        "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,
         "num_images": test.num_images,
         "skipped_images": test.skipped, "classification": test.classification,
         "classification_view": "ten-crop" if ten_crop else "224x224",

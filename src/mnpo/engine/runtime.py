@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mnpo.engine.config import PRECISIONS
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the local CUDA device when there is one, else the CPU."""
@@ -28,16 +30,45 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a CUDA device that has it, fp32 elsewhere (exact CPU runs)."""
+    """``auto`` -> bf16 on a CUDA device that has it, fp32 elsewhere (exact CPU runs).
+
+    ``fp32``: float32 throughout; on CUDA, TF32 tensor cores are switched off for the pass.
+    ``tf32``: float32 tensors, matmuls and convolutions on TF32 tensor cores (CUDA only; on
+    other devices it resolves to ``fp32``). ``bf16``: bf16 autocast.
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "tf32" and device.type != "cuda":
+        return "fp32"
     return name
 
 
+@contextlib.contextmanager
+def tf32_enabled(enabled: bool):
+    """Inside: CUDA matmuls and cuDNN convolutions use TF32 tensor cores iff ``enabled``;
+    the previous settings come back on exit."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
+
+
 def autocast(device: torch.device, precision: str):
-    """The autocast context for ``precision`` (a no-op for fp32)."""
+    """The context of a pass at a resolved ``precision`` (see :func:`resolve_precision`):
+    bf16 autocast, TF32 on (``tf32``) or off (``fp32``) on CUDA, nothing on other devices."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"autocast: precision {precision!r} is not resolved; use fp32, tf32 or bf16")
+    if device.type == "cuda":
+        return tf32_enabled(precision == "tf32")
     return contextlib.nullcontext()
 
 
