@@ -6,7 +6,8 @@ Data: synthetic JPEGs (default 500x375, like ILSVRC photos) in the wsolevaluatio
 process on whatever device is present, at a size that fills it (``--batch``).
 
     python benchmarks/bench_pipeline.py [--device auto] [--images 512] [--batch 64] [--workers 8]
-        [--classes 1000] [--precision auto] [--methods cam,mnpo,mnpos] [--data /tmp/mnpo-bench]
+        [--classes 1000] [--precision auto] [--methods cam,mnpo,mnpos] [--map-precisions fp32,tf32]
+        [--data /tmp/mnpo-bench]
 
 Prints a markdown table (device, versions, images/s, ratios, peak memory).
 """
@@ -114,7 +115,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--methods", default="cam,mnpo,mnpos")
-    parser.add_argument("--map-precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--map-precisions", default="fp32",
+                        help="comma-separated precisions of the map pass (fp32 strict, tf32, bf16): one row each")
     parser.add_argument("--float-views", action="store_true",
                         help="normalize and ten-crop in the loader (the old way) instead of on the device")
     parser.add_argument("--train-steps", type=int, default=40)
@@ -124,11 +126,10 @@ def main() -> None:
     precision = resolve_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     root = Path(args.data)
     write_data(root, args.images, args.classes, (500, 375))
     print(f"device: {device_name(device)}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"Python {platform.python_version()}; precision {precision} (maps {args.map_precision}), channels-last")
+          f"Python {platform.python_version()}; classification {precision}, channels-last")
     print(f"data: {args.images} synthetic 500x375 JPEGs, {args.classes} classes, batch {args.batch}, "
           f"{args.workers} loader workers; MNPO width {args.width}\n")
     print("| job | images/s | ratio | peak GPU GiB |\n|---|---:|---:|---:|")
@@ -138,18 +139,19 @@ def main() -> None:
     test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=not args.float_views)
     rows = []
     for method in args.methods.split(","):
-        peak_reset(device)
-        evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
-                       precision=precision, map_precision=args.map_precision, batch_size=args.batch,
-                       workers=args.workers, channels_last=True)  # warm-up pass
-        sync(device)
-        start = time.perf_counter()
-        evaluate_model(model, test, thresholds=cam_thresholds(0.01), method=method, device=device,
-                       precision=precision, map_precision=args.map_precision, batch_size=args.batch,
-                       workers=args.workers, channels_last=True)
-        sync(device)
-        rate = len(test) / (time.perf_counter() - start)
-        rows.append((f"`mnpo evaluate`, {method} (ten-crop + maps + box metrics)", rate, None, peak(device)))
+        for map_precision in [resolve_precision(p, device) for p in args.map_precisions.split(",")]:
+            common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
+                          map_precision=map_precision, batch_size=args.batch, workers=args.workers,
+                          channels_last=True)
+            peak_reset(device)
+            evaluate_model(model, test, **common)  # warm-up pass
+            sync(device)
+            start = time.perf_counter()
+            evaluate_model(model, test, **common)
+            sync(device)
+            rate = len(test) / (time.perf_counter() - start)
+            rows.append((f"`mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics)", rate,
+                         None, peak(device)))
 
     train = WSOLDataset(root / "images", root / "metadata" / "train", "train")
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, num_workers=args.workers,

@@ -68,3 +68,31 @@ def test_study_summary_over_seeds():
     assert row["label"] == "CAM" and row["top1_cls"] == (12.0, pytest.approx(2 ** 0.5 * 2))
     assert study._cell(row["top1_cls"]) == "12.0 ± 2.8"
     assert study._cell((5.0, None)) == "5.0"
+
+
+def test_check_precision_reports_every_configuration(tmp_path):
+    """On the CPU: tf32 is fp32 (difference exactly 0), channels-last moves maps by float
+    rounding only, bf16 by more; the default configuration passes a tight tolerance and fails a
+    negative one (exit status 1, the failure named)."""
+    from mnpo.data.synthetic import write_synthetic_dataset
+    from mnpo.models.checkpoint import save_checkpoint
+    from tiny_models import tiny_vgg_mnpo
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(out=data, preset="parts", seed=0, image_size=32, num_classes=3, train_per_class=1,
+                            val_per_class=2, test_per_class=2)
+    save_checkpoint(tmp_path / "model.pt", tiny_vgg_mnpo(3))
+    args = ["--checkpoint", str(tmp_path / "model.pt"), "--data", str(data), "--device", "cpu", "--batch", "4",
+            "--workers", "0", "--input-size", "64", "--methods", "mnpos,cam"]
+    out = run("check_precision.py", *args, "--tolerance", "0", "--out", str(tmp_path / "check.md"))
+    assert (tmp_path / "check.md").read_text() == out
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [float(c) for c in line.split("|")[3:7]]
+            for line in out.splitlines() if line.startswith("| mnpos") or line.startswith("| cam")}
+    for method in ("mnpos", "cam"):
+        assert rows[(method, "fp32")][:2] == [0.0, 0.0]
+        assert rows[(method, "fp32 (asked tf32)")] == rows[(method, "fp32")]
+        assert rows[(method, "fp32, channels-last")][0] < 1e-4
+        assert 0 < rows[(method, "bf16")][0] < 0.5
+    failed = subprocess.run([sys.executable, str(SCRIPTS / "check_precision.py"), *args, "--tolerance", "-1"],
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1 and "FAIL mnpos: default maps (fp32) moved by 0.00e+00 > -1" in failed.stderr
