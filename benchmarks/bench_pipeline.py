@@ -15,7 +15,9 @@ Prints a markdown table (device, versions, images/s, ratios, peak memory).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -35,9 +37,15 @@ from machine_info import cpu_cores, cpu_name
 
 
 def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> None:
-    """Synthetic JPEG photos with one box each, for ``train`` and ``test`` (same images)."""
-    if (root / "metadata" / "test" / "image_ids.txt").is_file():
+    """Synthetic JPEG photos with one box each, for ``train`` and ``test`` (same images); a set
+    that ``root`` already holds is reused when it was written with the same settings."""
+    settings = json.dumps({"images": images, "classes": classes, "size": list(size)})
+    stamp = root / "bench-data.json"
+    if stamp.is_file() and stamp.read_text() == settings:
         return
+    if root.is_dir() and any(root.iterdir()) and not stamp.is_file():
+        raise SystemExit(f"--data {root}: exists and was not written by this script; choose another folder")
+    shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
     ids, labels, sizes, boxes = [], {}, {}, {}
     w, h = size
@@ -55,6 +63,7 @@ def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> 
     meta = SplitMetadata(image_ids=tuple(ids), labels=labels, sizes=sizes, boxes=boxes)
     for split in ("train", "val", "test"):
         write_split(root / "metadata" / split, meta)
+    stamp.write_text(settings)
 
 
 def device_name(device: torch.device) -> str:
@@ -139,7 +148,7 @@ def main() -> None:
     test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=not args.float_views)
     rows = []
     for method in args.methods.split(","):
-        for map_precision in [resolve_precision(p, device) for p in args.map_precisions.split(",")]:
+        for map_precision in dict.fromkeys(resolve_precision(p, device) for p in args.map_precisions.split(",")):
             common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
                           map_precision=map_precision, batch_size=args.batch, workers=args.workers,
                           channels_last=True)

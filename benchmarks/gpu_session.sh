@@ -1,21 +1,81 @@
 #!/bin/sh
-# The device run of issue 6, prepared to fit one device session (budget: about 10 minutes of
-# an H100/H200; run it with the device tool, e.g. `sh benchmarks/gpu_session.sh`, timeout 600).
-# It writes markdown tables under $OUT (the device tool's output folder) for BENCHMARKS.md.
+# The device run of issue 6 in one call, sized for a 15-minute device budget: about 8 minutes
+# here, so that the machine's start (1-2 min) and a short second call still fit. Run it with the
+# device tool from the repository root: `sh benchmarks/gpu_session.sh`, timeout_s 560.
 #
-# The device image has torch, torchvision, OpenCV and Triton but no network: mnpo runs from
-# src/ (PYTHONPATH); numba is optional (box metrics fall back to the OpenCV loop, slower);
-# pyyaml and tqdm must be importable (carry them, e.g. `pip install --target deps pyyaml tqdm`
-# and pass deps in `carry`; they are pure Python).
-set -eu
+# Each step has its own time limit and the run goes on past a failed step; every step writes its
+# table into $OUT as soon as it ends, so a run cut short still returns what it finished. $OUT
+# (the device tool's output folder; at most 8 files come back) gets:
+#   maps.md        bench_maps.py, bf16 and fp32/tf32, batch 256 (device, versions, peak memory)
+#   pipeline.md    bench_pipeline.py: `mnpo evaluate` per method and map precision, training
+#                  images/s of the released layout against plain torchvision VGG16, peak memory
+#   study.md/.json study.py at 224 px, full width, both presets (one training seed; three if time allows)
+#   figure-parts.png, figure-shapes.png   the study's overlays
+#   precision.md   check_precision.py on the study's `parts` network (exit 1 if default maps drift)
+#   log.txt        versions, every step's stderr and exit status, the study's printed tables
+#
+# The device image (Python 3.12, torch 2.11, torchvision 0.26) holds OpenCV, numba, pyyaml, tqdm
+# and tensorboard, as read on 2026-11-17 (device KINDS.md); mnpo runs from src/ via PYTHONPATH. If
+# one is missing there, carry it (`pip install --target deps NAME` here, `carry: ["deps"]`).
+set -u
 OUT=${OUT:-gpu-out}
+# Sizes (defaults: the H200/H100 run); a smoke run on a CPU shrinks them, e.g.
+# DEVICE=cpu BATCH=4 IMAGES=8 CLASSES=5 WIDTH=0.0625 SIZE=32 PER_CLASS=4 EPOCHS=1 WORKERS=0 sh benchmarks/gpu_session.sh
+DEVICE=${DEVICE:-cuda} BATCH=${BATCH:-256} IMAGES=${IMAGES:-2048} CLASSES=${CLASSES:-1000} WIDTH=${WIDTH:-1.0}
+SIZE=${SIZE:-224} PER_CLASS=${PER_CLASS:-100} EPOCHS=${EPOCHS:-30} WORKERS=${WORKERS:-12}
 mkdir -p "$OUT"
-export PYTHONPATH="src:deps${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import torch, torchvision, cv2, yaml, tqdm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
-python -c "import numba" 2>/dev/null && echo "numba: yes" >> "$OUT/env.txt" || echo "numba: no (OpenCV box loop)" >> "$OUT/env.txt"
-# (1) maps per method, bf16 and fp32/tf32, vs the released MNPOs recipe
-timeout 120 python benchmarks/bench_maps.py --device cuda --batch 256 --repeats 5 --bf16 --channels-last | tee "$OUT/maps-bf16.md"
-timeout 120 python benchmarks/bench_maps.py --device cuda --batch 256 --repeats 5 --channels-last | tee "$OUT/maps-fp32.md"
-# (2) end to end: mnpo evaluate per method; training images/s, MNPO vs plain VGG16; peak memory
-timeout 300 python benchmarks/bench_pipeline.py --device cuda --images 4096 --batch 256 --workers 14 \
-  --classes 1000 --methods cam,mnpo,mnpos --train-steps 40 --data /tmp/mnpo-bench | tee "$OUT/pipeline.md"
+export PYTHONPATH="src:deps${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+STUDY=${STUDY:-/tmp/mnpo-study}
+
+step() {  # step NAME SECONDS STDOUT-FILE COMMAND...: run with a time limit, append its output to
+    name=$1 limit=$2 target=$3  # STDOUT-FILE and its stderr to the log, note its exit status
+    shift 3
+    begin=$(date +%s)
+    echo "== $name: $*" >>"$LOG"
+    timeout -k 10 "$limit" "$@" >>"$target" 2>>"$LOG"
+    echo "== $name: exit $? after $(($(date +%s) - begin)) s" >>"$LOG"
+}
+
+keep_study() {  # the study's table, numbers and figures into $OUT (the study writes them at its end)
+    for f in study.md study.json figure-parts.png figure-shapes.png; do
+        if [ -f "$STUDY/$f" ]; then cp "$STUDY/$f" "$OUT/$f"; fi
+    done
+}
+
+python3 -c "import sys, torch, torchvision, cv2, yaml, tqdm; print('Python', sys.version.split()[0], 'torch', \
+torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" \
+  >>"$LOG" 2>&1
+if python3 -c "import numba" 2>/dev/null; then echo "numba: yes" >>"$LOG"; else echo "numba: no (OpenCV loop)" >>"$LOG"; fi
+
+# (1) maps per method against the released MNPOs recipe, bf16 then fp32/tf32 (about 1 min)
+rm -f "$OUT/maps.md"
+step maps-bf16 60 "$OUT/maps.md" python3 benchmarks/bench_maps.py --device "$DEVICE" --batch "$BATCH" \
+  --repeats 5 --width "$WIDTH" --classes "$CLASSES" --bf16 --channels-last
+echo >>"$OUT/maps.md"
+step maps-fp32 60 "$OUT/maps.md" python3 benchmarks/bench_maps.py --device "$DEVICE" --batch "$BATCH" \
+  --repeats 5 --width "$WIDTH" --classes "$CLASSES" --channels-last
+
+# (2) end to end: evaluate per method (mnpos with strict fp32 and with tf32 maps), training MNPO
+# vs plain VGG16, peak memory; synthetic 500x375 JPEGs, 1000 classes (about 2 min)
+step pipeline 150 "$OUT/pipeline.md" python3 benchmarks/bench_pipeline.py --device "$DEVICE" --images "$IMAGES" \
+  --batch "$BATCH" --workers "$WORKERS" --classes "$CLASSES" --width "$WIDTH" --methods cam,mnpo,mnpos \
+  --map-precisions fp32,tf32 --train-steps 30 --data /tmp/mnpo-bench
+
+# (3) the synthetic study, the released layout from scratch: one training seed first (its table
+# is kept), then seeds 0, 1 and 2 (--resume: seed 0 is not trained again)
+study() {
+    step "$1" 150 "$LOG" python3 benchmarks/study.py --image-size "$SIZE" --classes 8 --train-per-class "$PER_CLASS" \
+      --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" --batch 64 --width "$WIDTH" --workers "$WORKERS" \
+      --device "$DEVICE" --out "$STUDY" -q --resume --train-seeds "$2"
+    keep_study
+}
+study study-seed0 0
+
+# (4) map drift of tf32 / bf16 / channels-last against strict fp32 on the trained parts network
+step precision 45 /dev/null python3 benchmarks/check_precision.py --checkpoint "$STUDY/parts-vgg16-mnpo-seed0/best.pt" \
+  --data "$STUDY/parts" --input-size "$SIZE" --methods mnpos,cam --device "$DEVICE" --batch 128 \
+  --workers "$WORKERS" --out "$OUT/precision.md"
+
+study study-seeds012 0,1,2
+echo "== done" >>"$LOG"

@@ -96,3 +96,27 @@ def test_check_precision_reports_every_configuration(tmp_path):
     failed = subprocess.run([sys.executable, str(SCRIPTS / "check_precision.py"), *args, "--tolerance", "-1"],
                             capture_output=True, text=True, timeout=600)
     assert failed.returncode == 1 and "FAIL mnpos: default maps (fp32) moved by 0.00e+00 > -1" in failed.stderr
+
+
+def test_bench_pipeline_data_is_rewritten_when_its_settings_change(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_pipeline
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from mnpo.data.metadata import read_split
+
+    root = tmp_path / "bench"
+    bench_pipeline.write_data(root, 6, 50, (40, 30))
+    first = (root / "images" / "img" / "000000.jpg").stat().st_mtime_ns
+    bench_pipeline.write_data(root, 6, 50, (40, 30))  # same settings: reused
+    assert (root / "images" / "img" / "000000.jpg").stat().st_mtime_ns == first
+    bench_pipeline.write_data(root, 4, 2, (40, 30))  # fewer classes: rewritten, labels in range
+    meta = read_split(root / "metadata" / "test")
+    assert len(meta.image_ids) == 4 and set(meta.labels.values()) <= {0, 1}
+    (tmp_path / "empty").mkdir()
+    bench_pipeline.write_data(tmp_path / "empty", 2, 2, (40, 30))  # an empty folder is fine
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="was not written by this script"):
+        bench_pipeline.write_data(tmp_path / "mine", 4, 2, (40, 30))
