@@ -39,6 +39,33 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_metadata(args: argparse.Namespace) -> int:
+    from mnpo.data import make_metadata as mm
+
+    sources = [flag for flag in ("boxes", "voc", "coco") if getattr(args, flag)]
+    if len(sources) > 1:
+        raise ValueError(f"give one box source, not {', '.join('--' + s for s in sources)}")
+    images = mm.scan_image_tree(args.root)
+    ids = [im.image_id for im in images]
+    if args.boxes:
+        boxes = mm.read_box_csv(args.boxes)
+    elif args.voc:
+        boxes = mm.read_voc_boxes(args.voc, ids)
+    elif args.coco:
+        boxes = mm.read_coco_boxes(args.coco, ids)
+    else:
+        boxes = {}
+    names = mm.read_class_names(args.classes) if args.classes else None
+    splits = mm.make_metadata(args.root, args.out, boxes=boxes, class_names=names, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, seed=args.seed, workers=args.workers, images=images)
+    classes = len(names) if names else len({im.class_name for im in images})
+    print(f"wrote {args.out}: {classes} classes; " + ", ".join(
+        f"{split} {len(m)} images" + (f" ({m.num_boxes} boxes)" if m.boxes is not None else "")
+        for split, m in splits.items()))
+    print(f"train with: mnpo train --config CONFIG data.root={args.root} data.metadata={args.out}")
+    return 0
+
+
 def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
     from mnpo.engine.evaluate_maps import evaluate_map_folders
     from mnpo.io import write_json_atomic
@@ -167,6 +194,26 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val-per-class", type=int, default=5, help="val images per class, fully supervised (default 5)")
     synth.add_argument("--test-per-class", type=int, default=20, help="test images per class (default 20)")
     synth.set_defaults(func=_cmd_synth)
+
+    mk = sub.add_parser(
+        "make-metadata",
+        help="metadata for your own data: class folders plus boxes -> train/val/test split folders",
+        description="Scan ROOT/<class>/... (split at random per class) or ROOT/{train,val,test}/<class>/... for "
+        "images, read boxes from a CSV (path,x0,y0,x1,y1, inclusive pixels), Pascal VOC XML or COCO JSON, check "
+        "them against the image sizes and write OUT/{train,val,test}/ in the wsolevaluation layout plus "
+        "OUT/class_names.txt. Every val and test image needs a box.",
+    )
+    mk.add_argument("root", help="image root: class folders, or train/val/test folders of class folders")
+    mk.add_argument("out", help="metadata folder to write (train/, val/, test/, class_names.txt)")
+    mk.add_argument("--boxes", metavar="CSV", help="boxes as path,x0,y0,x1,y1 lines (paths relative to ROOT)")
+    mk.add_argument("--voc", metavar="DIR", help="Pascal VOC XML folder (<path>.xml or <name>.xml per image)")
+    mk.add_argument("--coco", metavar="JSON", help="COCO annotation file (bbox [x, y, w, h])")
+    mk.add_argument("--classes", metavar="FILE", help="class order, one name per line (default: sorted folder names)")
+    mk.add_argument("--val-fraction", type=float, default=0.1, help="per class, for ROOT/<class>/ (default 0.1)")
+    mk.add_argument("--test-fraction", type=float, default=0.1, help="per class, for ROOT/<class>/ (default 0.1)")
+    mk.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    mk.add_argument("--workers", type=int, default=8, help="threads reading image sizes (default 8)")
+    mk.set_defaults(func=_cmd_make_metadata)
 
     ev = sub.add_parser(
         "evaluate-maps",

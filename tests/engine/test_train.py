@@ -146,3 +146,27 @@ def test_mask_split_training_validates_by_pxap(synth, tmp_path):
         Trainer(config(synth, out, data=masks), progress=False)
     with pytest.raises(ConfigError, match="data.mask_root: required"):
         Trainer(config(synth, out, data={**masks, "mask_root": None}, eval={"metric": "pxap"}), progress=False)
+
+
+def test_class_names_from_the_metadata_reach_the_checkpoint(synth, tmp_path):
+    """`mnpo make-metadata` writes metadata/class_names.txt; training stores the names in its
+    checkpoints (for `mnpo localize`) and takes the class count from them."""
+    import shutil
+
+    from mnpo.models.checkpoint import read_checkpoint
+
+    meta = tmp_path / "metadata"
+    shutil.copytree(synth / "metadata", meta)
+    (meta / "class_names.txt").write_text("circle\nsquare\ntriangle\nunseen\n")
+    cfg = config(synth, tmp_path / "run", data={"metadata": str(meta)}, optim={"epochs": 1})
+    Trainer(cfg, progress=False).fit()
+    for name in ("best.pt", "last.pt"):
+        payload = read_checkpoint(tmp_path / "run" / name)
+        assert payload["meta"]["class_names"] == ["circle", "square", "triangle", "unseen"]
+    model, _ = load_model(tmp_path / "run" / "best.pt")
+    assert model.num_classes == 4  # the list, not the largest label (2), sets the count
+    with pytest.raises(ConfigError, match=r"data.num_classes: 3, but .*class_names.txt names 4 classes"):
+        Trainer(config(synth, tmp_path / "r2", data={"metadata": str(meta), "num_classes": 3}), progress=False)
+    (meta / "class_names.txt").write_text("a\na\n")
+    with pytest.raises(ConfigError, match=r"data.metadata: .*class_names.txt:2: class 'a' listed twice"):
+        Trainer(config(synth, tmp_path / "r3", data={"metadata": str(meta)}), progress=False)

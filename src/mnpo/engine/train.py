@@ -28,6 +28,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mnpo.data.dataset import WSOLDataset
+from mnpo.data.make_metadata import CLASS_NAMES, AnnotationError, read_class_names
 from mnpo.data.metadata import read_split
 from mnpo.engine.config import ConfigError, TrainConfig
 from mnpo.engine.evaluate import SkipUnreadable, collate_skipping, evaluate_model
@@ -95,9 +96,10 @@ class Trainer:
         self.ctx = init_distributed(self.device)
         self.out = Path(cfg.runtime.out)
         self._check_data()
+        self.class_names = self._class_names()
         self.train_set, self.val_set = self._datasets()
         self._check_metric()
-        self.num_classes = cfg.data.num_classes or self.train_set.meta.num_classes
+        self.num_classes = self._num_classes() or self.train_set.meta.num_classes
         seed_everything(cfg.runtime.seed)
         self.model = self._model().to(self.device)
         if cfg.runtime.channels_last:
@@ -148,14 +150,31 @@ class Trainer:
         if kind == "mask" and self.cfg.data.mask_root is None:
             raise ConfigError("data.mask_root: required, the val split is a mask split")
 
+    def _class_names(self) -> list[str] | None:
+        """The names in ``data.metadata/class_names.txt`` (``mnpo make-metadata`` writes it), if any."""
+        path = Path(self.cfg.data.metadata) / CLASS_NAMES
+        if not path.is_file():
+            return None
+        try:
+            names = read_class_names(path)
+        except AnnotationError as err:
+            raise ConfigError(f"data.metadata: {err}") from None
+        if self.cfg.data.num_classes is not None and len(names) != self.cfg.data.num_classes:
+            raise ConfigError(f"data.num_classes: {self.cfg.data.num_classes}, but {path} names {len(names)} classes")
+        return names
+
+    def _num_classes(self) -> int | None:
+        """``data.num_classes``, else the length of the class-name list, else ``None`` (from labels)."""
+        return self.cfg.data.num_classes or (len(self.class_names) if self.class_names else None)
+
     def _datasets(self) -> tuple[WSOLDataset, WSOLDataset]:
         d = self.cfg.data
         meta = Path(d.metadata)
-        train_meta = read_split(meta / "train", d.num_classes)
+        train_meta = read_split(meta / "train", self._num_classes())
         train = WSOLDataset(d.root, train_meta, "train", crop_size=d.crop_size, resize_size=d.resize_size,
                             random_resized=d.random_resized)
         val = WSOLDataset(d.root, meta / "val", "evaluate", num_per_class=d.val_per_class,
-                          num_classes=d.num_classes or train_meta.num_classes, mask_root=d.mask_root,
+                          num_classes=self._num_classes() or train_meta.num_classes, mask_root=d.mask_root,
                           crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed,
                           uint8_views=True)
         return train, val
@@ -303,6 +322,8 @@ class Trainer:
                     writer.flush()
                 meta = {"val_metrics": values, "epoch": epoch + 1,
                         "operating_threshold": thresholds.get("max_box_acc")}
+                if self.class_names is not None:
+                    meta["class_names"] = self.class_names
                 training = {"epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict(), "best": self.best, "rng": rng_state(),
                             "config": self.cfg.to_dict()}
