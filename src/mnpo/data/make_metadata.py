@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from mnpo.data.metadata import SplitMetadata, write_split
+from mnpo.io import atomic_path
 
 __all__ = ["CLASS_NAMES", "IMAGE_EXTENSIONS", "SPLITS", "AnnotationError", "TreeImage", "make_metadata",
            "read_box_csv", "read_class_names", "read_coco_boxes", "read_voc_boxes", "scan_image_tree"]
@@ -344,8 +345,6 @@ def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Map
                                       sizes={i: sizes[i] for i in split_ids}, boxes=split_boxes)
     for split, meta in result.items():
         write_split(out / split, meta)
-    from mnpo.io import atomic_path
-
     with atomic_path(out / CLASS_NAMES) as tmp:
         Path(tmp).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
     return result
