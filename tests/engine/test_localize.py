@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -337,3 +338,17 @@ def test_registering_the_subcommand_does_not_import_torch():
             "assert 'torch' not in sys.modules and 'cv2' not in sys.modules, 'heavy import'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+def test_folders_expand_to_the_images_below_them(files, tmp_path):
+    from mnpo.engine.localize import expand_image_paths
+
+    paths, bad = files
+    root = str(Path(paths[0]).parent)
+    (Path(root) / "notes.txt").write_text("not an image")
+    expanded = expand_image_paths([root, "missing.png"])
+    assert expanded == sorted([*paths, bad]) + ["missing.png"]  # recursive, sorted; files kept as given
+    (tmp_path / "empty" / "deep").mkdir(parents=True)
+    (tmp_path / "empty" / "deep" / "x.txt").write_text("")
+    with pytest.raises(ValueError, match=r"empty: a folder without images \(extensions: .*\.jpg"):
+        expand_image_paths([str(tmp_path / "empty")])

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_THRESHOLD", "ClassScore", "ImageLocalization", "LocalizeError", "LocalizeReport",
-    "SkippedImage", "add_localize_parser", "box_to_image", "localize_images",
+    "SkippedImage", "add_localize_parser", "box_to_image", "expand_image_paths", "localize_images",
     "run_localize", "unique_stems", "write_localization",
 ]
 
@@ -361,7 +361,8 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         help="an mnpo checkpoint (from training or `mnpo import-checkpoint`); class names and "
                         "the operating threshold are read from its meta when it has them")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files of any size, in any format Pillow reads")
+                        help="image files of any size, in any format Pillow reads, or folders (every image "
+                        "below them)")
     parser.add_argument("--out", default="localize-output", metavar="DIR",
                         help="output folder, created if needed (default: localize-output)")
     parser.add_argument("--method", choices=METHOD_CHOICES, default="mnpo",
@@ -403,6 +404,26 @@ def _summary(result: ImageLocalization) -> str:
     return f"{result.path} ({width}x{height}): {label} {best.probability:.1%}, {box}"
 
 
+def expand_image_paths(paths: Sequence[str]) -> list[str]:
+    """The arguments, with each folder replaced by the image files below it (recursively, sorted;
+    see :data:`mnpo.data.make_metadata.IMAGE_EXTENSIONS`). Files are kept as given, even
+    unreadable ones (they are skipped and listed later). Raises ValueError for a folder without images."""
+    from mnpo.data.make_metadata import IMAGE_EXTENSIONS
+
+    expanded = []
+    for arg in paths:
+        folder = Path(arg)
+        if not folder.is_dir():
+            expanded.append(arg)
+            continue
+        found = sorted(str(p) for p in folder.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if not found:
+            raise ValueError(f"{folder}: a folder without images (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
+        expanded.extend(found)
+    return expanded
+
+
 def run_localize(args: argparse.Namespace) -> int:
     """The ``localize`` subcommand: load the checkpoint, localize, write, print a summary."""
     from mnpo.models import load_model
@@ -416,7 +437,7 @@ def run_localize(args: argparse.Namespace) -> int:
     elif meta_threshold is not None:
         threshold = meta_threshold
         log.info("threshold %s: the checkpoint's operating_threshold", threshold)
-    report = localize_images(model, args.images, method=args.method, threshold=threshold, topk=args.topk,
+    report = localize_images(model, expand_image_paths(args.images), method=args.method, threshold=threshold, topk=args.topk,
                              class_names=class_names, batch_size=args.batch_size, device=args.device,
                              input_size=args.input_size)
     path = write_localization(report, args.out, overlays=not args.no_overlays, save_maps=args.save_maps)
