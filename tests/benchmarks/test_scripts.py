@@ -120,3 +120,20 @@ def test_bench_pipeline_data_is_rewritten_when_its_settings_change(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="was not written by this script"):
         bench_pipeline.write_data(tmp_path / "mine", 4, 2, (40, 30))
+
+
+def test_flops_counts_multiply_adds_twice_as_torchvision_documents():
+    """torchvision lists VGG16 at 15.47 G operations (multiply-adds); the script counts two per."""
+    import torchvision
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import flops
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    plain = torchvision.models.vgg16()
+    documented = torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["_ops"]
+    counted = flops.gflops(plain, None, 224, train=False)
+    assert counted / 2 == pytest.approx(documented, abs=0.005)
+    out = run("flops.py", "--size", "32", "--classes", "4", "--width", "0.0625")
+    assert "| forward |" in out and "| training step (no optimizer) |" in out
