@@ -93,6 +93,7 @@ def test_check_precision_reports_every_configuration(tmp_path):
         assert rows[(method, "fp32")][:2] == [0.0, 0.0]
         assert rows[(method, "fp32, channels-last")][0] < 1e-4
         assert 0 < rows[(method, "bf16")][0] < 0.5
+    assert "| mnpos | fp32, channels-last |" in out and out.count(" | yes |") >= 4
     failed = subprocess.run([sys.executable, str(SCRIPTS / "check_precision.py"), *args, "--tolerance", "-1"],
                             capture_output=True, text=True, timeout=600)
     assert failed.returncode == 1 and "FAIL mnpos: default maps (fp32) moved by 0.00e+00 > -1" in failed.stderr
