@@ -146,7 +146,6 @@ def main() -> None:
     model = build_model("vgg16-mnpo", args.classes, pretrained=None, width=args.width).to(device)
     model = model.to(memory_format=torch.channels_last).eval()
     test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=not args.float_views)
-    rows = []
     for method in args.methods.split(","):
         for map_precision in dict.fromkeys(resolve_precision(p, device) for p in args.map_precisions.split(",")):
             common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
@@ -159,8 +158,8 @@ def main() -> None:
             evaluate_model(model, test, **common)
             sync(device)
             rate = len(test) / (time.perf_counter() - start)
-            rows.append((f"`mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics)", rate,
-                         None, peak(device)))
+            print(f"| `mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics) | {rate:.1f} "
+                  f"| - | {peak(device)} |", flush=True)  # each row as soon as it is measured
 
     train = WSOLDataset(root / "images", root / "metadata" / "train", "train")
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, num_workers=args.workers,
@@ -177,10 +176,8 @@ def main() -> None:
     model = model.to(device).to(memory_format=torch.channels_last)
     mnpo_rate = train_throughput(model, loader, device, precision, args.train_steps,
                                  lambda out, y: wsol_loss(out.logits, y))
-    rows.append(("training, released MNPO VGG16 layout", mnpo_rate, mnpo_rate / plain_rate, peak(device)))
-    rows.append(("training, plain torchvision VGG16", plain_rate, 1.0, plain_peak))
-    for name, rate, ratio, mem in rows:
-        print(f"| {name} | {rate:.1f} | {'-' if ratio is None else f'{ratio:.2f}'} | {mem} |")
+    print(f"| training, released MNPO VGG16 layout | {mnpo_rate:.1f} | {mnpo_rate / plain_rate:.2f} | {peak(device)} |")
+    print(f"| training, plain torchvision VGG16 | {plain_rate:.1f} | 1.00 | {plain_peak} |")
 
 
 if __name__ == "__main__":
