@@ -146,6 +146,7 @@ def main() -> None:
     model = build_model("vgg16-mnpo", args.classes, pretrained=None, width=args.width).to(device)
     model = model.to(memory_format=torch.channels_last).eval()
     test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=not args.float_views)
+    mnpos_rows = []  # (map precision, images/s, peak GiB) for the targets
     for method in args.methods.split(","):
         for map_precision in dict.fromkeys(resolve_precision(p, device) for p in args.map_precisions.split(",")):
             common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
@@ -158,6 +159,8 @@ def main() -> None:
             evaluate_model(model, test, **common)
             sync(device)
             rate = len(test) / (time.perf_counter() - start)
+            if method == "mnpos":
+                mnpos_rows.append((map_precision, rate, peak(device)))
             print(f"| `mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics) | {rate:.1f} "
                   f"| - | {peak(device)} |", flush=True)  # each row as soon as it is measured
 
@@ -178,6 +181,30 @@ def main() -> None:
                                  lambda out, y: wsol_loss(out.logits, y))
     print(f"| training, released MNPO VGG16 layout | {mnpo_rate:.1f} | {mnpo_rate / plain_rate:.2f} | {peak(device)} |")
     print(f"| training, plain torchvision VGG16 | {plain_rate:.1f} | 1.00 | {plain_peak} |")
+    print("\n" + "\n".join(targets(mnpos_rows, mnpo_rate / plain_rate, args.batch)))
+
+
+#: issue 6's targets, set for an H100 at batch 256
+TARGET_EVAL_RATE, TARGET_PEAK_GIB, TARGET_TRAIN_RATIO = 600.0, 20.0, 0.85
+
+
+def _verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    met = value >= target if higher_is_better else value < target
+    return "met" if met else f"missed by {abs(value - target) / target * 100:.0f} %"
+
+
+def targets(mnpos_rows, train_ratio: float, batch: int) -> list[str]:
+    """One line per target of issue 6 (set for an H100, batch 256): the value and met / missed by."""
+    lines = [f"targets (issue 6, an H100 at batch 256; this run: batch {batch}):"]
+    for precision, rate, peak_gib in mnpos_rows:
+        lines.append(f"- MNPOs evaluation, maps {precision}: {rate:.0f} images/s against >= {TARGET_EVAL_RATE:.0f}: "
+                     f"{_verdict(rate, TARGET_EVAL_RATE)}")
+        if peak_gib != "-":
+            lines.append(f"- peak memory, maps {precision}: {peak_gib} GiB against < {TARGET_PEAK_GIB:.0f}: "
+                         f"{_verdict(float(peak_gib), TARGET_PEAK_GIB, higher_is_better=False)}")
+    lines.append(f"- MNPO training / plain VGG16: {train_ratio:.2f} against >= {TARGET_TRAIN_RATIO}: "
+                 f"{_verdict(train_ratio, TARGET_TRAIN_RATIO)}")
+    return lines
 
 
 if __name__ == "__main__":

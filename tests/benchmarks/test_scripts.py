@@ -138,3 +138,22 @@ def test_flops_counts_multiply_adds_twice_as_torchvision_documents():
     assert counted / 2 == pytest.approx(documented, abs=0.005)
     out = run("flops.py", "--size", "32", "--classes", "4", "--width", "0.0625")
     assert "| forward |" in out and "| training step (no optimizer) |" in out
+
+
+def test_bench_pipeline_targets_say_met_or_missed_by_how_much():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_pipeline
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    lines = bench_pipeline.targets([("fp32", 450.0, "18.5"), ("tf32", 660.0, "21.0")], 0.80, 256)
+    assert lines[1:] == [
+        "- MNPOs evaluation, maps fp32: 450 images/s against >= 600: missed by 25 %",
+        "- peak memory, maps fp32: 18.5 GiB against < 20: met",
+        "- MNPOs evaluation, maps tf32: 660 images/s against >= 600: met",
+        "- peak memory, maps tf32: 21.0 GiB against < 20: missed by 5 %",
+        "- MNPO training / plain VGG16: 0.80 against >= 0.85: missed by 6 %",
+    ]
+    assert bench_pipeline.targets([("fp32", 9.0, "-")], 0.9, 4)[1:] == [
+        "- MNPOs evaluation, maps fp32: 9 images/s against >= 600: missed by 98 %",
+        "- MNPO training / plain VGG16: 0.90 against >= 0.85: met"]
