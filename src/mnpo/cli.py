@@ -138,6 +138,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         ten_crop=not args.no_ten_crop, save_maps=args.save_maps, save_overlays=args.save_overlays,
         input_size=args.input_size, map_precision=args.map_precision, progress=not args.quiet,
+        state_dir=args.state_dir,
     )
     if not _is_main_process():
         return 0  # under torchrun, rank 0 reports for all
@@ -307,6 +308,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--save-maps", help="write each 224x224 map as DIR/<image_id>.npy")
     ev2.add_argument("--save-overlays", help="write DIR/<image_id>.png: map, predicted and true boxes")
     ev2.add_argument("--json", help="write the report as JSON to this file")
+    ev2.add_argument("--state-dir", metavar="DIR",
+                     help="keep the progress in DIR (a JSON per split, saved every minute): the same command, "
+                          "run again after an interruption, continues where it stopped")
     ev2.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev2.set_defaults(func=_cmd_evaluate)
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,88 @@ def test_channels_last_and_crop_chunks_do_not_change_the_evaluation(data):
                           channels_last=True)  # 2 images per batch: the 20 crops go through in 10 chunks
     assert (plain.top1_correct, plain.top5_correct) == (nhwc.top1_correct, nhwc.top5_correct)
     assert np.abs(plain.curves.largest - nhwc.curves.largest).sum() <= 1  # NHWC convolutions round differently
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def data_with_a_bad_image(data, tmp_path):
+    import shutil
+
+    root = tmp_path / "ev"
+    shutil.copytree(data, root)
+    ds = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate")
+    (root / "images" / ds.image_ids[4]).write_bytes(b"not an image")
+    return root
+
+
+def _same(a, b):
+    assert np.array_equal(a.curves.largest, b.curves.largest) and np.array_equal(a.curves.multi, b.curves.multi)
+    assert np.array_equal(a.curves.top1, b.curves.top1) and np.array_equal(a.curves.top5, b.curves.top5)
+    assert (a.num_images, a.top1_correct, a.top5_correct, a.skipped) == \
+        (b.num_images, b.top1_correct, b.top5_correct, b.skipped)
+
+
+def test_an_interrupted_evaluation_continues_to_the_uninterrupted_result(data_with_a_bad_image, tmp_path):
+    root = data_with_a_bad_image
+    ds = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,
+                     uint8_views=True)
+    common = dict(thresholds=cam_thresholds(0.01), method="mnpos", batch_size=3)
+    whole = evaluate_model(tiny_vgg_mnpo(), ds, **common)
+    assert whole.num_images == 11 and len(whole.skipped) == 1
+    state = tmp_path / "state.json"
+    batches = []
+
+    def stop_at_third(batch, maps):
+        batches.append(list(batch["image_id"]))
+        if len(batches) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state, save_every=0, on_batch=stop_at_third)
+    done = json.loads(state.read_text())
+    assert done["seen"] == 5 and done["skipped"] == [ds.image_ids[4]]  # two batches saved, the bad image listed
+    later = []
+    resumed = evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state, save_every=0,
+                             on_batch=lambda b, m: later.append(list(b["image_id"])))
+    _same(whole, resumed)
+    assert [i for b in later for i in b] == [i for i in ds.image_ids[6:]]  # only what was not counted
+    again = []
+    _same(whole, evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state,
+                                on_batch=lambda b, m: again.append(b)))
+    assert again == []  # a finished state: nothing left to evaluate
+
+
+def test_a_progress_file_of_another_evaluation_is_refused(data, tmp_path):
+    ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55)
+    state = tmp_path / "state.json"
+    evaluate_model(tiny_vgg_mnpo(), ds, thresholds=cam_thresholds(0.1), method="mnpo", batch_size=6,
+                   state_file=state, run_key={"checkpoint": "a.pt"})
+    with pytest.raises(ValueError, match=r"written by another evaluation \(checkpoint: 'a.pt' there, 'b.pt' now; "
+                                         r"method: 'mnpo' there, 'cam' now\); delete it"):
+        evaluate_model(tiny_vgg_mnpo(), ds, thresholds=cam_thresholds(0.1), method="cam", state_file=state,
+                       run_key={"checkpoint": "b.pt"})
+    with pytest.raises(ValueError, match="other thresholds"):
+        evaluate_model(tiny_vgg_mnpo(), ds, thresholds=cam_thresholds(0.2), method="mnpo", state_file=state,
+                       run_key={"checkpoint": "a.pt"})
+    state.write_text("{broken")
+    with pytest.raises(ValueError, match="state.json: not an evaluation progress file"):
+        evaluate_model(tiny_vgg_mnpo(), ds, thresholds=cam_thresholds(0.1), method="mnpo", state_file=state)
+
+
+def test_evaluate_checkpoint_keeps_one_progress_file_per_split(data, tmp_path):
+    from mnpo.engine.evaluate import evaluate_checkpoint
+    from mnpo.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "model.pt", tiny_vgg_mnpo())
+    kwargs = dict(val_metadata=data / "metadata" / "val", method="mnpo", batch_size=6, workers=0, device="cpu",
+                  input_size=48, progress=False)
+    plain = evaluate_checkpoint(tmp_path / "model.pt", data / "images", data / "metadata" / "test", **kwargs)
+    first = evaluate_checkpoint(tmp_path / "model.pt", data / "images", data / "metadata" / "test", **kwargs,
+                                state_dir=tmp_path / "state")
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["test.json", "val.json"]
+    second = evaluate_checkpoint(tmp_path / "model.pt", data / "images", data / "metadata" / "test", **kwargs,
+                                 state_dir=tmp_path / "state")  # continues from finished files
+    assert plain.to_json() == first.to_json() == second.to_json()

@@ -206,3 +206,57 @@ def test_bad_batches():
         BoxEvaluator(gt, thresholds=[0.5, 1.5])
     with pytest.raises(ValueError, match="no image"):
         oracle_metrics(BoxEvaluator(gt, thresholds=T).compute())
+
+
+def test_box_state_round_trip_continues_to_the_same_counts():
+    """Half the images, state through JSON, a fresh evaluator, the other half: the same curves
+    as one evaluator seeing all four."""
+    import json
+
+    maps, gt, labels, logits = _four_images()
+    first = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1)
+    first.update(np.stack([maps["a"], maps["b"]]), ["a", "b"], np.array([logits["a"], logits["b"]], float))
+    state = json.loads(json.dumps(first.state_dict()))
+    second = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1)
+    second.load_state_dict(state)
+    assert second.seen_ids == {"a", "b"} and second.missing_ids == {"c", "d"}
+    with pytest.raises(ValueError, match="'a' was already evaluated"):
+        second.update(maps["a"][None], ["a"], np.array([logits["a"]], float))
+    second.update(np.stack([maps["c"], maps["d"]]), ["c", "d"], np.array([logits["c"], logits["d"]], float))
+    whole, resumed = _evaluate(), second.compute()
+    for field in ("largest", "multi", "top1", "top5"):
+        assert np.array_equal(getattr(whole, field), getattr(resumed, field)), field
+    assert resumed.num_images == 4
+
+
+def test_box_state_from_another_setup_is_refused():
+    maps, gt, labels, _ = _four_images()
+    ev = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1)
+    ev.update(maps["a"][None], ["a"])
+    state = ev.state_dict()
+    with pytest.raises(ValueError, match="other thresholds"):
+        BoxEvaluator(gt, labels, thresholds=np.array([0.0, 0.25]), image_size=10).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"IoU thresholds \[30, 50, 70\], expected \[50\]"):
+        BoxEvaluator(gt, labels, thresholds=T, iou_thresholds=(50,), image_size=10).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"image ids the split does not have, e.g. \['a'\]"):
+        BoxEvaluator({"b": gt["b"]}, labels, thresholds=T, image_size=10).load_state_dict(state)
+    with pytest.raises(ValueError, match="counts 2 images but lists 1"):
+        BoxEvaluator(gt, labels, thresholds=T, image_size=10).load_state_dict({**state, "n": 2})
+    masks = MaskEvaluator(lambda i: None, gt, thresholds=T, image_size=10)
+    with pytest.raises(ValueError, match="state of kind 'box', expected 'mask'"):
+        masks.load_state_dict(state)
+
+
+def test_mask_state_round_trip():
+    masks = {"x": np.array([[1, 0], [0, 255]], np.uint8), "y": np.array([[1, 0], [255, 255]], np.uint8)}
+    maps = {"x": np.array([[0.9, 0.6], [0.1, 0.95]]), "y": np.array([[0.7, 0.1], [1.0, 0.0]])}
+    whole = MaskEvaluator(masks.__getitem__, masks, thresholds=T, image_size=2, workers=1)
+    whole.update(np.stack([maps["x"], maps["y"]]), ["x", "y"])
+    first = MaskEvaluator(masks.__getitem__, masks, thresholds=T, image_size=2, workers=1)
+    first.update(maps["x"][None], ["x"])
+    second = MaskEvaluator(masks.__getitem__, masks, thresholds=T, image_size=2, workers=1)
+    second.load_state_dict(first.state_dict())
+    second.update(maps["y"][None], ["y"])
+    a, b = whole.compute(), second.compute()
+    assert a.num_images == b.num_images == 2
+    assert np.array_equal(a.positive, b.positive) and np.array_equal(a.negative, b.negative)

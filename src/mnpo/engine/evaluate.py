@@ -10,7 +10,9 @@ so the numbers equal a single-process run.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.transforms import ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gt_boxes_in_frame
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
+from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
 from mnpo.metrics.localization import BoxCurves, BoxEvaluator, MaskCurves, MaskEvaluator
 from mnpo.metrics.masks import load_gt_mask
@@ -130,6 +133,21 @@ def _sum_curves(curves: BoxCurves | MaskCurves, ctx: DistContext) -> BoxCurves |
                      curves.iou_thresholds, None if top is None else top[0], None if top is None else top[1])
 
 
+def _read_state(path: Path, key: Mapping[str, Any]) -> dict[str, Any]:
+    """The progress file of an interrupted evaluation, checked against this run's ``key``."""
+    try:
+        state = json.loads(path.read_text())
+        saved = state["key"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not an evaluation progress file ({type(err).__name__}: {err})") from None
+    expected = json.loads(json.dumps(dict(key)))  # as it reads back (tuples become lists)
+    differ = [f"{k}: {saved.get(k)!r} there, {expected.get(k)!r} now" for k in sorted(set(saved) | set(expected))
+              if saved.get(k) != expected.get(k)]
+    if differ:
+        raise ValueError(f"{path} was written by another evaluation ({'; '.join(differ)}); delete it to start over")
+    return state
+
+
 def ten_crop_logits(model: torch.nn.Module, crops: torch.Tensor, chunk: int,
                     channels_last: bool = False) -> torch.Tensor:
     """The main branch's logits of every crop: ``(B, 10, 3, S, S)`` -> ``(B, 10, K)``, forwarded
@@ -147,7 +165,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
                    precision: str = "fp32", map_precision: str = "fp32", batch_size: int = 64, workers: int = 0,
                    ten_crop: bool = True, ctx: DistContext = DistContext(), save_maps: str | Path | None = None,
                    on_batch=None, progress: bool = False, metric_workers: int | None = None,
-                   channels_last: bool = False) -> SplitResult:
+                   channels_last: bool = False, state_file: str | Path | None = None,
+                   run_key: Mapping[str, Any] | None = None, save_every: float = 60.0) -> SplitResult:
     """Evaluate ``model`` (eval mode) on an ``evaluate``-mode data set.
 
     precision: of the classification pass; map_precision: of the map pass; each ``fp32``
@@ -159,17 +178,38 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
     batch run in a background thread while the network works on the next one. The ten crops go
     through the network ``batch_size`` images at a time, so memory stays that of one batch.
     channels_last: feed the network NHWC tensors (faster convolutions on GPUs).
+    state_file: keep the progress in this JSON file (atomically, every ``save_every`` seconds
+    and at the end); when it exists, continue from it: the images it counts are not evaluated
+    again, and the result equals an uninterrupted run's. ``run_key``: the caller's settings that
+    must match for the file to be continued (checkpoint, metadata, ...); the method, map options,
+    ten-crop, image count, thresholds and rank are checked too. A mismatch raises ValueError.
     """
     if dataset.mode != "evaluate":
         raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
     model.eval()
-    loader = DataLoader(SkipUnreadable(dataset), batch_size=batch_size, sampler=ShardSampler(len(dataset), ctx),
-                        num_workers=workers, collate_fn=collate_skipping(collate_evaluation),
-                        pin_memory=device.type == "cuda")
     evaluator = _evaluator(dataset, thresholds, metric_workers)
     options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(map_options or {})}  # the protocol's frame
     top1 = top5 = seen = 0
     skipped: list[str] = []
+    sampler = ShardSampler(len(dataset), ctx)
+    key = {**dict(run_key or {}), "method": method, "map_options": dict(map_options or {}), "ten_crop": ten_crop,
+           "images": len(dataset), "rank": ctx.rank, "world": ctx.world}
+    if state_file is not None and Path(state_file).is_file():
+        state = _read_state(Path(state_file), key)
+        evaluator.load_state_dict(state["evaluator"])
+        top1, top5, seen, skipped = int(state["top1"]), int(state["top5"]), int(state["seen"]), list(state["skipped"])
+        done = evaluator.seen_ids | set(skipped)
+        sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in done]
+        log.info("%s: continuing after %d images (%d left)", state_file, seen + len(skipped), len(sampler))
+
+    def save_state() -> None:
+        write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), "top1": top1, "top5": top5,
+                                       "seen": seen, "skipped": skipped})
+
+    last_save = time.monotonic()
+    loader = DataLoader(SkipUnreadable(dataset), batch_size=batch_size, sampler=sampler,
+                        num_workers=workers, collate_fn=collate_skipping(collate_evaluation),
+                        pin_memory=device.type == "cuda")
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -214,8 +254,14 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
                 on_batch(batch, maps_np)
             if bar is not None:
                 bar.update(len(labels) + len(batch["skipped"]))
+            if state_file is not None and time.monotonic() - last_save >= save_every:
+                pending.result()  # the state must hold this batch's counts
+                save_state()
+                last_save = time.monotonic()
         if pending is not None:
             pending.result()
+        if state_file is not None:
+            save_state()
     if bar is not None:
         bar.close()
     curves = _sum_curves(evaluator.compute(), ctx)
@@ -234,13 +280,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         batch_size: int = 64, workers: int = 4,
                         device: str = "auto", precision: str = "auto", ten_crop: bool = True,
                         save_maps: str | Path | None = None, save_overlays: str | Path | None = None,
-                        input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True):
+                        input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True,
+                        state_dir: str | Path | None = None):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
 
     ``input_size``: side of the network's input views (the protocol's 224; a model trained at
     another size, like the demo's, is evaluated at its own); maps are always scored in the
-    224x224 frame. Returns the ``Report`` of the evaluated split; its ``info`` holds the
-    classification accuracy (ten-crop), the skipped images and what was evaluated.
+    224x224 frame. ``state_dir``: keep each split's progress there (``test.json``, ``val.json``;
+    ``.rankN`` added under torchrun), so that the same call, run again after an interruption,
+    continues where it stopped (see :func:`evaluate_model`). Returns the ``Report`` of the
+    evaluated split; its ``info`` holds the classification accuracy (ten-crop), the skipped
+    images and what was evaluated.
     """
     from mnpo.engine.evaluate_maps import build_report
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
@@ -258,17 +308,26 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     thresholds = make_grid(threshold_grid, cam_curve_interval)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
-    def split(meta_dir, maps_to):
+    stat = Path(checkpoint).stat()
+    run_key = {"checkpoint": str(checkpoint), "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+               "data": str(data), "precision": prec, "map_precision": map_prec, "input_size": input_size}
+
+    def split(name, meta_dir, maps_to):
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
                               crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True)
+        state_file = None
+        if state_dir is not None:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            state_file = Path(state_dir) / f"{name}{'' if ctx.world == 1 else f'.rank{ctx.rank}'}.json"
         return evaluate_model(model, dataset, thresholds=thresholds, method=method, map_options=map_options,
                               device=dev, precision=prec, map_precision=map_prec,
                               batch_size=batch_size, workers=workers,
                               ten_crop=ten_crop, ctx=ctx, save_maps=maps_to, progress=progress,
-                              channels_last=channels_last)
+                              channels_last=channels_last, state_file=state_file,
+                              run_key={**run_key, "metadata": str(meta_dir)})
 
-    test = split(metadata, maps_dir)
-    val = None if val_metadata is None else split(val_metadata, None)
+    test = split("test", metadata, maps_dir)
+    val = None if val_metadata is None else split("val", val_metadata, None)
     info = {
         "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
         "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -267,6 +267,28 @@ class _Streaming:
         """Ids of the split that have not been evaluated yet."""
         return self._known - self._seen
 
+    @property
+    def seen_ids(self) -> set[str]:
+        """Ids evaluated so far."""
+        return set(self._seen)
+
+    def _base_state(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "thresholds": self.thresholds.tolist(), "n": self._n, "seen": sorted(self._seen)}
+
+    def _load_base_state(self, state: Mapping[str, Any], kind: str) -> None:
+        if state.get("kind") != kind:
+            raise ValueError(f"evaluator state of kind {state.get('kind')!r}, expected {kind!r}")
+        if not np.array_equal(np.asarray(state["thresholds"], np.float64), self.thresholds):
+            raise ValueError("evaluator state was computed at other thresholds")
+        seen = set(state["seen"])
+        unknown = seen - self._known
+        if unknown:
+            raise ValueError(f"evaluator state holds image ids the split does not have, e.g. {sorted(unknown)[:3]}")
+        if len(seen) != int(state["n"]):
+            raise ValueError(f"evaluator state counts {state['n']} images but lists {len(seen)}")
+        self._seen = seen
+        self._n = int(state["n"])
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -356,6 +378,23 @@ class BoxEvaluator(_Streaming):
             self._multi[i] += (multi >= iou / 100).sum(axis=0)
         self._n += len(image_ids)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything counted so far, as JSON-able data (to resume an interrupted evaluation)."""
+        return {**self._base_state("box"), "iou_thresholds": list(self.iou_thresholds),
+                "largest": self._largest.tolist(), "multi": self._multi.tolist(),
+                "top": None if self._top is None else self._top.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of an evaluator of the same split and thresholds."""
+        self._load_base_state(state, "box")
+        if tuple(state["iou_thresholds"]) != self.iou_thresholds:
+            raise ValueError(f"evaluator state has IoU thresholds {state['iou_thresholds']}, "
+                             f"expected {list(self.iou_thresholds)}")
+        t = len(self.thresholds)
+        self._largest = np.asarray(state["largest"], np.int64).reshape(t)
+        self._multi = np.asarray(state["multi"], np.int64).reshape(len(self.iou_thresholds), t)
+        self._top = None if state["top"] is None else np.asarray(state["top"], np.int64).reshape(2, t)
+
     def compute(self) -> BoxCurves:
         """The per-threshold counts so far (see :class:`BoxCurves`)."""
         top1, top5 = (None, None) if self._top is None else (self._top[0].copy(), self._top[1].copy())
@@ -436,6 +475,17 @@ class MaskEvaluator(_Streaming):
             self._positive += pos
             self._negative += neg
         self._n += len(image_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything counted so far, as JSON-able data (to resume an interrupted evaluation).
+        The histograms are integer pixel counts held in float64, exact below 2**53."""
+        return {**self._base_state("mask"), "positive": self._positive.tolist(), "negative": self._negative.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of an evaluator of the same split and thresholds."""
+        self._load_base_state(state, "mask")
+        self._positive = np.asarray(state["positive"], np.float64).reshape(len(self.edges) - 1)
+        self._negative = np.asarray(state["negative"], np.float64).reshape(len(self.edges) - 1)
 
     def compute(self) -> MaskCurves:
         if self._n == 0:
