@@ -1,5 +1,6 @@
 """The benchmark and study scripts run (at toy sizes), so they work when a GPU session comes."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,15 @@ from PIL import Image
 from mnpo.engine.overlay import caption_height
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def script_module(name):
+    """Import ``benchmarks/<name>.py`` as a module (its functions, without running it)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
 def run(script, *args):
@@ -58,11 +68,7 @@ def test_bench_input_prints_the_three_pipelines():
 
 
 def test_study_summary_over_seeds():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import study
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    study = script_module("study")
     runs = [[{"label": "CAM", **{k: v for k in study.METRICS}}] for v in (10.0, 14.0)]
     (row,) = study.summarize(runs)
     assert row["label"] == "CAM" and row["top1_cls"] == (12.0, pytest.approx(2 ** 0.5 * 2))
@@ -100,11 +106,7 @@ def test_check_precision_reports_every_configuration(tmp_path):
 
 
 def test_bench_pipeline_data_is_rewritten_when_its_settings_change(tmp_path):
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench_pipeline
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    bench_pipeline = script_module("bench_pipeline")
     from mnpo.data.metadata import read_split
 
     root = tmp_path / "bench"
@@ -127,11 +129,7 @@ def test_flops_counts_multiply_adds_twice_as_torchvision_documents():
     """torchvision lists VGG16 at 15.47 G operations (multiply-adds); the script counts two per."""
     import torchvision
 
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import flops
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    flops = script_module("flops")
     plain = torchvision.models.vgg16()
     documented = torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["_ops"]
     counted = flops.gflops(plain, None, 224, train=False)
@@ -141,11 +139,7 @@ def test_flops_counts_multiply_adds_twice_as_torchvision_documents():
 
 
 def test_bench_pipeline_targets_say_met_or_missed_by_how_much():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench_pipeline
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    bench_pipeline = script_module("bench_pipeline")
     lines = bench_pipeline.targets([("fp32", 450.0, "18.5"), ("tf32", 660.0, "21.0")], 0.80, 256)
     assert lines[1:] == [
         "- MNPOs evaluation, maps fp32: 450 images/s against >= 600: missed by 25 %",
