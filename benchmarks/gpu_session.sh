@@ -10,7 +10,8 @@
 #   maps.md        bench_maps.py, bf16 and fp32/tf32, batch 256 (device, versions, peak memory)
 #   pipeline.md    bench_pipeline.py: `mnpo evaluate` per method and map precision, training
 #                  images/s of the released layout against plain torchvision VGG16, peak memory
-#   study.md/.json study.py at 224 px, full width, both presets (one training seed; three if time allows)
+#   study.md/.json study.py at 224 px, full width: parts, then both presets (one training seed;
+#                  three if time allows)
 #   figure-parts.png, figure-shapes.png   the study's overlays
 #   precision.md   check_precision.py on the study's `parts` network (exit 1 if default maps drift)
 #   log.txt        versions, every step's stderr and exit status, the study's printed tables
@@ -74,20 +75,24 @@ step pipeline 150 "$OUT/pipeline.md" python3 benchmarks/bench_pipeline.py --devi
   --batch "$BATCH" --workers "$WORKERS" --classes "$CLASSES" --width "$WIDTH" --methods cam,mnpo,mnpos \
   --map-precisions fp32,tf32 --train-steps 30 --data /tmp/mnpo-bench
 
-# (3) the synthetic study, the released layout from scratch: one training seed first (its table
-# is kept), then seeds 0, 1 and 2 (--resume: seed 0 is not trained again)
-study() {
-    step "$1" "$3" "$LOG" python3 benchmarks/study.py --image-size "$SIZE" --classes 8 --train-per-class "$PER_CLASS" \
-      --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" --batch 64 --width "$WIDTH" --workers "$WORKERS" \
-      --device "$DEVICE" --out "$STUDY" -q --resume --train-seeds "$2"
+# (3) the synthetic study, the released layout from scratch, one training seed: `parts` first
+# (the preset where CAM should fail), then (4) the precision check on its two-branch network,
+# then `shapes` beside it (--resume: finished runs are evaluated again, not trained), then
+# seeds 0, 1 and 2 with what is left of the budget. study.py rewrites its table after every
+# preset and layout, and keep_study copies it into $OUT after every call.
+study() {  # study NAME SECONDS PRESETS SEEDS
+    step "$1" "$2" "$LOG" python3 benchmarks/study.py --presets "$3" --train-seeds "$4" --image-size "$SIZE" \
+      --classes 8 --train-per-class "$PER_CLASS" --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" \
+      --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" --out "$STUDY" -q --resume
     keep_study
 }
-study study-seed0 0 240
+study study-parts 150 parts 0
 
 # (4) map drift of tf32 / bf16 / channels-last against strict fp32 on the trained parts network
 step precision 45 /dev/null python3 benchmarks/check_precision.py --checkpoint "$STUDY/parts-vgg16-mnpo-seed0/best.pt" \
   --data "$STUDY/parts" --input-size "$SIZE" --methods mnpos,cam --device "$DEVICE" --batch 128 \
   --workers "$WORKERS" --out "$OUT/precision.md"
 
-study study-seeds012 0,1,2 600
+study study-both 150 parts,shapes 0
+study study-seeds012 600 parts,shapes 0,1,2
 echo "== done" >>"$LOG"

@@ -20,14 +20,14 @@ then evaluate on the test split, thresholds calibrated on val and oracle:
 Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training seeds, on one
 synthetic data set), ``OUT/study.json`` (every seed's numbers too) and ``OUT/figure-PRESET.png``
 (overlays of CAM, DGL, MNPO and MNPOs on a few test images: the two-branch network of the first
-training seed, boxes at the thresholds calibrated on val). Meant for a GPU at 224 px; on a
+training seed, boxes at the thresholds calibrated on val). The table is rewritten after each
+preset and layout, so a run cut short keeps what it finished. Meant for a GPU at 224 px; on a
 CPU, shrink it (``--image-size 64 --width 0.125 --train-per-class 40 --epochs 5``) to check it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -44,6 +44,7 @@ from mnpo.engine.evaluate import evaluate_model, resize_for
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import resolve_device, resolve_precision
 from mnpo.engine.train import Trainer
+from mnpo.io import atomic_path, write_json_atomic
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import load_model
 
@@ -199,20 +200,27 @@ def main() -> None:
                                        crop_size=args.image_size, resize_size=resize_for(args.image_size))
                     method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
             all_results[(preset, layout)] = runs
+            # rewritten after every (preset, layout): a run cut short keeps the rows it finished
+            text = write_results(out, all_results, args, seeds, time.perf_counter() - start)
+    print(text)
+
+
+def write_results(out: Path, all_results: dict, args, seeds: list[int], seconds: float) -> str:
+    """``OUT/study.md`` and ``OUT/study.json`` for the (preset, layout) pairs finished so far
+    (atomic writes); returns the markdown."""
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"device: {name}; torch {torch.__version__}, Python {platform.python_version()}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
               f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
-              f"training seeds {seeds}; "
-              f"{time.perf_counter() - start:.0f} s")
+              f"training seeds {seeds}; {seconds:.0f} s")
     summary = {key: summarize(runs) for key, runs in all_results.items()}
     text = f"{header}\n\n{table(summary)}\n"
-    (out / "study.md").write_text(text)
-    (out / "study.json").write_text(json.dumps({"settings": vars(args), "header": header, "results": {
-        f"{p}/{l}": {"per_seed": r, "summary": summary[(p, l)]} for (p, l), r in all_results.items()}}, indent=2))
-    print(text)
-
+    with atomic_path(out / "study.md") as tmp:
+        tmp.write_text(text)
+    write_json_atomic(out / "study.json", {"settings": vars(args), "header": header, "results": {
+        f"{p}/{l}": {"per_seed": r, "summary": summary[(p, l)]} for (p, l), r in all_results.items()}})
+    return text
 
 if __name__ == "__main__":
     main()
