@@ -61,3 +61,11 @@ def test_too_small_image_fails_with_a_message_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "image_size" in proc.stderr and "got 7" in proc.stderr
     assert not out.exists()
+
+
+def test_version(capsys):
+    import mnpo
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mnpo {mnpo.__version__}"

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mnpo import __version__
 from mnpo.engine.config import PRECISIONS  # light (no torch): the precision choices of the parser
 
 log = logging.getLogger("mnpo")
@@ -178,6 +179,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="MNPO / MNPOs weakly supervised object localization toolkit.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"mnpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = sub.add_parser(
