@@ -1,4 +1,4 @@
-"""`mnpo synth`: the command line front end of mnpo.data.synthetic."""
+"""The `mnpo` command line: synth, bad arguments, --version."""
 
 from __future__ import annotations
 
