@@ -28,6 +28,7 @@ CPU, shrink it (``--image-size 64 --width 0.125 --train-per-class 40 --epochs 5`
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ from mnpo.engine.train import Trainer
 from mnpo.io import atomic_path, write_json_atomic
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import load_model
+
+log = logging.getLogger("study")
 
 #: (row label, method, map options) per model
 EVALUATIONS = {
@@ -153,7 +156,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="parts,shapes")
     parser.add_argument("--image-size", type=int, default=224)
@@ -176,11 +179,12 @@ def main() -> None:
     parser.add_argument("--fp32-maps", action="store_true", help="maps in fp32 even where bf16 is available")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     seeds = [int(x) for x in args.train_seeds.split(",")]
     start = time.perf_counter()
-    all_results = {}
+    all_results: dict[tuple[str, str], list[list[dict]]] = {}
+    diverged: list[str] = []
     for preset in args.presets.split(","):
         data = out / preset
         write_synthetic_dataset(out=data, preset=preset, seed=args.seed, image_size=args.image_size,
@@ -191,23 +195,30 @@ def main() -> None:
         for layout, rows in EVALUATIONS.items():
             runs = []
             for seed in seeds:
-                checkpoint = train(data, out / f"{preset}-{layout}-seed{seed}", layout, args, seed)
-                kept = {} if layout == "vgg16-mnpo" and seed == seeds[0] else None
+                try:
+                    checkpoint = train(data, out / f"{preset}-{layout}-seed{seed}", layout, args, seed)
+                except FloatingPointError as err:  # reported, not averaged in
+                    log.warning("%s / %s, training seed %d: %s", preset, layout, seed, err)
+                    diverged.append(f"{preset} / {layout}, training seed {seed}: {str(err).split(';')[0]}")
+                    continue
+                kept = {} if layout == "vgg16-mnpo" and not runs else None  # the first seed that trained
                 runs.append(evaluate(checkpoint, data, rows, args, shown, kept))
                 if kept is not None:
                     thresholds = kept.pop("thresholds")
                     test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate",
                                        crop_size=args.image_size, resize_size=resize_for(args.image_size))
                     method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
-            all_results[(preset, layout)] = runs
+            if runs:
+                all_results[(preset, layout)] = runs
             # rewritten after every (preset, layout): a run cut short keeps the rows it finished
-            text = write_results(out, all_results, args, seeds, time.perf_counter() - start)
+            text = write_results(out, all_results, diverged, args, seeds, time.perf_counter() - start)
     print(text)
 
 
-def write_results(out: Path, all_results: dict, args, seeds: list[int], seconds: float) -> str:
+def write_results(out: Path, all_results: dict, diverged: list[str], args, seeds: list[int], seconds: float) -> str:
     """``OUT/study.md`` and ``OUT/study.json`` for the (preset, layout) pairs finished so far
-    (atomic writes); returns the markdown."""
+    (atomic writes); returns the markdown. Runs that diverged are listed under the table and
+    left out of its means."""
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"device: {name}; torch {torch.__version__}, Python {platform.python_version()}; "
@@ -216,9 +227,11 @@ def write_results(out: Path, all_results: dict, args, seeds: list[int], seconds:
               f"training seeds {seeds}; {seconds:.0f} s")
     summary = {key: summarize(runs) for key, runs in all_results.items()}
     text = f"{header}\n\n{table(summary)}\n"
+    if diverged:
+        text += "\nDiverged, left out of the means above:\n" + "".join(f"- {d}\n" for d in diverged)
     with atomic_path(out / "study.md") as tmp:
         tmp.write_text(text)
-    write_json_atomic(out / "study.json", {"settings": vars(args), "header": header, "results": {
+    write_json_atomic(out / "study.json", {"settings": vars(args), "header": header, "diverged": diverged, "results": {
         f"{p}/{l}": {"per_seed": r, "summary": summary[(p, l)]} for (p, l), r in all_results.items()}})
     return text
 

@@ -1,6 +1,7 @@
 """The benchmark and study scripts run (at toy sizes), so they work when a GPU session comes."""
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,28 @@ def test_bench_pipeline_targets_say_met_or_missed_by_how_much():
     assert bench_pipeline.targets([("fp32", 9.0, "-")], 0.9, 4)[1:] == [
         "- MNPOs evaluation, maps fp32: 9 images/s against >= 600: missed by 98 %",
         "- MNPO training / plain VGG16: 0.90 against >= 0.85: met"]
+
+
+def test_study_reports_a_diverged_run_and_leaves_it_out_of_the_means(tmp_path, monkeypatch):
+    study = script_module("study")
+    real_train = study.train
+
+    def train(data, out, layout, args, seed):
+        if seed == 1 and layout == "vgg16-mnpo":
+            raise FloatingPointError("training diverged: the loss is nan at epoch 3, step 2; lower optim.lr")
+        return real_train(data, out, layout, args, seed)
+
+    monkeypatch.setattr(study, "train", train)
+    study.main(["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "2",
+                "--val-per-class", "1", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+                "--workers", "0", "--device", "cpu", "--train-seeds", "0,1", "--figure-images", "2",
+                "--out", str(tmp_path), "-q"])
+    text = (tmp_path / "study.md").read_text()
+    assert text.endswith("Diverged, left out of the means above:\n"
+                         "- parts / vgg16-mnpo, training seed 1: training diverged: the loss is nan at epoch 3, step 2\n")
+    mnpo_rows = [line for line in text.splitlines() if line.startswith("| parts | vgg16-mnpo |")]
+    cam_rows = [line for line in text.splitlines() if line.startswith("| parts | vgg16-cam |")]
+    assert len(mnpo_rows) == 7 and all("±" not in row for row in mnpo_rows)  # one seed left: no spread
+    assert len(cam_rows) == 4 and all("±" in row for row in cam_rows)  # two seeds
+    assert (tmp_path / "figure-parts.png").is_file()  # drawn from the seed that trained
+    assert json.loads((tmp_path / "study.json").read_text())["diverged"] == [text.splitlines()[-1][2:]]
