@@ -155,3 +155,19 @@ def test_evaluate_a_mask_split_gives_pxap(trained, tmp_path):
     report = json.loads((tmp_path / "m.json").read_text())
     assert list(report["oracle"]) == ["pxap"] and 0 <= report["oracle"]["pxap"]["value"] <= 100
     assert report["calibrated"]["pxap"] == report["oracle"]["pxap"]  # PxAP needs no threshold
+
+
+def test_evaluate_state_dir_from_the_command_line(trained, tmp_path, capsys):
+    """`--state-dir`: progress files per split; the rerun reads them (same report); other
+    settings on the same files are refused with exit status 2 and the differing setting named."""
+    root, data = trained
+    args = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+            "--metadata", str(data / "metadata" / "test"), "--val-metadata", str(data / "metadata" / "val"),
+            "--input-size", "48", "--workers", "0", "--method", "mnpo", "--state-dir", str(tmp_path / "state")]
+    assert main(args + ["--json", str(tmp_path / "a.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["test.json", "val.json"]
+    assert main(args + ["--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    capsys.readouterr()
+    assert main(args[:-4] + ["--method", "cam", "--state-dir", str(tmp_path / "state")]) == 2
+    assert "method: 'mnpo' there, 'cam' now" in capsys.readouterr().err
