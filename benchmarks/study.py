@@ -81,7 +81,7 @@ def train(data: Path, out: Path, layout: str, args, seed: int) -> Path:
                  "resize_size": resize_for(args.image_size), "crop_size": args.image_size},
         "model": {"layout": layout, "width": args.width, "pretrained": None},
         "optim": {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
-                  "lr_milestones": [max(1, args.epochs * 3 // 4)]},
+                  "lr_milestones": [max(1, args.epochs * 3 // 4)], "clip_grad_norm": args.clip_grad_norm},
         "eval": {"method": "cam", "metric": "top1_cls", "batch_size": args.batch},
         "runtime": {"out": str(out), "device": args.device, "seed": seed},
     }, source="study")
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--clip-grad-norm", type=float, default=None,
+                        help="clip the gradients' L2 norm (default off; VGG16 without BatchNorm can diverge)")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default="auto")

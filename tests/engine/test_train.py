@@ -170,3 +170,29 @@ def test_class_names_from_the_metadata_reach_the_checkpoint(synth, tmp_path):
     (meta / "class_names.txt").write_text("a\na\n")
     with pytest.raises(ConfigError, match=r"data.metadata: .*class_names.txt:2: class 'a' listed twice"):
         Trainer(config(synth, tmp_path / "r3", data={"metadata": str(meta)}), progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the recording wrapper
+def test_clip_grad_norm_bounds_every_step_and_a_loose_bound_changes_nothing(synth, tmp_path):
+    def run(out, clip):
+        trainer = Trainer(config(synth, out, optim={"epochs": 1, "clip_grad_norm": clip}), progress=False)
+        norms, step = [], trainer.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        trainer.fit()
+        return load_model(out / "last.pt")[0].state_dict(), norms
+
+    free, free_norms = run(tmp_path / "free", None)
+    loose, _ = run(tmp_path / "loose", 1e9)
+    tight, tight_norms = run(tmp_path / "tight", 0.05)
+    assert max(free_norms) > 0.05  # the bound below bites
+    assert all(n <= 0.05 * (1 + 1e-5) for n in tight_norms)
+    assert all(torch.equal(free[k], loose[k]) for k in free)  # a bound never reached: bit for bit the same
+    assert not all(torch.equal(free[k], tight[k]) for k in free)
+    with pytest.raises(ConfigError, match=r"optim.clip_grad_norm: must be > 0 \(or null: off\), got 0"):
+        config(synth, tmp_path / "x", optim={"clip_grad_norm": 0})

@@ -7,7 +7,7 @@ A config file has four sections (every key optional except ``data.root`` and
               resize_size, crop_size, random_resized}
     model:   {layout, width, pretrained}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
-              nesterov, lr_milestones, lr_gamma}
+              nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
     runtime: {out, device, precision, channels_last, compile, seed, log_every}
 
@@ -63,6 +63,7 @@ class OptimConfig:
     nesterov: bool = True
     lr_milestones: list[int] = field(default_factory=lambda: [4, 8])
     lr_gamma: float = 0.1
+    clip_grad_norm: float | None = None  # off, as in the paper; a max L2 norm over all gradients
 
 
 @dataclass
@@ -190,6 +191,8 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"eval.metric: {cfg.eval.metric!r}; choose one of {SELECTION_METRICS}")
     if cfg.runtime.precision not in PRECISIONS:
         problems.append(f"runtime.precision: {cfg.runtime.precision!r}; choose one of {PRECISIONS}")
+    if cfg.optim.clip_grad_norm is not None and not cfg.optim.clip_grad_norm > 0:
+        problems.append(f"optim.clip_grad_norm: must be > 0 (or null: off), got {cfg.optim.clip_grad_norm}")
     if sorted(cfg.optim.lr_milestones) != cfg.optim.lr_milestones or any(m < 1 for m in cfg.optim.lr_milestones):
         problems.append(f"optim.lr_milestones: must be increasing epochs >= 1, got {cfg.optim.lr_milestones}")
     if not 0 < cfg.eval.cam_curve_interval < 1:

@@ -255,10 +255,12 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
-                    f"lower optim.lr (now {self.cfg.optim.lr}) and resume or restart (last.pt keeps the "
-                    "last finished epoch)")
+                    f"lower optim.lr (now {self.cfg.optim.lr}) or set optim.clip_grad_norm, and resume or "
+                    "restart (last.pt keeps the last finished epoch)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.cfg.optim.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
             self.optimizer.step()
             n = len(labels)
             total_loss += float(loss.detach()) * n
