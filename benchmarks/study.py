@@ -38,7 +38,6 @@ import torch
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
-from mnpo.data.metadata import read_split
 from mnpo.engine.config import config_from_dict
 from mnpo.engine.demo import method_gallery
 from mnpo.engine.evaluate import evaluate_model, resize_for
@@ -192,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         write_synthetic_dataset(out=data, preset=preset, seed=args.seed, image_size=args.image_size,
                                 num_classes=args.classes, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, test_per_class=args.test_per_class)
-        test_ids = read_split(data / "metadata" / "test").image_ids
-        shown = test_ids[:: max(1, len(test_ids) // args.figure_images)][: args.figure_images]
+        test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate")  # for the figure
+        shown = test.image_ids[:: max(1, len(test) // args.figure_images)][: args.figure_images]
         for layout, rows in EVALUATIONS.items():
             runs = []
             for seed in seeds:
@@ -207,8 +206,6 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(evaluate(checkpoint, data, rows, args, shown, kept))
                 if kept is not None:
                     thresholds = kept.pop("thresholds")
-                    test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate",
-                                       crop_size=args.image_size, resize_size=resize_for(args.image_size))
                     method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
             if runs:
                 all_results[(preset, layout)] = runs
