@@ -45,8 +45,8 @@ import numpy as np
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.io import atomic_path
 
-__all__ = ["CLASS_NAMES", "IMAGE_EXTENSIONS", "SPLITS", "AnnotationError", "TreeImage", "make_metadata",
-           "read_box_csv", "read_class_names", "read_coco_boxes", "read_voc_boxes", "scan_image_tree"]
+__all__ = ["CLASS_NAMES", "IMAGE_EXTENSIONS", "SPLITS", "AnnotationError", "TreeImage", "is_image_file",
+           "make_metadata", "read_box_csv", "read_class_names", "read_coco_boxes", "read_voc_boxes", "scan_image_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class TreeImage:
     split: str | None
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """An image by its extension (:data:`IMAGE_EXTENSIONS`, any case), not a hidden file."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
@@ -85,7 +86,7 @@ def scan_image_tree(root: str | os.PathLike) -> list[TreeImage]:
     if not root.is_dir():
         raise AnnotationError(f"{root}: not a folder")
     top = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    loose = [p.name for p in top if p.is_file() and _is_image(p)]
+    loose = [p.name for p in top if p.is_file() and is_image_file(p)]
     if loose:
         raise AnnotationError(f"{root}: images must sit in class folders, found {loose[:3]} at the top")
     folders = [p for p in top if p.is_dir()]
@@ -99,14 +100,14 @@ def scan_image_tree(root: str | os.PathLike) -> list[TreeImage]:
         split = split_dir.name if split_layout else None
         for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
             if class_dir.is_file():
-                if _is_image(class_dir):
+                if is_image_file(class_dir):
                     raise AnnotationError(f"{split_dir}: images must sit in class folders, found {class_dir.name!r}")
                 continue
             for dirpath, dirnames, filenames in os.walk(class_dir):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     path = Path(dirpath) / name
-                    if _is_image(path):
+                    if is_image_file(path):
                         rel = path.relative_to(root).as_posix()
                         if "," in rel:
                             raise AnnotationError(f"{path}: a comma in the path cannot be written to the "

@@ -408,7 +408,7 @@ def expand_image_paths(paths: Sequence[str]) -> list[str]:
     """The arguments, with each folder replaced by the image files below it (recursively, sorted;
     see :data:`mnpo.data.make_metadata.IMAGE_EXTENSIONS`). Files are kept as given, even
     unreadable ones (they are skipped and listed later). Raises ValueError for a folder without images."""
-    from mnpo.data.make_metadata import IMAGE_EXTENSIONS
+    from mnpo.data.make_metadata import IMAGE_EXTENSIONS, is_image_file
 
     expanded = []
     for arg in paths:
@@ -416,8 +416,7 @@ def expand_image_paths(paths: Sequence[str]) -> list[str]:
         if not folder.is_dir():
             expanded.append(arg)
             continue
-        found = sorted(str(p) for p in folder.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        found = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
         if not found:
             raise ValueError(f"{folder}: a folder without images (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
         expanded.extend(found)
