@@ -54,6 +54,22 @@ def test_tf32_context_sets_both_flags_and_restores_them(restore_tf32):
     assert _tf32_flags() == (False, True)
 
 
+def test_tf32_context_switches_the_new_api_when_the_process_set_only_that(restore_tf32):
+    """Since torch 2.9 ``fp32_precision`` is the recommended switch; once a process sets it alone,
+    reading the legacy ``allow_tf32`` raises, and the context must not."""
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this torch has no fp32_precision API")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+    with pytest.raises(RuntimeError, match="legacy and new"):
+        _tf32_flags()  # the state the context has to cope with
+    with tf32_enabled(False):
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    with tf32_enabled(True):
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+
+
 def test_cuda_fp32_pass_is_strict_and_tf32_pass_uses_tensor_cores(restore_tf32):
     """On CUDA, ``fp32`` switches TF32 off for the pass (PyTorch's cuDNN default is on);
     ``tf32`` switches it on; on the CPU neither touches the flags."""

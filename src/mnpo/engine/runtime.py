@@ -48,16 +48,28 @@ def resolve_precision(name: str, device: torch.device) -> str:
 @contextlib.contextmanager
 def tf32_enabled(enabled: bool):
     """Inside: CUDA matmuls and cuDNN convolutions use TF32 tensor cores iff ``enabled``;
-    the previous settings come back on exit."""
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [f.allow_tf32 for f in flags]
-    for f in flags:
-        f.allow_tf32 = enabled
+    the previous settings come back on exit.
+
+    PyTorch has two switches for this: the legacy ``allow_tf32`` flags and, since 2.9,
+    per-backend ``fp32_precision``. The legacy flags are used (setting them keeps the new ones
+    in step, and ``torch.compile`` reads them), unless the process set TF32 through the new API
+    alone: reading the legacy flags then raises, and the new ones are switched instead.
+    """
+    try:
+        targets = (torch.backends.cuda.matmul, torch.backends.cudnn)
+        attr, value = "allow_tf32", enabled
+        saved = [t.allow_tf32 for t in targets]
+    except RuntimeError:  # "mix of the legacy and new APIs": stay on the new one
+        targets = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        attr, value = "fp32_precision", "tf32" if enabled else "ieee"
+        saved = [t.fp32_precision for t in targets]
+    for t in targets:
+        setattr(t, attr, value)
     try:
         yield
     finally:
-        for f, value in zip(flags, saved):
-            f.allow_tf32 = value
+        for t, previous in zip(targets, saved):
+            setattr(t, attr, previous)
 
 
 def autocast(device: torch.device, precision: str):
