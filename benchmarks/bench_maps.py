@@ -18,14 +18,13 @@ with a GPU also the peak memory. The header names the device and the versions.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
-from machine_info import cpu_cores, cpu_name
+from machine_info import device_summary
 
 
 def released_recipe_mnpos(model, images, targets):
@@ -45,14 +44,6 @@ def released_recipe_mnpos(model, images, targets):
                 objective.backward(retain_graph=True)
                 grads.append(a.grad.clone())
     return grads
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{cpu_name()}, {cpu_cores()} cores, {torch.get_num_threads()} torch threads"
-    return f"{name}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def timed(fn, device, repeats):
@@ -113,7 +104,7 @@ def main() -> None:
     jobs["mnpos, released recipe"] = release
 
     precision = "bf16 autocast" if args.bf16 else ("fp32/tf32" if device.type == "cuda" else "fp32")
-    print(f"device: {machine(device)}")
+    print(f"device: {device_summary(device)}")
     print(f"released two-branch VGG16 (width {args.width}, {args.classes} classes), batch {args.batch} "
           f"of {args.size}x{args.size}, {precision}{', channels-last' if args.channels_last else ''}, "
           f"best of {args.repeats}\n")

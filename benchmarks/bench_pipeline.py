@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from mnpo.engine.runtime import autocast, resolve_device, resolve_precision
 from mnpo.engine.train import wsol_loss
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import build_model
-from machine_info import cpu_cores, cpu_name
+from machine_info import device_summary
 
 
 def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> None:
@@ -64,12 +63,6 @@ def write_data(root: Path, images: int, classes: int, size: tuple[int, int]) -> 
     for split in ("train", "val", "test"):
         write_split(root / "metadata" / split, meta)
     stamp.write_text(settings)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({cpu_cores()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def sync(device):
@@ -137,8 +130,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     root = Path(args.data)
     write_data(root, args.images, args.classes, (500, 375))
-    print(f"device: {device_name(device)}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"Python {platform.python_version()}; classification {precision}, channels-last")
+    print(f"device: {device_summary(device)}; classification {precision}, channels-last")
     print(f"data: {args.images} synthetic 500x375 JPEGs, {args.classes} classes, batch {args.batch}, "
           f"{args.workers} loader workers; MNPO width {args.width}\n")
     print("| job | images/s | ratio | peak GPU GiB |\n|---|---:|---:|---:|")

@@ -25,7 +25,6 @@ whether ``--map-precision tf32`` or ``bf16`` would be safe.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import resolve_device, resolve_precision
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import load_model
+
+from machine_info import device_summary
 
 #: the protocol's threshold step: a map moved by less crosses at most one threshold per pixel
 THRESHOLD_STEP = 0.01
@@ -84,8 +85,7 @@ def main(argv=None) -> int:
     val = WSOLDataset(data / "images", data / "metadata" / "val", "evaluate", **kwargs)
     test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs)
     default = ("fp32", device.type == "cuda")  # what `mnpo evaluate` uses for maps
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"device: {name}; torch {torch.__version__}, Python {platform.python_version()}; "
+    lines = [f"device: {device_summary(device)}; "
              f"checkpoint {args.checkpoint}; {len(test)} test / {len(val)} val images; "
              f"tolerance {args.tolerance:g} on the default maps (fp32{', channels-last' if default[1] else ''})", "",
              "| method | maps | max abs diff | mean abs diff | GT-known Loc cal. | MaxBoxAccV2 cal. | within a step |",

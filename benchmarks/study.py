@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
@@ -47,6 +45,8 @@ from mnpo.engine.train import Trainer
 from mnpo.io import atomic_path, write_json_atomic
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import load_model
+
+from machine_info import device_summary
 
 log = logging.getLogger("study")
 
@@ -219,8 +219,7 @@ def write_results(out: Path, all_results: dict, diverged: list[str], args, seeds
     (atomic writes); returns the markdown. Runs that diverged are listed under the table and
     left out of its means."""
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (f"device: {name}; torch {torch.__version__}, Python {platform.python_version()}; "
+    header = (f"device: {device_summary(device)}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
               f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
               f"training seeds {seeds}; {seconds:.0f} s")

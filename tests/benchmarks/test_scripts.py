@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mnpo.engine.overlay import caption_height
@@ -35,6 +36,9 @@ def test_bench_maps_prints_every_method():
               "--classes", "10", "--repeats", "1")
     for job in ("forward", "cam", "mnpo", "mnpos", "gradcam", "dgl", "mnpos, released recipe"):
         assert f"| {job} |" in out
+    machine = script_module("machine_info")
+    assert f"device: {machine.device_summary(torch.device('cpu'))}\n" in out  # the machine, named once
+    assert f"{machine.cpu_cores()} cores" in out and f"torch {torch.__version__}, torchvision" in out
 
 
 @pytest.mark.slow
