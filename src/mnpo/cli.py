@@ -43,9 +43,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_make_metadata(args: argparse.Namespace) -> int:
     from mnpo.data import make_metadata as mm
 
-    sources = [flag for flag in ("boxes", "voc", "coco") if getattr(args, flag)]
+    sources = [flag for flag in ("boxes", "voc", "coco", "masks") if getattr(args, flag)]
     if len(sources) > 1:
-        raise ValueError(f"give one box source, not {', '.join('--' + s for s in sources)}")
+        raise ValueError(f"give one source of boxes or masks, not {', '.join('--' + s for s in sources)}")
     images = mm.scan_image_tree(args.root)
     ids = [im.image_id for im in images]
     if args.boxes:
@@ -57,13 +57,14 @@ def _cmd_make_metadata(args: argparse.Namespace) -> int:
     else:
         boxes = {}
     names = mm.read_class_names(args.classes) if args.classes else None
-    splits = mm.make_metadata(args.root, args.out, boxes=boxes, class_names=names, val_fraction=args.val_fraction,
+    splits = mm.make_metadata(args.root, args.out, boxes=boxes, masks=args.masks, class_names=names, val_fraction=args.val_fraction,
                               test_fraction=args.test_fraction, seed=args.seed, workers=args.workers, images=images)
     classes = len(names) if names else len({im.class_name for im in images})
     print(f"wrote {args.out}: {classes} classes; " + ", ".join(
-        f"{split} {len(m)} images" + (f" ({m.num_boxes} boxes)" if m.boxes is not None else "")
+        f"{split} {len(m)} images" + {"box": f" ({m.num_boxes} boxes)", "mask": f" ({m.num_masks} masks)"}.get(m.kind, "")
         for split, m in splits.items()))
-    print(f"train with: mnpo train --config CONFIG data.root={args.root} data.metadata={args.out}")
+    masks = f" data.mask_root={args.masks} eval.metric=pxap" if args.masks else ""
+    print(f"train with: mnpo train --config CONFIG data.root={args.root} data.metadata={args.out}{masks}")
     return 0
 
 
@@ -200,17 +201,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
     mk = sub.add_parser(
         "make-metadata",
-        help="metadata for your own data: class folders plus boxes -> train/val/test split folders",
+        help="metadata for your own data: class folders plus boxes or masks -> train/val/test split folders",
         description="Scan ROOT/<class>/... (split at random per class) or ROOT/{train,val,test}/<class>/... for "
-        "images, read boxes from a CSV (path,x0,y0,x1,y1, inclusive pixels), Pascal VOC XML or COCO JSON, check "
-        "them against the image sizes and write OUT/{train,val,test}/ in the wsolevaluation layout plus "
-        "OUT/class_names.txt. Every val and test image needs a box.",
+        "images, read boxes from a CSV (path,x0,y0,x1,y1, inclusive pixels), Pascal VOC XML or COCO JSON, or masks "
+        "from a folder mirroring ROOT, check them against the image sizes and write OUT/{train,val,test}/ in the "
+        "wsolevaluation layout plus OUT/class_names.txt. Every val and test image needs a box or a mask.",
     )
     mk.add_argument("root", help="image root: class folders, or train/val/test folders of class folders")
     mk.add_argument("out", help="metadata folder to write (train/, val/, test/, class_names.txt)")
     mk.add_argument("--boxes", metavar="CSV", help="boxes as path,x0,y0,x1,y1 lines (paths relative to ROOT)")
     mk.add_argument("--voc", metavar="DIR", help="Pascal VOC XML folder (<path>.xml or <name>.xml per image)")
     mk.add_argument("--coco", metavar="JSON", help="COCO annotation file (bbox [x, y, w, h])")
+    mk.add_argument("--masks", metavar="DIR", help="mask folder for PxAP: the mask of ROOT/<path>.<ext> is "
+                    "DIR/<path>.png (non-zero: object), an optional ignore mask DIR/<path>.ignore.png; "
+                    "DIR is then the mask root of training and evaluation")
     mk.add_argument("--classes", metavar="FILE", help="class order, one name per line (default: sorted folder names)")
     mk.add_argument("--val-fraction", type=float, default=0.1, help="per class, for ROOT/<class>/ (default 0.1)")
     mk.add_argument("--test-fraction", type=float, default=0.1, help="per class, for ROOT/<class>/ (default 0.1)")

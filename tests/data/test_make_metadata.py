@@ -1,6 +1,8 @@
 """Metadata for one's own data: image trees, box files, splits, and every bad input named."""
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ from mnpo.data.make_metadata import (
     read_voc_boxes,
     scan_image_tree,
 )
+from mnpo.data.make_metadata import _assign_splits
 from mnpo.data.metadata import read_split
 
 CLASSES = ("cat", "bird", "dog")  # sorted: bird 0, cat 1, dog 2
@@ -208,4 +211,120 @@ def test_cli_writes_metadata_and_names_a_second_box_source(tmp_path):
     assert len(read_split(tmp_path / "meta" / "test")) == 3
     done = subprocess.run([*run, "--boxes", str(csv_path), "--coco", "x.json"], capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 2 and "give one box source, not --boxes, --coco" in done.stderr
+    assert done.returncode == 2 and "give one source of boxes or masks, not --boxes, --coco" in done.stderr
+
+
+def mask_file(path, w, h, box, value=255):
+    """An 'L' PNG mask of w x h, ``value`` inside the inclusive ``box`` (x0, y0, x1, y1), 0 elsewhere."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1 + 1, x0:x1 + 1] = value
+    Image.fromarray(pixels).save(path)
+
+
+def mask_tree(masks, per_class=5):
+    """MASKS/<class>/<k>.png for class_tree's images: the object is x in [k, 20+k], y in [1, 29+k];
+    even k also get an ignore mask (a 3-pixel band right of the object)."""
+    for name in CLASSES:
+        for k in range(per_class):
+            mask_file(masks / name / f"{k:02d}.png", 40 + k, 30 + k, (k, 1, 20 + k, 29 + k), value=1 + k)
+            if k % 2 == 0:
+                mask_file(masks / name / f"{k:02d}.ignore.png", 40 + k, 30 + k, (21 + k, 0, 23 + k, 29 + k))
+
+
+def test_masks_are_written_as_mask_splits_that_pxap_reads(tmp_path):
+    from mnpo.engine.evaluate_maps import evaluate_map_folders
+    from mnpo.metrics.masks import BACKGROUND, FOREGROUND, IGNORE, load_gt_mask
+
+    root, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "meta"
+    class_tree(root, per_class=5)
+    mask_tree(masks, per_class=5)
+    splits = make_metadata(root, out, masks=masks, val_fraction=0.2, test_fraction=0.2, seed=1)
+    for split, meta in splits.items():
+        assert meta.kind == "mask" and read_split(out / split) == meta
+        for image_id in meta.image_ids:
+            stem, k = image_id[:-4], int(image_id.split("/")[1][:2])
+            assert meta.mask_paths[image_id] == (f"{stem}.png",)
+            assert meta.ignore_paths[image_id] == (f"{stem}.ignore.png" if k % 2 == 0 else "")
+    # the evaluation reads what was written: the ground truth at its own size, and PxAP 100 for
+    # maps that are the foreground itself
+    test = splits["test"]
+    for image_id in test.image_ids:
+        k = int(image_id.split("/")[1][:2])
+        gt = load_gt_mask(masks, test.mask_paths[image_id], test.ignore_paths[image_id])  # 224 x 224
+        assert set(np.unique(gt)) == ({FOREGROUND, BACKGROUND, IGNORE} if k % 2 == 0 else {FOREGROUND, BACKGROUND})
+        object_area = 21 * (29 + k) / ((40 + k) * (30 + k))  # the drawn rectangle, as a fraction of the image
+        assert (gt == FOREGROUND).mean() == pytest.approx(object_area, abs=0.03)
+    maps = tmp_path / "maps"
+    for image_id in test.image_ids:
+        path = maps / f"{image_id}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mask = load_gt_mask(masks, test.mask_paths[image_id], test.ignore_paths[image_id])
+        np.save(path, (mask == FOREGROUND).astype(np.float32))
+    report = evaluate_map_folders(maps, out / "test", mask_root=masks)
+    assert report.oracle["pxap"].value == pytest.approx(100.0)
+
+
+def test_bad_masks_are_named_and_nothing_is_written(tmp_path, caplog):
+    root, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "meta"
+    class_tree(root, per_class=5)
+    mask_tree(masks, per_class=5)
+
+    def fails(match, **kwargs):
+        with pytest.raises((AnnotationError, ValueError), match=match):
+            make_metadata(root, out, **{"masks": masks, **kwargs})
+        assert not out.exists()
+
+    @contextlib.contextmanager
+    def moved(path, to):  # a file renamed for one check
+        path.rename(to)
+        try:
+            yield
+        finally:
+            to.rename(path)
+
+    fails(r"give boxes or masks, not both", boxes={"cat/00.png": [(0, 0, 1, 1)]})
+    fails(r"nowhere: mask folder not found", masks=tmp_path / "nowhere")
+    with moved(masks / "cat" / "03.png", masks / "cat" / "03_mask.png"):
+        fails(r"1 files belong to no image, e.g. \['cat/03_mask.png'\]")
+    with moved(masks / "cat" / "01.png", tmp_path / "spare.png"):
+        # without its mask, cat/01 is unannotated: an error in val and test, a warning in train
+        seed = _seed_putting(root, "cat/01.png")
+        with pytest.raises(AnnotationError, match=r"1 of the 3 (val|test) images have no mask, e.g. \['cat/01.png'\]"):
+            make_metadata(root, out, masks=masks, val_fraction=0.2, test_fraction=0.2, seed=seed)
+        assert not out.exists()
+        train_seed = next(s for s in range(100) if s != seed and
+                          _assign_splits(scan_image_tree(root), 0.2, 0.2, s)["cat/01.png"] == "train")
+        splits = make_metadata(root, out, masks=masks, val_fraction=0.2, test_fraction=0.2, seed=train_seed)
+        assert splits["train"].kind == "none" and splits["test"].kind == "mask"
+        assert "1 of the 9 train images have no mask" in caplog.text
+        shutil.rmtree(out)
+    with moved(masks / "cat" / "02.png", tmp_path / "spare.png"):
+        fails(r"ignore masks without their mask: \['cat/02.ignore.png'\]")
+    mask_file(masks / "dog" / "01.png", 30, 30, (0, 0, 5, 5))
+    fails(r"1 masks do not fit their images: .*dog/01.png: 30x30, but its image is 41x31")
+    mask_file(masks / "dog" / "01.png", 41, 31, (0, 0, 5, 5), value=0)
+    fails(r"dog/01.png: no object pixel \(every pixel is 0\)")
+    mask_file(masks / "dog" / "01.png", 41, 31, (0, 0, 5, 5))
+    mask_file(masks / "dog" / "02.ignore.png", 41, 31, (0, 0, 5, 5))
+    fails(r"dog/02.ignore.png: 41x31, but its image is 42x32")
+    (masks / "dog" / "02.ignore.png").write_bytes(b"not a png")
+    fails(r"dog/02.ignore.png: cannot be read \(UnidentifiedImageError")
+    mask_file(masks / "dog" / "02.ignore.png", 42, 32, (0, 0, 5, 5))
+    make_metadata(root, out, masks=masks)  # mended: it goes through
+    shutil.rmtree(out)
+    image(root / "dog" / "00.jpg", 40, 30, "JPEG")
+    fails(r"dog/00.png would be the mask of 'dog/00.jpg' and the mask of 'dog/00.png'; rename one")
+
+
+def test_cli_writes_mask_metadata_and_says_how_to_train(tmp_path):
+    root, masks = tmp_path / "images", tmp_path / "masks"
+    class_tree(root, per_class=5)
+    mask_tree(masks, per_class=5)
+    done = subprocess.run([sys.executable, "-m", "mnpo", "make-metadata", str(root), str(tmp_path / "meta"),
+                           "--masks", str(masks), "--val-fraction", "0.2", "--test-fraction", "0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "3 classes; train 9 images (9 masks), val 3 images (3 masks), test 3 images (3 masks)" in done.stdout
+    assert f"data.mask_root={masks} eval.metric=pxap" in done.stdout

@@ -7,8 +7,8 @@ The classes come from the folder tree, ImageFolder style, in one of two layouts:
 * ``ROOT/{train,val,test}/<class>/.../<image>``: the split is the top folder.
 
 Classes are numbered in sorted order of their folder names, or in the order of a ``classes``
-list. Boxes, needed for every val and test image (the protocol scores boxes there; train needs
-labels only), come from one of
+list. Boxes or masks are needed for every val and test image (the protocol scores them there;
+train needs labels only). Boxes come from one of
 
 * a CSV file in ``localization.txt``'s form: ``path,x0,y0,x1,y1``, one line per box, paths
   relative to ROOT, inclusive 0-based pixel coordinates (an optional first line
@@ -20,10 +20,18 @@ labels only), come from one of
   to its file name when that is unique; ``annotations[].bbox`` ``[x, y, w, h]`` in continuous
   coordinates, made inclusive pixel boxes ``round(x), round(y), round(x+w)-1, round(y+h)-1``).
 
-Every box is checked against its image's size (read from the file header). Written per split:
+Masks (for PxAP, as OpenImages30k) come from a folder that mirrors the image tree: the mask of
+``<path>.<ext>`` is ``MASKS/<path>.png`` (any non-zero pixel is the object, as the evaluation
+reads it; merge instances into one mask) and an optional ignore mask, pixels no score is asked
+for, ``MASKS/<path>.ignore.png``. ``localization.txt`` then holds ``path,mask_path,ignore_path``
+with mask paths relative to MASKS, the ``data.mask_root`` / ``--mask-root`` of training and
+evaluation.
+
+Every box is checked against its image's size (read from the file header); every mask must have
+its image's size and, unless it is an ignore mask, an object pixel. Written per split:
 ``image_ids.txt``, ``class_labels.txt``, ``image_sizes.txt`` and, where every image of the
-split has boxes, ``localization.txt``; plus ``class_names.txt`` (one name per class index) at
-the top, which training copies into its checkpoints (``mnpo localize`` prints the names).
+split has boxes or masks, ``localization.txt``; plus ``class_names.txt`` (one name per class
+index) at the top, which training copies into its checkpoints (``mnpo localize`` prints the names).
 """
 
 from __future__ import annotations
@@ -38,15 +46,16 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.io import atomic_path
 
-__all__ = ["CLASS_NAMES", "IMAGE_EXTENSIONS", "SPLITS", "AnnotationError", "TreeImage", "is_image_file",
-           "make_metadata", "read_box_csv", "read_class_names", "read_coco_boxes", "read_voc_boxes", "scan_image_tree"]
+__all__ = ["CLASS_NAMES", "IGNORE_SUFFIX", "IMAGE_EXTENSIONS", "SPLITS", "AnnotationError", "TreeImage",
+           "is_image_file", "make_metadata", "read_box_csv", "read_class_names", "read_coco_boxes",
+           "read_mask_folder", "read_voc_boxes", "scan_image_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +63,10 @@ CLASS_NAMES = "class_names.txt"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
+IGNORE_SUFFIX = ".ignore.png"  # MASKS/<path>.ignore.png: the ignore mask of ROOT/<path>.<ext>
+
 Boxes = dict[str, list[tuple[int, int, int, int]]]  # image id -> inclusive pixel boxes
+Masks = dict[str, tuple[str, str]]  # image id -> (mask path, ignore path or ""), relative to the mask folder
 
 
 class AnnotationError(ValueError):
@@ -241,6 +253,62 @@ def read_coco_boxes(path: str | os.PathLike, image_ids: Sequence[str]) -> Boxes:
     return dict(boxes)
 
 
+def read_mask_folder(folder: str | os.PathLike, image_ids: Sequence[str]) -> Masks:
+    """The masks of ``image_ids`` (paths relative to ROOT) in ``folder``, which mirrors the image
+    tree: ``<path without extension>.png``, and optionally ``<path without extension>.ignore.png``.
+
+    Returns image id -> (mask path, ignore path or ""), relative to ``folder``, for the images
+    that have a mask. Raises AnnotationError for a file in the folder that belongs to no image (a
+    mask named by another convention would otherwise be silently missing) and for an ignore
+    mask without its mask.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AnnotationError(f"{folder}: mask folder not found")
+    expected: dict[str, tuple[str, str]] = {}  # mask file -> (image id, role)
+    for image_id in image_ids:
+        stem = PurePosixPath(image_id).with_suffix("").as_posix()
+        for name, role in ((stem + ".png", "mask"), (stem + IGNORE_SUFFIX, "ignore")):
+            if name in expected:  # 'a.png' and 'a.jpg', or 'a.jpg' and 'a.ignore.jpg'
+                raise AnnotationError(f"{folder / name} would be the {expected[name][1]} of {expected[name][0]!r} "
+                                      f"and the {role} of {image_id!r}; rename one of the images")
+            expected[name] = (image_id, role)
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    stray = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in expected:
+            stray.append(rel)
+            continue
+        image_id, role = expected[rel]
+        found[image_id][role] = rel
+    if stray:
+        raise AnnotationError(f"{folder}: {len(stray)} files belong to no image, e.g. {stray[:3]} (the mask of "
+                              f"ROOT/<path>.<ext> is <path>.png, its ignore mask <path>{IGNORE_SUFFIX})")
+    orphans = [f["ignore"] for f in found.values() if "mask" not in f]
+    if orphans:
+        raise AnnotationError(f"{folder}: ignore masks without their mask: {orphans[:3]}")
+    return {i: (f["mask"], f.get("ignore", "")) for i, f in found.items()}
+
+
+def _mask_problem(folder: Path, files: tuple[str, str], size: tuple[int, int]) -> str | None:
+    """Why ``files`` (mask path, ignore path or "") in ``folder`` cannot serve an image of ``size``
+    (w, h), or None."""
+    from PIL import Image
+
+    mask = folder / files[0]
+    for path in (mask, folder / files[1]) if files[1] else (mask,):
+        try:
+            with Image.open(path) as image:
+                if image.size != size:
+                    return f"{path}: {image.size[0]}x{image.size[1]}, but its image is {size[0]}x{size[1]}"
+                if path == mask and not image.convert("L").getbbox():
+                    return f"{path}: no object pixel (every pixel is 0)"
+        except Exception as err:  # PIL raises several types on bad data
+            return f"{path}: cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
 def _image_size(path: Path) -> tuple[int, int] | str:
     from PIL import Image
 
@@ -276,13 +344,15 @@ def _assign_splits(images: Sequence[TreeImage], val_fraction: float, test_fracti
 
 
 def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Mapping[str, Sequence] | None = None,
-                  class_names: Sequence[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  masks: str | os.PathLike | None = None, class_names: Sequence[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
                   seed: int = 0, workers: int = 8,
                   images: Sequence[TreeImage] | None = None) -> dict[str, SplitMetadata]:
     """Write ``out/{train,val,test}/`` and ``out/class_names.txt`` for the images under ``root``.
 
     boxes: image id -> inclusive ``(x0, y0, x1, y1)`` pixel boxes (from :func:`read_box_csv`,
     :func:`read_voc_boxes` or :func:`read_coco_boxes`); every val and test image needs one.
+    masks: instead of boxes, the mask folder (see :func:`read_mask_folder`); every val and test
+    image needs a mask, and the written mask paths are relative to this folder.
     class_names: the class order (every class folder must be listed); default sorted names.
     images: the result of :func:`scan_image_tree` on ``root``, when the caller has it already.
     Returns the written metadata per split. Raises AnnotationError, naming what is wrong,
@@ -293,6 +363,8 @@ def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Map
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     if val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
+    if boxes and masks is not None:
+        raise ValueError("give boxes or masks, not both (a split holds one kind of localization label)")
     root, out = Path(root), Path(out)
     images = scan_image_tree(root) if images is None else list(images)
     found = sorted({im.class_name for im in images})
@@ -314,12 +386,19 @@ def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Map
     unknown = [i for i in boxes if i not in ids]
     if unknown:
         raise AnnotationError(f"boxes given for {len(unknown)} images not under {root}: {unknown[:3]}")
+    mask_files = read_mask_folder(masks, sorted(ids)) if masks is not None else {}
     with ThreadPoolExecutor(max(1, workers)) as pool:
         sizes = dict(zip([im.image_id for im in images],
                          pool.map(_image_size, [root / im.image_id for im in images])))
-    unreadable = [f"{i} ({s})" for i, s in sizes.items() if isinstance(s, str)]
-    if unreadable:
-        raise AnnotationError(f"{len(unreadable)} images under {root} cannot be read: " + "; ".join(unreadable[:3]))
+        unreadable = [f"{i} ({s})" for i, s in sizes.items() if isinstance(s, str)]
+        if unreadable:
+            raise AnnotationError(f"{len(unreadable)} images under {root} cannot be read: "
+                                  + "; ".join(unreadable[:3]))
+        checked = sorted(mask_files)
+        mask_problems = [p for p in pool.map(_mask_problem, [Path(masks or ".")] * len(checked),
+                                             [mask_files[i] for i in checked], [sizes[i] for i in checked]) if p]
+    if mask_problems:
+        raise AnnotationError(f"{len(mask_problems)} masks do not fit their images: " + "; ".join(mask_problems[:3]))
     for image_id, image_boxes in boxes.items():
         w, h = sizes[image_id]
         for box in image_boxes:
@@ -327,23 +406,29 @@ def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Map
             if not (0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h):
                 raise AnnotationError(f"box {list(box)} of {image_id!r} does not lie in its {w}x{h} image "
                                       "(0 <= x0 <= x1 <= w, 0 <= y0 <= y1 <= h)")
+    annotated, kind = (boxes, "box") if masks is None else (mask_files, "mask")
     result = {}
     for split in SPLITS:
         split_ids = sorted(i for i in ids if split_of[i] == split)
         if not split_ids:
             raise AnnotationError(f"split {split!r} gets no images (fractions val {val_fraction}, "
                                   f"test {test_fraction}, {len(ids)} images)")
-        missing = [i for i in split_ids if i not in boxes]
+        missing = [i for i in split_ids if i not in annotated]
         if missing and split != "train":
-            raise AnnotationError(f"{len(missing)} of the {len(split_ids)} {split} images have no box, e.g. "
+            raise AnnotationError(f"{len(missing)} of the {len(split_ids)} {split} images have no {kind}, e.g. "
                                   f"{missing[:3]}; every val and test image needs one")
         labels = {im.image_id: index[im.class_name] for im in images if split_of[im.image_id] == split}
         if missing and len(missing) < len(split_ids):
-            log.warning("%d of the %d train images have no box: train is written without localization.txt "
-                        "(training needs labels only)", len(missing), len(split_ids))
-        split_boxes = None if missing else {i: np.asarray(boxes[i], np.int64) for i in split_ids}
+            log.warning("%d of the %d train images have no %s: train is written without localization.txt "
+                        "(training needs labels only)", len(missing), len(split_ids), kind)
+        localization = {}
+        if not missing and masks is None:
+            localization["boxes"] = {i: np.asarray(boxes[i], np.int64) for i in split_ids}
+        elif not missing:
+            localization["mask_paths"] = {i: (mask_files[i][0],) for i in split_ids}
+            localization["ignore_paths"] = {i: mask_files[i][1] for i in split_ids}
         result[split] = SplitMetadata(image_ids=tuple(split_ids), labels=labels,
-                                      sizes={i: sizes[i] for i in split_ids}, boxes=split_boxes)
+                                      sizes={i: sizes[i] for i in split_ids}, **localization)
     for split, meta in result.items():
         write_split(out / split, meta)
     with atomic_path(out / CLASS_NAMES) as tmp:
