@@ -328,3 +328,15 @@ def test_cli_writes_mask_metadata_and_says_how_to_train(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "3 classes; train 9 images (9 masks), val 3 images (3 masks), test 3 images (3 masks)" in done.stdout
     assert f"data.mask_root={masks} eval.metric=pxap" in done.stdout
+
+
+def test_exif_orientation_is_named_and_sizes_stay_in_the_stored_grid(tmp_path, caplog):
+    root = tmp_path / "images"
+    lines = class_tree(root, per_class=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers show this image turned 90 degrees: 31 x 41
+    Image.new("RGB", (41, 31)).save(root / "cat" / "01.png", exif=exif)
+    splits = make_metadata(root, tmp_path / "meta", boxes=read_box_csv(write_csv(tmp_path / "b.csv", lines)))
+    split = next(m for m in splits.values() if "cat/01.png" in m.sizes)
+    assert split.sizes["cat/01.png"] == (41, 31)
+    assert "1 images carry an EXIF orientation tag, e.g. cat/01.png (6)" in caplog.text

@@ -55,6 +55,34 @@ def test_load_image_returns_decoded_rgb(tmp_path, mode):
     assert np.array_equal(np.asarray(out), np.asarray(image.convert("RGB")))
 
 
+# EXIF orientation -> what makes the stored pixels (H, W, 3) upright (the EXIF / TIFF 6.0 definitions)
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],                        # mirrored left-right
+    3: lambda a: a[::-1, ::-1],                     # turned 180 degrees
+    4: lambda a: a[::-1, :],                        # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),              # mirrored about the main diagonal
+    6: lambda a: np.rot90(a, k=-1),                 # stored turned 90 ccw: turn it 90 cw
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored about the anti-diagonal
+    8: lambda a: np.rot90(a, k=1),                  # stored turned 90 cw: turn it 90 ccw
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_load_image_applies_the_exif_orientation_only_when_asked(tmp_path, orientation):
+    image = _noise_image(40, 30)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / "tagged.png"
+    image.save(path, exif=exif)
+    stored = np.asarray(image)
+    assert np.array_equal(np.asarray(load_image(path)), stored)  # default: the stored grid
+    upright = load_image(path, exif_orientation=True)
+    assert np.array_equal(np.asarray(upright), UPRIGHT[orientation](stored))
+    assert upright.info["exif_orientation"] == orientation
+    assert load_image(path).info.get("exif_orientation") is None
+
+
 def _bad_files() -> dict[str, bytes | None]:
     big = _noise_image(256, 256, seed=3)
     png = _encoded(big, "PNG")

@@ -265,11 +265,11 @@ def test_parser_defaults_and_help():
     assert args.images == ["x.png", "y.jpg"] and args.checkpoint == "m.pt"
     assert (args.out, args.method, args.threshold, args.topk, args.batch_size, args.device) == \
         ("localize-output", "mnpo", None, 5, 16, "auto")
-    assert not args.no_overlays and not args.save_maps
+    assert not args.no_overlays and not args.save_maps and not args.ignore_exif
     sub = add_localize_parser(argparse.ArgumentParser().add_subparsers())
     helps = {a.dest: a.help for a in sub._actions}
     assert set(helps) == {"help", "checkpoint", "images", "out", "method", "threshold", "topk", "batch_size",
-                          "device", "no_overlays", "save_maps", "input_size"}
+                          "device", "no_overlays", "save_maps", "input_size", "ignore_exif"}
     assert all(text and len(text) > 20 for text in helps.values())
     assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
     assert sub.description and "localization.json" in sub.description
@@ -352,3 +352,26 @@ def test_folders_expand_to_the_images_below_them(files, tmp_path):
     (tmp_path / "empty" / "deep" / "x.txt").write_text("")
     with pytest.raises(ValueError, match=r"empty: a folder without images \(extensions: .*\.jpg"):
         expand_image_paths([str(tmp_path / "empty")])
+
+
+def test_exif_orientation_is_applied_first_unless_ignored(model, tmp_path):
+    """A phone photo stored sideways with orientation tag 6 is localized as the upright image it
+    shows: the same classes, map and box as the upright pixels saved without a tag."""
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 60, (120, 200, 3), dtype=np.uint8)
+    stored[20:60, 30:90] = 230
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    Image.fromarray(stored).save(tmp_path / "sideways.png", exif=exif)
+    Image.fromarray(np.rot90(stored, k=-1).copy()).save(tmp_path / "upright.png")
+    Image.fromarray(stored).save(tmp_path / "untagged.png")
+    paths = [tmp_path / n for n in ("sideways.png", "upright.png", "untagged.png")]
+    tagged, upright, untagged = localize_images(model, paths, threshold=0.3).images
+    assert tagged.size == upright.size == (120, 200) and tagged.exif_orientation == 6
+    assert upright.exif_orientation == untagged.exif_orientation == 1
+    assert tagged.box == upright.box and tagged.top_classes == upright.top_classes
+    assert np.array_equal(tagged.scoremap, upright.scoremap)
+    assert tagged.to_json()["exif_orientation"] == 6 and tagged.to_json()["size"] == [120, 200]
+    ignored = localize_images(model, paths[::2], threshold=0.3, exif_orientation=False).images
+    assert ignored[0].size == (200, 120) and ignored[0].exif_orientation == 1
+    assert ignored[0].box == ignored[1].box and np.array_equal(ignored[0].scoremap, ignored[1].scoremap)

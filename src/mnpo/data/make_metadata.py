@@ -309,12 +309,13 @@ def _mask_problem(folder: Path, files: tuple[str, str], size: tuple[int, int]) -
     return None
 
 
-def _image_size(path: Path) -> tuple[int, int] | str:
-    from PIL import Image
+def _image_header(path: Path) -> tuple[tuple[int, int], int] | str:
+    """``((w, h), EXIF orientation)`` from the file's header (1: no tag), or why it cannot be read."""
+    from PIL import ExifTags, Image
 
     try:
         with Image.open(path) as image:
-            return image.size
+            return image.size, int(image.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception as err:  # PIL raises several types on bad data
         return f"{type(err).__name__}: {err}"
 
@@ -388,12 +389,18 @@ def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Map
         raise AnnotationError(f"boxes given for {len(unknown)} images not under {root}: {unknown[:3]}")
     mask_files = read_mask_folder(masks, sorted(ids)) if masks is not None else {}
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        sizes = dict(zip([im.image_id for im in images],
-                         pool.map(_image_size, [root / im.image_id for im in images])))
-        unreadable = [f"{i} ({s})" for i, s in sizes.items() if isinstance(s, str)]
+        headers = dict(zip([im.image_id for im in images],
+                           pool.map(_image_header, [root / im.image_id for im in images])))
+        unreadable = [f"{i} ({h})" for i, h in headers.items() if isinstance(h, str)]
         if unreadable:
             raise AnnotationError(f"{len(unreadable)} images under {root} cannot be read: "
                                   + "; ".join(unreadable[:3]))
+        sizes = {i: size for i, (size, _) in headers.items()}
+        turned = [f"{i} ({o})" for i, (_, o) in sorted(headers.items()) if o != 1]
+        if turned:
+            log.warning("%d images carry an EXIF orientation tag, e.g. %s: sizes and boxes are taken in the "
+                        "stored pixel grid, as the evaluation reads them, not as image viewers turn them; check "
+                        "that the annotation tool did the same", len(turned), ", ".join(turned[:3]))
         checked = sorted(mask_files)
         mask_problems = [p for p in pool.map(_mask_problem, [Path(masks or ".")] * len(checked),
                                              [mask_files[i] for i in checked], [sizes[i] for i in checked]) if p]

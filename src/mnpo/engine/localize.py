@@ -1,6 +1,7 @@
 """Classify and localize arbitrary image files with a trained network: ``mnpo localize``.
 
-Per image (any size, any format Pillow reads; decoded once, as RGB, W x H):
+Per image (any size, any format Pillow reads; decoded once, as RGB, W x H; turned upright as its
+EXIF orientation tag says, as image viewers show it, unless ``exif_orientation=False``):
 
 - classification (spec section 6): the main branch's logits averaged over the ten crops
   (resize 256, ten 224 crops), softmax, the top-k classes;
@@ -74,6 +75,8 @@ class ImageLocalization:
         top_classes: the top-k classes, most probable first.
         box: ``(x0, y0, x1, y1)`` inclusive pixel coordinates in the image, or ``None``.
         scoremap: float32 (H, W) in [0, 1], the 224 map resized bilinearly to the image.
+        exif_orientation: the EXIF orientation tag applied to the file's pixels to give ``image``
+            (1: none; 6 and 8 swap W and H); box and map are in ``image``'s frame.
     """
 
     path: str
@@ -81,6 +84,7 @@ class ImageLocalization:
     top_classes: tuple[ClassScore, ...]
     box: tuple[int, int, int, int] | None
     scoremap: np.ndarray = field(repr=False)
+    exif_orientation: int = 1
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,6 +95,7 @@ class ImageLocalization:
         return {
             "path": self.path,
             "size": list(self.size),
+            "exif_orientation": self.exif_orientation,
             "top_classes": [{"index": c.index, "name": c.name, "probability": c.probability}
                             for c in self.top_classes],
             "box": None if self.box is None else list(self.box),
@@ -156,7 +161,8 @@ def _check_class_names(class_names: Sequence[str] | None, num_classes: int, sour
 def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], *, method: str = "mnpo",
                     threshold: float | None = None, topk: int = 5, class_names: Sequence[str] | None = None,
                     map_options: Mapping[str, Any] | None = None, batch_size: int = 16,
-                    device: str | torch.device = "cpu", input_size: int = VIEW_SIZE) -> LocalizeReport:
+                    device: str | torch.device = "cpu", input_size: int = VIEW_SIZE,
+                    exif_orientation: bool = True) -> LocalizeReport:
     """Classify and localize each image file (see the module doc).
 
     Args:
@@ -171,6 +177,8 @@ def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], 
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
         input_size: side of the network's views (224, the protocol; the ten crops come from a
             ``input_size * 256 / 224`` resize); the map is made in the 224 x 224 frame either way.
+        exif_orientation: turn each image as its EXIF orientation tag says before anything else
+            (box, map and size are then in the frame viewers show); False: the stored pixel grid.
 
     Raises:
         LocalizeError: none of the images could be read (each is named).
@@ -206,7 +214,7 @@ def localize_images(model: torch.nn.Module, paths: Sequence[str | os.PathLike], 
         batch = []
         for path in paths[start:start + batch_size]:
             try:
-                batch.append((path, load_image(path)))
+                batch.append((path, load_image(path, exif_orientation=exif_orientation)))
             except ImageReadError as err:
                 log.warning("skipping %s: %s", path, err.reason)
                 skipped.append(SkippedImage(path, err.reason))
@@ -257,7 +265,8 @@ def _localize_batch(model, batch, method, threshold, topk, class_names, map_opti
         full = cv2.resize(scoremap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
         top = tuple(ClassScore(i, None if class_names is None else class_names[i], p)
                     for i, p in zip(indices, probs))
-        results.append(ImageLocalization(path, image, top, box, full.clip(0.0, 1.0)))
+        results.append(ImageLocalization(path, image, top, box, full.clip(0.0, 1.0),
+                                         image.info.get("exif_orientation", 1)))
     return results
 
 
@@ -379,6 +388,9 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         help="network input side (default: 224, the protocol; the demo's models use 64)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="where the network runs; auto takes CUDA when available (default: auto)")
+    parser.add_argument("--ignore-exif", action="store_true",
+                        help="use the stored pixel grid; by default each image is first turned as its EXIF "
+                        "orientation tag says (phone photos), so boxes are in the frame viewers show")
     parser.add_argument("--no-overlays", action="store_true",
                         help="write only the JSON, no overlay PNGs")
     parser.add_argument("--save-maps", action="store_true",
@@ -438,7 +450,7 @@ def run_localize(args: argparse.Namespace) -> int:
         log.info("threshold %s: the checkpoint's operating_threshold", threshold)
     report = localize_images(model, expand_image_paths(args.images), method=args.method, threshold=threshold, topk=args.topk,
                              class_names=class_names, batch_size=args.batch_size, device=args.device,
-                             input_size=args.input_size)
+                             input_size=args.input_size, exif_orientation=not args.ignore_exif)
     path = write_localization(report, args.out, overlays=not args.no_overlays, save_maps=args.save_maps)
     for result in report.images:
         print(_summary(result))
