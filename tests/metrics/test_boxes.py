@@ -134,7 +134,9 @@ def _same(a, b):
 
 
 @settings(max_examples=300, deadline=None)
-@given(scoremaps(), st.lists(st.floats(0, 0.999), min_size=1, max_size=12))
+# no subnormal thresholds: meaningless for maps in [0, 1], and a process that flushes them
+# (torch.compile's CPU kernels do on torch 2.4) makes hypothesis refuse to draw them
+@given(scoremaps(), st.lists(st.floats(0, 0.999, allow_subnormal=False), min_size=1, max_size=12))
 def test_fast_equals_reference_on_random_maps(case, thresholds):
     s, gt = case
     t = np.array(thresholds)

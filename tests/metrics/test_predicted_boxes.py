@@ -80,7 +80,9 @@ def test_constant_positive_map_boxes_the_whole_image():
 @st.composite
 def cases(draw):
     s, (gt,) = draw(scoremaps())
-    return s, gt, draw(st.floats(0, 0.999))
+    # no subnormal thresholds: meaningless for maps in [0, 1], and a process that flushes them
+    # (torch.compile's CPU kernels do on torch 2.4) makes hypothesis refuse to draw them
+    return s, gt, draw(st.floats(0, 0.999, allow_subnormal=False))
 
 
 @settings(max_examples=300, deadline=None)
