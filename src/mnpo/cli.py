@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as err:
         # Bad input: say what and where, without a traceback (-v shows one).
         if args.verbose:
@@ -357,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mnpo {args.command}: error: {message}", file=sys.stderr)
         return 2
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """End a torchrun run cleanly (:func:`mnpo.engine.runtime.shutdown_distributed`). Commands
+    that never imported torch.distributed have no group to leave and stay torch-free."""
+    if "torch.distributed" in sys.modules:
+        from mnpo.engine.runtime import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,10 +13,10 @@ from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.config import config_from_dict
 from mnpo.engine.evaluate import evaluate_model
-from mnpo.engine.runtime import DistContext, init_distributed
+from mnpo.engine.runtime import DistContext, init_distributed, shutdown_distributed
 from mnpo.engine.train import Trainer
 from mnpo.metrics.boxes import cam_thresholds
-from mnpo.models import load_model
+from mnpo.models import load_model, save_checkpoint
 
 
 def free_port():
@@ -44,6 +44,14 @@ def worker(rank, world, port, data, out, job):
                             "multi": torch.from_numpy(result.curves.multi),
                             "top1": torch.from_numpy(result.curves.top1),
                             "n": result.num_images, "cls": (result.top1_correct, result.top5_correct)}, out)
+        elif job == "cli-evaluate":  # `torchrun -m mnpo evaluate`: the command leaves the group itself
+            from mnpo.cli import main
+
+            code = main(["evaluate", "-q", "--checkpoint", str(out / "model.pt"), "--data", str(data / "images"),
+                         "--metadata", str(data / "metadata" / "test"), "--input-size", "48", "--workers", "0",
+                         "--method", "cam", "--json", str(out / "report.json")])
+            (out / f"rank{rank}.txt").write_text(f"exit {code}, group left: {not torch.distributed.is_initialized()}")
+            return
         elif job == "train-no-bn":
             trainer = Trainer(config_from_dict(train_config(data, out, no_bn_layout(out.parent))), progress=False)
             trainer.fit()
@@ -51,9 +59,11 @@ def worker(rank, world, port, data, out, job):
             trainer = Trainer(config_from_dict(train_config(data, out)), progress=False)
             trainer.fit()
             torch.save(trainer.model.state_dict(), out / f"rank{rank}.pt")
-    finally:
-        if torch.distributed.is_initialized():
+        shutdown_distributed()  # together: a rank that leaves early can hang the other's teardown
+    except BaseException:
+        if torch.distributed.is_initialized():  # a rank that failed
             torch.distributed.destroy_process_group()
+        raise
 
 
 def no_bn_layout(folder):
@@ -95,6 +105,16 @@ def test_distributed_evaluation_equals_a_single_process(data, tmp_path):
     assert np.array_equal(ddp["multi"].numpy(), single.curves.multi)
     assert np.array_equal(ddp["top1"].numpy(), single.curves.top1)
     assert ddp["cls"] == (single.top1_correct, single.top5_correct)
+
+
+def test_evaluate_command_on_two_processes_leaves_the_process_group(data, tmp_path):
+    save_checkpoint(tmp_path / "model.pt", tiny_vgg_mnpo())
+    mp.spawn(worker, args=(2, free_port(), data, tmp_path, "cli-evaluate"), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "exit 0, group left: True"
+    import json
+
+    assert json.loads((tmp_path / "report.json").read_text())["info"]["num_images"] == 9  # both shards
 
 
 def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
