@@ -19,6 +19,8 @@
 # The device image (Python 3.12, torch 2.11, torchvision 0.26) holds OpenCV, numba, pyyaml, tqdm
 # and tensorboard, as read on 2026-11-17 (device KINDS.md); mnpo runs from src/ via PYTHONPATH. If
 # one is missing there, carry it (`pip install --target deps NAME` here, `carry: ["deps"]`).
+# Checked end to end on the CPU at the smoke sizes below with torch 2.11.0 / torchvision 0.26.0,
+# the device's versions (2026-11-29; the test suite passes with them too).
 set -u
 OUT=${OUT:-gpu-out}
 # Sizes (defaults: the H200/H100 run); a smoke run on a CPU shrinks them, e.g.
