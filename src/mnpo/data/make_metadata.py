@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from mnpo.data.image_files import IMAGE_EXTENSIONS, exif_orientation_of, is_image_file
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.io import atomic_path
 
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = "class_names.txt"
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-
 IGNORE_SUFFIX = ".ignore.png"  # MASKS/<path>.ignore.png: the ignore mask of ROOT/<path>.<ext>
 
 Boxes = dict[str, list[tuple[int, int, int, int]]]  # image id -> inclusive pixel boxes
@@ -81,11 +80,6 @@ class TreeImage:
     image_id: str
     class_name: str
     split: str | None
-
-
-def is_image_file(path: Path) -> bool:
-    """An image by its extension (:data:`IMAGE_EXTENSIONS`, any case), not a hidden file."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def scan_image_tree(root: str | os.PathLike) -> list[TreeImage]:
@@ -275,8 +269,10 @@ def read_mask_folder(folder: str | os.PathLike, image_ids: Sequence[str]) -> Mas
             expected[name] = (image_id, role)
     found: dict[str, dict[str, str]] = defaultdict(dict)
     stray = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):  # hidden: .DS_Store, .git/
+            continue
         if rel not in expected:
             stray.append(rel)
             continue
@@ -311,11 +307,11 @@ def _mask_problem(folder: Path, files: tuple[str, str], size: tuple[int, int]) -
 
 def _image_header(path: Path) -> tuple[tuple[int, int], int] | str:
     """``((w, h), EXIF orientation)`` from the file's header (1: no tag), or why it cannot be read."""
-    from PIL import ExifTags, Image
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.size, int(image.getexif().get(ExifTags.Base.Orientation, 1))
+            return image.size, exif_orientation_of(image)
     except Exception as err:  # PIL raises several types on bad data
         return f"{type(err).__name__}: {err}"
 
@@ -345,8 +341,8 @@ def _assign_splits(images: Sequence[TreeImage], val_fraction: float, test_fracti
 
 
 def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Mapping[str, Sequence] | None = None,
-                  masks: str | os.PathLike | None = None, class_names: Sequence[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                  seed: int = 0, workers: int = 8,
+                  masks: str | os.PathLike | None = None, class_names: Sequence[str] | None = None,
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, workers: int = 8,
                   images: Sequence[TreeImage] | None = None) -> dict[str, SplitMetadata]:
     """Write ``out/{train,val,test}/`` and ``out/class_names.txt`` for the images under ``root``.
 

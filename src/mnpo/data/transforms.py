@@ -33,9 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from mnpo.data.image_files import exif_orientation_of
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -97,7 +99,7 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) 
     try:
         with Image.open(path) as image:
             image.load()
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif_orientation else 1
+            orientation = exif_orientation_of(image) if exif_orientation else 1
             rgb = (ImageOps.exif_transpose(image) if orientation != 1 else image).convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc

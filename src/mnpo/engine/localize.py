@@ -418,9 +418,9 @@ def _summary(result: ImageLocalization) -> str:
 
 def expand_image_paths(paths: Sequence[str]) -> list[str]:
     """The arguments, with each folder replaced by the image files below it (recursively, sorted;
-    see :data:`mnpo.data.make_metadata.IMAGE_EXTENSIONS`). Files are kept as given, even
+    see :data:`mnpo.data.image_files.IMAGE_EXTENSIONS`). Files are kept as given, even
     unreadable ones (they are skipped and listed later). Raises ValueError for a folder without images."""
-    from mnpo.data.make_metadata import IMAGE_EXTENSIONS, is_image_file
+    from mnpo.data.image_files import IMAGE_EXTENSIONS, is_image_file
 
     expanded = []
     for arg in paths:
