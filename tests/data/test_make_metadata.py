@@ -240,6 +240,9 @@ def test_masks_are_written_as_mask_splits_that_pxap_reads(tmp_path):
     root, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "meta"
     class_tree(root, per_class=5)
     mask_tree(masks, per_class=5)
+    for hidden in (masks / ".git" / "objects" / "x.png", masks / "cat" / ".DS_Store"):  # skipped, not stray
+        hidden.parent.mkdir(parents=True, exist_ok=True)
+        hidden.write_bytes(b"")
     splits = make_metadata(root, out, masks=masks, val_fraction=0.2, test_fraction=0.2, seed=1)
     for split, meta in splits.items():
         assert meta.kind == "mask" and read_split(out / split) == meta
