@@ -96,7 +96,7 @@ def test_an_interrupted_evaluation_continues_to_the_uninterrupted_result(data_wi
     with pytest.raises(Stop):
         evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state, save_every=0, on_batch=stop_at_third)
     done = json.loads(state.read_text())
-    assert done["seen"] == 5 and done["skipped"] == [ds.image_ids[4]]  # two batches saved, the bad image listed
+    assert done["evaluator"]["n"] == 5 and done["skipped"] == [ds.image_ids[4]]  # two batches saved, the bad image listed
     later = []
     resumed = evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state, save_every=0,
                              on_batch=lambda b, m: later.append(list(b["image_id"])))

@@ -189,7 +189,7 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
     model.eval()
     evaluator = _evaluator(dataset, thresholds, metric_workers)
     options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(map_options or {})}  # the protocol's frame
-    top1 = top5 = seen = 0
+    top1 = top5 = 0
     skipped: list[str] = []
     sampler = ShardSampler(len(dataset), ctx)
     key = {**dict(run_key or {}), "method": method, "map_options": dict(map_options or {}), "ten_crop": ten_crop,
@@ -197,14 +197,14 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
     if state_file is not None and Path(state_file).is_file():
         state = _read_state(Path(state_file), key)
         evaluator.load_state_dict(state["evaluator"])
-        top1, top5, seen, skipped = int(state["top1"]), int(state["top5"]), int(state["seen"]), list(state["skipped"])
+        top1, top5, skipped = int(state["top1"]), int(state["top5"]), list(state["skipped"])
         done = evaluator.seen_ids | set(skipped)
         sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in done]
-        log.info("%s: continuing after %d images (%d left)", state_file, seen + len(skipped), len(sampler))
+        log.info("%s: continuing after %d images (%d left)", state_file, len(done), len(sampler))
 
     def save_state() -> None:
         write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), "top1": top1, "top5": top5,
-                                       "seen": seen, "skipped": skipped})
+                                       "skipped": skipped})
 
     last_save = time.monotonic()
     loader = DataLoader(SkipUnreadable(dataset), batch_size=batch_size, sampler=sampler,
@@ -239,7 +239,6 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
             ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
             top1 += int((ranks < 1).sum())
             top5 += int((ranks < 5).sum())
-            seen += len(labels)
             maps_np = maps.cpu().numpy()
             logits_np = logits.cpu().numpy() if dataset.meta.kind == "box" else None
             if pending is not None:
@@ -265,12 +264,12 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
     if bar is not None:
         bar.close()
     curves = _sum_curves(evaluator.compute(), ctx)
-    counts = all_reduce_sum(np.array([seen, top1, top5], np.int64), ctx)
+    top1, top5 = (int(c) for c in all_reduce_sum(np.array([top1, top5], np.int64), ctx))
     if ctx.enabled:
         gathered: list[list[str]] = [[] for _ in range(ctx.world)]
         torch.distributed.all_gather_object(gathered, skipped)
         skipped = [s for part in gathered for s in part]
-    return SplitResult(curves, int(counts[0]), int(counts[1]), int(counts[2]), skipped)
+    return SplitResult(curves, curves.num_images, top1, top5, skipped)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str | Path, *,
