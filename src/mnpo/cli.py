@@ -57,11 +57,13 @@ def _cmd_make_metadata(args: argparse.Namespace) -> int:
     else:
         boxes = {}
     names = mm.read_class_names(args.classes) if args.classes else None
-    splits = mm.make_metadata(args.root, args.out, boxes=boxes, masks=args.masks, class_names=names, val_fraction=args.val_fraction,
-                              test_fraction=args.test_fraction, seed=args.seed, workers=args.workers, images=images)
+    splits = mm.make_metadata(args.root, args.out, boxes=boxes, masks=args.masks, class_names=names,
+                              val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                              workers=args.workers, images=images)
     classes = len(names) if names else len({im.class_name for im in images})
     print(f"wrote {args.out}: {classes} classes; " + ", ".join(
-        f"{split} {len(m)} images" + {"box": f" ({m.num_boxes} boxes)", "mask": f" ({m.num_masks} masks)"}.get(m.kind, "")
+        f"{split} {len(m)} images"
+        + {"box": f" ({m.num_boxes} boxes)", "mask": f" ({m.num_masks} masks)"}.get(m.kind, "")
         for split, m in splits.items()))
     masks = f" data.mask_root={args.masks} eval.metric=pxap" if args.masks else ""
     print(f"train with: mnpo train --config CONFIG data.root={args.root} data.metadata={args.out}{masks}")

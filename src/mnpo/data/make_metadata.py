@@ -397,9 +397,8 @@ def make_metadata(root: str | os.PathLike, out: str | os.PathLike, *, boxes: Map
             log.warning("%d images carry an EXIF orientation tag, e.g. %s: sizes and boxes are taken in the "
                         "stored pixel grid, as the evaluation reads them, not as image viewers turn them; check "
                         "that the annotation tool did the same", len(turned), ", ".join(turned[:3]))
-        checked = sorted(mask_files)
-        mask_problems = [p for p in pool.map(_mask_problem, [Path(masks or ".")] * len(checked),
-                                             [mask_files[i] for i in checked], [sizes[i] for i in checked]) if p]
+        mask_problems = [p for p in pool.map(lambda i: _mask_problem(Path(masks), mask_files[i], sizes[i]),
+                                             sorted(mask_files)) if p]  # none without masks
     if mask_problems:
         raise AnnotationError(f"{len(mask_problems)} masks do not fit their images: " + "; ".join(mask_problems[:3]))
     for image_id, image_boxes in boxes.items():

@@ -448,8 +448,8 @@ def run_localize(args: argparse.Namespace) -> int:
     elif meta_threshold is not None:
         threshold = meta_threshold
         log.info("threshold %s: the checkpoint's operating_threshold", threshold)
-    report = localize_images(model, expand_image_paths(args.images), method=args.method, threshold=threshold, topk=args.topk,
-                             class_names=class_names, batch_size=args.batch_size, device=args.device,
+    report = localize_images(model, expand_image_paths(args.images), method=args.method, threshold=threshold,
+                             topk=args.topk, class_names=class_names, batch_size=args.batch_size, device=args.device,
                              input_size=args.input_size, exif_orientation=not args.ignore_exif)
     path = write_localization(report, args.out, overlays=not args.no_overlays, save_maps=args.save_maps)
     for result in report.images:
