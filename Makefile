@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mnpo-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-output
 
-.PHONY: test demo install clean
+.PHONY: test test-matrix demo install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# The numerics-heavy tests again under every lower CPU kernel path this machine has
+# (ATEN_CPU_CAPABILITY, with oneDNN and MKL capped alike) and with all cores in one process.
+test-matrix: $(STAMP)
+	$(PY) tests/capability_matrix.py
 
 # The demo (mnpo demo): a synthetic 'parts' set, a reduced-width MNPO trained on the CPU,
 # CAM vs MNPO vs MNPOs under both protocols (report.md, gallery.png); then the same

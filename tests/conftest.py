@@ -20,7 +20,18 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
+# torch.compile's on-disk cache keys its generated C++ without the kernel path that
+# ATEN_CPU_CAPABILITY chooses (torch 2.14.1): code cached by an avx2 run fails to compile in a
+# later `default` run ("'at::vec' has not been declared"). One cache per capability.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _capability = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-mnpo-tests-{os.getuid()}-{_capability}")
+
 _TESTS = Path(__file__).resolve().parent
+#: Test folders whose results depend on the CPU's kernels throughout (marked ``numerics``);
+#: engine tests of bit-identity and of fast-against-naive arithmetic carry the mark themselves.
+_NUMERICS_FOLDERS = ("maps", "models", "metrics")
 _ARCHIVE = _TESTS / "fixtures" / "wsol-metadata.tar.xz"
 
 
@@ -47,3 +58,14 @@ def pytest_configure(config):
         os.environ["MNPO_WSOL_METADATA"] = str(shared)
     elif _ARCHIVE.is_file():
         os.environ["MNPO_WSOL_METADATA"] = str(_unpacked_copy())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the numerics-heavy tests: ``pytest -m numerics`` runs them under every CPU
+    capability (``tests/capability_matrix.py``)."""
+    import pytest
+
+    for item in items:
+        relative = Path(str(item.fspath)).resolve().relative_to(_TESTS)
+        if relative.parts[0] in _NUMERICS_FOLDERS:
+            item.add_marker(pytest.mark.numerics)

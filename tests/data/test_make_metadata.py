@@ -258,6 +258,8 @@ def test_masks_are_written_as_mask_splits_that_pxap_reads(tmp_path):
         gt = load_gt_mask(masks, test.mask_paths[image_id], test.ignore_paths[image_id])  # 224 x 224
         assert set(np.unique(gt)) == ({FOREGROUND, BACKGROUND, IGNORE} if k % 2 == 0 else {FOREGROUND, BACKGROUND})
         object_area = 21 * (29 + k) / ((40 + k) * (30 + k))  # the drawn rectangle, as a fraction of the image
+        # read at 224 x 224: each edge of the rectangle moves by at most one row or column of
+        # 224, so the fraction moves by at most 2 * 2 / 224 = 0.018
         assert (gt == FOREGROUND).mean() == pytest.approx(object_area, abs=0.03)
     maps = tmp_path / "maps"
     for image_id in test.image_ids:

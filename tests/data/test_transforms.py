@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from numerics import unit_roundoff
 from PIL import Image, ImageFile
 
 from mnpo.data.transforms import (
@@ -28,6 +29,12 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+
+
+#: Both sides compute ``(v / 255 - mean) / std`` of the same uint8 pixels in float32, each in
+#: at most 4 roundings (division, subtraction, division, float32 constants) of values up to
+#: (1 - 0.406) / 0.225 = 2.64: they differ by at most 8 u |value| (tests/numerics.py).
+PIXEL_ATOL = 8 * unit_roundoff(torch.float32) * 2.64
 
 
 def _expected_normalized(image: Image.Image) -> torch.Tensor:
@@ -133,7 +140,7 @@ def test_constant_colour_maps_to_normalized_constants():
     assert type(out) is torch.Tensor
     expected = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
     for c in range(3):
-        assert torch.allclose(out[c], torch.full((224, 224), expected[c]), atol=1e-5)
+        assert torch.allclose(out[c], torch.full((224, 224), expected[c]), rtol=0, atol=PIXEL_ATOL)
 
 
 @pytest.mark.parametrize("size", [(500, 300), (224, 224), (97, 413)])
@@ -142,7 +149,7 @@ def test_localization_transform_is_bilinear_resize_then_normalize(size):
     out = localization_transform(224)(image)
     reference = _expected_normalized(image.resize((224, 224), Image.BILINEAR))
     assert out.shape == (3, 224, 224)
-    assert torch.allclose(out, reference, atol=1e-5)
+    assert torch.allclose(out, reference, rtol=0, atol=PIXEL_ATOL)
 
 
 def test_localization_transform_other_size():
@@ -187,7 +194,7 @@ def test_ten_crop_windows_and_mirrors():
         4: full[:, 16:240, 16:240],  # centre
     }
     for k, window in windows.items():
-        assert torch.allclose(crops[k], window, atol=1e-5), k
+        assert torch.allclose(crops[k], window, rtol=0, atol=PIXEL_ATOL), k
     # crops 5-9 are the five windows of the flipped image: mirrors of 1, 0, 3, 2, 4
     for k, mirror_of in zip(range(5, 10), (1, 0, 3, 2, 4)):
         assert torch.equal(crops[k], crops[mirror_of].flip(-1)), k
@@ -206,8 +213,8 @@ def _find_window(out: torch.Tensor, full: torch.Tensor, crop: int) -> tuple[int,
     for flipped, candidate in ((False, out), (True, out.flip(-1))):
         for i in range(size - crop + 1):
             for j in range(size - crop + 1):
-                if torch.allclose(candidate[:, :2, :2], full[:, i:i + 2, j:j + 2], atol=1e-5) and \
-                        torch.allclose(candidate, full[:, i:i + crop, j:j + crop], atol=1e-5):
+                if torch.allclose(candidate[:, :2, :2], full[:, i:i + 2, j:j + 2], rtol=0, atol=PIXEL_ATOL) and \
+                        torch.allclose(candidate, full[:, i:i + crop, j:j + crop], rtol=0, atol=PIXEL_ATOL):
                     return i, j, flipped
     return None
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from numerics import network_bound, unit_roundoff
 from tiny_models import tiny_vgg_mnpo
 
 from mnpo.data.dataset import WSOLDataset
@@ -95,6 +96,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.numerics
 def test_distributed_evaluation_equals_a_single_process(data, tmp_path):
     out = tmp_path / "ddp.pt"
     mp.spawn(worker, args=(2, free_port(), data, out, "evaluate"), nprocs=2, join=True)
@@ -134,21 +136,34 @@ def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
         assert torch.equal(value, model.state_dict()[key]) or "running" in key, key  # ... and rank 0 saved its own
 
 
+@pytest.mark.numerics
 def test_distributed_training_equals_a_single_process_without_batchnorm(data, tmp_path):
     """With BatchNorm out of the way (its batch statistics are per process on the CPU; GPUs use
     SyncBatchNorm), two processes of batch 3 train exactly what one process of batch 6 does."""
     single_out, ddp_out = tmp_path / "single" / "run", tmp_path / "ddp" / "run"
     single_out.parent.mkdir()
     ddp_out.parent.mkdir()
-    Trainer(config_from_dict(train_config(data, single_out, no_bn_layout(single_out.parent))), progress=False).fit()
+    trainer = Trainer(config_from_dict(train_config(data, single_out, no_bn_layout(single_out.parent))), progress=False)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
     mp.spawn(worker, args=(2, free_port(), data, ddp_out, "train-no-bn"), nprocs=2, join=True)
     single, _ = load_model(single_out / "last.pt")
     ddp, _ = load_model(ddp_out / "last.pt")
-    for (key, a), b in zip(single.state_dict().items(), ddp.state_dict().values(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
     import csv
 
     rows = [next(csv.DictReader(open(p / "metrics.csv", newline=""))) for p in (single_out, ddp_out)]
     for key in ("train_images", "val_max_box_acc", "val_top1_cls"):
         assert rows[0][key] == rows[1][key], key
-    assert float(rows[0]["train_loss"]) == pytest.approx(float(rows[1]["train_loss"]), rel=1e-5)
+    steps = -(-int(rows[0]["train_images"]) // 6)  # batch 6
+    # The two runs differ only in how each step's gradient is summed (one batch of 6, or two of 3
+    # averaged), a float32 rounding of relative size network_bound (forward and backward) in
+    # every update; updates are linear in the gradient (SGD with momentum), so a weight's two
+    # values differ by that fraction of how far training moved it (first order), plus, in each
+    # step, one rounding of the weight itself on each side (two half ulps: 2 u |w|).
+    relative = network_bound(single, torch.float32, passes=2)
+    u = unit_roundoff(torch.float32)
+    for (key, a), b in zip(single.state_dict().items(), ddp.state_dict().values(), strict=True):
+        moved = float((a - initial[key]).abs().max())
+        bound = relative * moved + steps * 2 * u * float(a.abs().max())
+        torch.testing.assert_close(b, a, rtol=0, atol=bound, msg=lambda m, key=key: f"{key}: {m}")
+    assert float(rows[0]["train_loss"]) == pytest.approx(float(rows[1]["train_loss"]), rel=relative)

@@ -19,6 +19,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["mnpo", "mnpos"])
 def test_uint8_views_give_the_same_evaluation_as_float_views(data, method):
     results = []
@@ -45,6 +46,7 @@ def test_dataset_uint8_items(data):
                        thresholds=cam_thresholds(0.1))
 
 
+@pytest.mark.numerics
 def test_channels_last_and_crop_chunks_do_not_change_the_evaluation(data):
     ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,
                      uint8_views=True)
@@ -78,6 +80,7 @@ def _same(a, b):
         (b.num_images, b.top1_correct, b.top5_correct, b.skipped)
 
 
+@pytest.mark.numerics
 def test_an_interrupted_evaluation_continues_to_the_uninterrupted_result(data_with_a_bad_image, tmp_path):
     root = data_with_a_bad_image
     ds = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,

@@ -2,6 +2,7 @@ import csv
 
 import pytest
 import torch
+from numerics import network_bound
 
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.config import ConfigError, config_from_dict
@@ -40,6 +41,7 @@ def rows(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.numerics
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(synth, tmp_path):
     Trainer(config(synth, tmp_path / "full"), progress=False).fit()
 
@@ -119,11 +121,15 @@ def test_bad_runs_fail_clearly(synth, tmp_path):
         Trainer(config(synth, out, model={"width": 0.125}), resume=True, progress=False)
 
 
+@pytest.mark.numerics
 def test_compiled_training_matches_eager(synth, tmp_path):
     eager = Trainer(config(synth, tmp_path / "eager", optim={"epochs": 1}), progress=False).fit()
     compiled = Trainer(config(synth, tmp_path / "compiled", optim={"epochs": 1}, runtime={"compile": True}),
                        progress=False).fit()
-    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    # inductor fuses and reorders the same float32 sums: the loss differs by float32 rounding of
+    # the forward, and later batches by that of the updates (forward and backward) before them
+    model, _ = load_model(tmp_path / "eager" / "last.pt")
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=network_bound(model, torch.float32, passes=2))
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_epoch(synth, tmp_path):
@@ -172,6 +178,7 @@ def test_class_names_from_the_metadata_reach_the_checkpoint(synth, tmp_path):
         Trainer(config(synth, tmp_path / "r3", data={"metadata": str(meta)}), progress=False)
 
 
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the recording wrapper
 def test_clip_grad_norm_bounds_every_step_and_a_loose_bound_changes_nothing(synth, tmp_path):
     def run(out, clip):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision
+from numerics import network_bound
 
 from mnpo.models.backbones import (
     ResNet50Backbone,
@@ -57,11 +58,12 @@ def test_vgg16_matches_torchvision_features_prefix():
     tv = torchvision.models.vgg16(weights=None).eval()
     net = VGG16Backbone().eval()
     net.features.load_state_dict(tv.features.state_dict())
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        ours = net(x, ["conv5_3"])["conv5_3"]
-        theirs = tv.features[:30](x)
-    torch.testing.assert_close(ours, theirs)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():  # like with like: both in float64, rounding bounded by numerics.py
+        ours = net.double()(x, ["conv5_3"])["conv5_3"]
+        theirs = tv.features[:30].double()(x)
+    bound = network_bound(tv.features[:30], torch.float64) * float(theirs.abs().max())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=bound)
 
 
 def test_resnet50_taps_full_width():

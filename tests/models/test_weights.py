@@ -3,6 +3,7 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from numerics import network_bound
 import torchvision.models._api as tv_api
 from torchvision.models import ResNet50_Weights, VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
@@ -52,11 +53,14 @@ def test_vgg16_taps_equal_torchvision_features(vgg_state):
     load_backbone_weights(model.backbone, vgg_state, "test")
     tv = make_layers(cfgs["D"])
     tv.load_state_dict({k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")})
-    x = torch.randn(1, 3, 48, 48)
-    with torch.no_grad():
-        taps = model.backbone(x, ["conv4_2", "conv5_3"])
-        torch.testing.assert_close(taps["conv4_2"], tv[:21](x))  # index 20: the ReLU after conv4_2
-        torch.testing.assert_close(taps["conv5_3"], tv[:30](x))
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():  # like with like: both in float64, rounding bounded by numerics.py
+        taps = model.backbone.double()(x, ["conv4_2", "conv5_3"])
+        tv.double()
+        for name, end in (("conv4_2", 21), ("conv5_3", 30)):  # index 20: the ReLU after conv4_2
+            expected = tv[:end](x)
+            bound = network_bound(tv[:end], torch.float64) * float(expected.abs().max())
+            torch.testing.assert_close(taps[name], expected, rtol=0, atol=bound)
 
 
 def test_resnet50_every_backbone_tensor_and_same_features_up_to_layer3(tmp_path, resnet_state):
@@ -67,11 +71,12 @@ def test_resnet50_every_backbone_tensor_and_same_features_up_to_layer3(tmp_path,
         assert torch.equal(value, resnet_state[name]), name
     tv = torchvision.models.resnet50(weights=None).eval()
     tv.load_state_dict(resnet_state)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        ours = model.backbone(x, ["layer3", "layer4"])
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():  # like with like: both in float64, rounding bounded by numerics.py
+        ours = model.backbone.double()(x, ["layer3", "layer4"])
+        tv.double()
         ref = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))
-        torch.testing.assert_close(ours["layer3"], ref)
+        torch.testing.assert_close(ours["layer3"], ref, rtol=0, atol=network_bound(tv, torch.float64) * float(ref.abs().max()))
         assert ours["layer4"].shape[-1] == 4  # stride 16: layer4 keeps layer3's resolution
 
 
