@@ -52,6 +52,105 @@ def as_numpy(t):
     return t.detach().double().numpy()
 
 
+CAM_FAMILY = ("gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam", "eigencam")
+
+
+def bilinear_corners_aligned(channel, size):
+    """Bilinear upsampling with corners aligned, one value at a time: (h, w) -> size."""
+    h, w = channel.shape
+    out = np.empty(size)
+    for i in range(size[0]):
+        for j in range(size[1]):
+            y = i * (h - 1) / (size[0] - 1) if size[0] > 1 else 0.0
+            x = j * (w - 1) / (size[1] - 1) if size[1] > 1 else 0.0
+            y0, x0 = min(int(y), h - 1), min(int(x), w - 1)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            dy, dx = y - y0, x - x0
+            out[i, j] = ((1 - dy) * (1 - dx) * channel[y0, x0] + (1 - dy) * dx * channel[y0, x1]
+                         + dy * (1 - dx) * channel[y1, x0] + dy * dx * channel[y1, x1])
+    return out
+
+
+def layer_module(model, layer):
+    """The module whose output is feature ``layer`` (a backbone tap or the main branch's head)."""
+    if layer == "head" and model.layout.backbone == "vgg16":
+        return model.branches["main"]["head"]
+    if layer in ("head", "layer4") and model.layout.backbone == "resnet50":
+        return model.backbone.layer4
+    if model.layout.backbone == "vgg16":
+        return model.backbone.features[model.backbone._tap_index[layer]]
+    return getattr(model.backbone, layer)
+
+
+def target_logit(model, x, y, edit=None, layer=None):
+    """The main branch's logit ``y`` for one image; ``edit`` changes ``layer``'s output (a hook:
+    the reference's own way, independent of the fast path's ``replace``)."""
+    handle = None
+    if edit is not None:
+        handle = layer_module(model, layer).register_forward_hook(lambda m, i, out: edit(out.clone()))
+    try:
+        with torch.no_grad():
+            return float(model(x).logits[0][0, y])
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def naive_cam_family(model, x, y, method, layer, relu):
+    """The raw map (h, w) of one image, from the definitions in float64, channel by channel."""
+    if method in ("scorecam", "ablationcam", "eigencam"):
+        with torch.no_grad():
+            out = model(x, return_features=True, taps=[layer] if layer in model.backbone.taps else [])
+        A = as_numpy(out.features[layer][0])
+        C = A.shape[0]
+        if method == "scorecam":
+            scores = np.empty(C)
+            for c in range(C):
+                up = bilinear_corners_aligned(A[c], x.shape[-2:])
+                mask = (up - up.min()) / (up.max() - up.min() + 1e-8)
+                scores[c] = target_logit(model, x * torch.from_numpy(mask).to(x.dtype), y)
+            weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        elif method == "ablationcam":
+            full = target_logit(model, x, y)
+            weights = np.empty(C)
+            for c in range(C):
+                def zero_channel(out, c=c):
+                    out[:, c] = 0
+                    return out
+                ablated = target_logit(model, x, y, zero_channel, layer)
+                weights[c] = (full - ablated) / (full if full != 0 else 1.0)
+        else:
+            positions = A.reshape(C, -1).T
+            centered = positions - positions.mean(axis=0)
+            _, _, vt = np.linalg.svd(centered)
+            projection = centered @ vt[0]
+            if (projection * A.sum(axis=0).ravel()).sum() < 0:
+                projection = -projection
+            cam = projection.reshape(A.shape[1:])
+            return np.maximum(cam, 0) if relu else cam
+    else:
+        A, G, _ = grad_at(model, x, layer, lambda logits: logits[0][0, y])
+        C = A.shape[0]
+        if method == "gradcampp":
+            weights = np.zeros(C)
+            for c in range(C):
+                total = A[c].sum()
+                for g in G[c].ravel():
+                    if g > 0:
+                        weights[c] += g * g * g / (2 * g * g + total * g ** 3 + 1e-6)
+        elif method == "xgradcam":
+            weights = np.array([(G[c] * A[c]).sum() / (A[c].sum() + 1e-7) for c in range(C)])
+        elif method == "layercam":
+            weights = None
+            cam = sum(np.maximum(G[c], 0) * A[c] for c in range(C))
+        else:  # hirescam
+            weights = None
+            cam = sum(G[c] * A[c] for c in range(C))
+    if weights is not None:
+        cam = sum(weights[c] * A[c] for c in range(C))
+    return np.maximum(cam, 0) if relu else cam
+
+
 def naive_maps(model, images, targets, method, h_mode="scale", a=None, b=None, target_layer=None,
                fusion="max", resize_mode="bicubic", loss_gradient="released", loss_scale=10.0, relu=True,
                dtype=torch.float64):
@@ -86,6 +185,8 @@ def naive_maps(model, images, targets, method, h_mode="scale", a=None, b=None, t
             if relu:
                 cam = np.maximum(cam, 0)
             cam = resize(cam, size, resize_mode)
+        elif method in CAM_FAMILY:
+            cam = resize(naive_cam_family(model, x, y, method, target_layer or "head", relu), size, resize_mode)
         else:  # mnpos, dgl: one full backward per branch and per vector, as the release does
             layer = target_layer or default_layer
             branches = range(len(model.layout.branches)) if method == "mnpos" else range(1)

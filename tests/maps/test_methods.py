@@ -232,7 +232,11 @@ def test_output_size_option():
     assert maps.shape == (1, 64, 48)
 
 
-@pytest.mark.parametrize("method", METHODS)
+# Left out: scorecam, whose masks feed the bf16 network (a float32 rounding of a mask can move a
+# bf16 input by a whole bf16 step, so the two sides' networks do not compute the same numbers);
+# ablationcam, whose drop y - y_c the fast path takes in closed form from the features at head,
+# exactly, where the naive one subtracts two bf16 logits (a step of 2**-8 |y|, above most drops).
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("scorecam", "ablationcam")])
 def test_fast_equals_naive_under_bf16_autocast(method):
     """Both run the network under the same bf16 autocast; the fast path must not add error of its
     own: its map arithmetic runs in float32 outside autocast, and mnpos takes each branch's

@@ -1,4 +1,5 @@
-"""Localization maps: CAM, MNPO, MNPOs, Grad-CAM and DGL through ``compute_maps``."""
+"""Localization maps through ``compute_maps``: CAM, MNPO, MNPOs, DGL and the post-hoc CAM family
+(Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM, Eigen-CAM)."""
 
 from mnpo.maps.methods import METHODS, MapOptions, compute_maps
 from mnpo.maps.postprocess import (

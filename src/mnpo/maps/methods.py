@@ -6,11 +6,13 @@ method     map (spec section)                                   passes per batch
 cam        ``mean_c(w_y * F_head)`` (plain CAM, main branch)      1 forward
 mnpo       per branch ``mean_c(H(w_y) * F_i)``, resize, fuse (4)  1 forward
 mnpos      gradient post-processing at a target layer (5)       1 forward + 2 backward (*)
-gradcam    ``ReLU(sum_c mean_hw(dy/dA)_c * A_c)`` at any layer    1 forward + 1 backward
 dgl        section 5 with the main branch only, H off            1 forward + 2 backward
 =========  ===================================================  ==========================
 
 (*) under bf16/fp16 autocast: 1 forward + 1 batched backward of 2 products per branch.
+
+The post-hoc CAM family (``gradcam``, ``gradcampp``, ``xgradcam``, ``layercam``,
+``hirescam``, ``scorecam``, ``ablationcam``, ``eigencam``) is in ``cam_family``.
 
 Every backward is a vector-Jacobian product truncated at the target tensor
 (``torch.autograd.grad``, no parameter gradients, no hooks); the part of the network before
@@ -22,11 +24,14 @@ autocast dtype of the network (float64 for a float64 network), resized to the in
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from mnpo.maps import cam_family
+from mnpo.maps.passes import acc, full_precision, predicted, vjp
 from mnpo.maps.postprocess import (
     FUSIONS,
     H_MODES,
@@ -38,7 +43,8 @@ from mnpo.maps.postprocess import (
     weight_postprocess,
 )
 
-METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl")
+METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
+           "scorecam", "ablationcam", "eigencam")
 LOSS_GRADIENTS = ("released", "exact")
 #: Default target layer of the gradient methods per backbone: the released ``conv5_2`` on
 #: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride.
@@ -57,7 +63,10 @@ class MapOptions:
     fusion: ``max`` or ``mean`` over branches (mnpo). resize: ``bicubic`` or ``bilinear``.
     loss_gradient: ``released`` (``p - t``, what the release's custom loss backpropagates) or
         ``exact`` (``sum(t) p - t``, the true gradient of ``-sum t log p``); ``t = loss_scale * onehot``.
-    relu: Grad-CAM's final ReLU. size: output ``(H, W)``; default the input's.
+    relu: the CAM family's ReLU of the raw map (``gradcam`` ... ``eigencam``).
+    size: output ``(H, W)``; default the input's.
+    chunk_size: images per forward pass of ``scorecam``'s masked and ``ablationcam``'s
+        ablated copies (bounds their memory).
     """
 
     h_mode: str = "scale"
@@ -70,6 +79,7 @@ class MapOptions:
     loss_scale: float = 10.0
     relu: bool = True
     size: tuple[int, int] | None = None
+    chunk_size: int = 64
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("h_mode", self.h_mode, H_MODES), ("fusion", self.fusion, FUSIONS),
@@ -79,6 +89,8 @@ class MapOptions:
                 raise ValueError(f"map option {name}={value!r}: choose one of {allowed}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
             raise ValueError(f"map option size={self.size!r}: expected (H, W) of positive ints")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"map option chunk_size={self.chunk_size!r}: expected a positive int")
 
     def h_factors(self, method: str) -> tuple[float, float]:
         a, b = DEFAULT_H.get(method, (1.0, 1.0))
@@ -117,32 +129,18 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
     # Gradient methods need autograd even when called under inference_mode or no_grad.
     with torch.inference_mode(False), torch.enable_grad():
         raw, logits = _METHOD_FUNCTIONS[method](model, images, targets, opts)
-    with torch.no_grad(), _full_precision(images):
-        maps = normalize_maps(_acc(raw))
-    return maps, _acc(logits.detach())
-
-
-def _full_precision(t: Tensor):
-    """A context without autocast for the map arithmetic (the network itself may run in bf16)."""
-    return torch.autocast(t.device.type, enabled=False)
-
-
-def _acc(t: Tensor) -> Tensor:
-    """The map arithmetic's dtype: float32, or float64 for a float64 network."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _predicted(targets: Tensor | None, logits: Tensor) -> Tensor:
-    return logits.argmax(1) if targets is None else targets
+    with torch.no_grad(), full_precision(images):
+        maps = normalize_maps(acc(raw))
+    return maps, acc(logits.detach())
 
 
 def _cam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
     with torch.inference_mode():
         out = model(images, return_features=True)
-        targets = _predicted(targets, out.logits[0])
-        with _full_precision(images):
-            weights = _acc(model.classifier.weight[targets])
-            raw = channel_weighted_mean(weights, _acc(out.features["head"]))
+        targets = predicted(targets, out.logits[0])
+        with full_precision(images):
+            weights = acc(model.classifier.weight[targets])
+            raw = channel_weighted_mean(weights, acc(out.features["head"]))
             return resize_maps(raw, opts.size, opts.resize), out.logits[0]
 
 
@@ -150,12 +148,12 @@ def _mnpo(model, images, targets, opts) -> tuple[Tensor, Tensor]:
     """Spec section 4: ``H(w_y)`` on every branch's features, resize each, fuse, (normalize)."""
     with torch.inference_mode():
         out = model(images, return_features=True)
-        targets = _predicted(targets, out.logits[0])
+        targets = predicted(targets, out.logits[0])
         a, b = opts.h_factors("mnpo")
-        with _full_precision(images):
-            weights = weight_postprocess(_acc(model.classifier.weight[targets]), opts.h_mode, a, b)
+        with full_precision(images):
+            weights = weight_postprocess(acc(model.classifier.weight[targets]), opts.h_mode, a, b)
             maps = [
-                resize_maps(channel_weighted_mean(weights, _acc(out.features[branch.name])), opts.size, opts.resize)
+                resize_maps(channel_weighted_mean(weights, acc(out.features[branch.name])), opts.size, opts.resize)
                 for branch in model.layout.branches
             ]
             return fuse_maps(maps, opts.fusion), out.logits[0]
@@ -163,22 +161,6 @@ def _mnpo(model, images, targets, opts) -> tuple[Tensor, Tensor]:
 
 def _target_layer(model, opts) -> str:
     return opts.target_layer or DEFAULT_GRADIENT_LAYER[model.layout.backbone]
-
-
-def _vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str, retain: bool = False,
-         batched: bool = False) -> Tensor:
-    """``sum_i J_i^T vectors[i]`` at ``target`` over the outputs that depend on it (one truncated pass).
-
-    ``batched``: every ``vectors[i]`` has a leading axis of products taken apart
-    (``is_grads_batched``); the result has that axis too.
-    """
-    pairs = [(o, v) for o, v in zip(outputs, vectors, strict=True) if o.requires_grad]
-    if not pairs:
-        raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
-                         "choose a backbone layer or a layer of the main branch")
-    (grad,) = torch.autograd.grad([o for o, _ in pairs], target, grad_outputs=[v for _, v in pairs],
-                                  retain_graph=retain, is_grads_batched=batched)
-    return grad
 
 
 def _dual_gradient(model, images, targets, opts, method: str, branches: int | None) -> tuple[Tensor, Tensor]:
@@ -196,19 +178,19 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
     out = model(images, return_features=True, grad_from=layer)
     A = out.features[layer]
     logits = out.logits[:branches]
-    targets = _predicted(targets, out.logits[0].detach())
+    targets = predicted(targets, out.logits[0].detach())
     index = targets[:, None]
     selector = torch.zeros_like(logits[0]).scatter_(1, index, 1.0)  # e_y per image
-    onehot = _acc(torch.zeros_like(logits[0])).scatter_(1, index, opts.loss_scale)
+    onehot = acc(torch.zeros_like(logits[0])).scatter_(1, index, opts.loss_scale)
     scale = 1.0 if opts.loss_gradient == "released" else opts.loss_scale
-    vectors = [(scale * _acc(l.detach()).softmax(1) - onehot).to(l.dtype) for l in logits]
+    vectors = [(scale * acc(l.detach()).softmax(1) - onehot).to(l.dtype) for l in logits]
     if A.dtype in (torch.bfloat16, torch.float16) and len(logits) > 1:
         G, D = _per_branch_vjps(list(logits), selector, vectors, A, layer)
     else:
-        G = _vjp(list(logits), [selector] * len(logits), A, layer, retain=True)
-        D = _vjp(list(logits), vectors, A, layer)
-    with torch.no_grad(), _full_precision(images):
-        A, G, D = _acc(A.detach()), _acc(G), _acc(D)
+        G = vjp(list(logits), [selector] * len(logits), A, layer, retain=True)
+        D = vjp(list(logits), vectors, A, layer)
+    with torch.no_grad(), full_precision(images):
+        A, G, D = acc(A.detach()), acc(G), acc(D)
         a, b = opts.h_factors(method)
         alpha = weight_postprocess(G.sum((2, 3)), opts.h_mode, a, b)
         norm_A = A.flatten(1).norm(dim=1)[:, None, None, None]
@@ -227,7 +209,7 @@ def _per_branch_vjps(logits: list[Tensor], selector: Tensor, vectors: list[Tenso
     stacked = [torch.stack([selector if k == i else zero for k in range(n)]
                            + [vectors[i].to(selector.dtype) if k == i else zero for k in range(n)])
                for i in range(n)]
-    parts = _vjp(logits, stacked, target, layer, batched=True).float()
+    parts = vjp(logits, stacked, target, layer, batched=True).float()
     return parts[:n].sum(0), parts[n:].sum(0)
 
 
@@ -239,22 +221,8 @@ def _dgl(model, images, targets, opts):
     return _dual_gradient(model, images, targets, opts, "dgl", branches=1)
 
 
-def _gradcam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
-    """Grad-CAM of the main branch's logit at ``target_layer`` (default ``head``)."""
-    layer = opts.target_layer or "head"
-    out = model(images, return_features=True, grad_from=layer)
-    A = out.features[layer]
-    targets = _predicted(targets, out.logits[0].detach())
-    selector = torch.zeros_like(out.logits[0]).scatter_(1, targets[:, None], 1.0)
-    G = _vjp([out.logits[0]], [selector], A, layer)
-    with torch.no_grad(), _full_precision(images):
-        weights = _acc(G).mean((2, 3))
-        raw = torch.einsum("bc,bchw->bhw", weights, _acc(A.detach()))
-        if opts.relu:
-            raw = raw.clamp_min(0)
-        return resize_maps(raw, opts.size, opts.resize), out.logits[0].detach()
-
-
 _METHOD_FUNCTIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "cam": _cam, "mnpo": _mnpo, "mnpos": _mnpos, "gradcam": _gradcam, "dgl": _dgl,
+    "cam": _cam, "mnpo": _mnpo, "mnpos": _mnpos, "dgl": _dgl,
+    **{name: partial(cam_family.gradient_cam, name) for name in cam_family.GRADIENT_RULES},
+    "scorecam": cam_family.scorecam, "ablationcam": cam_family.ablationcam, "eigencam": cam_family.eigencam,
 }

@@ -108,14 +108,16 @@ class VGG16Backbone(nn.Module):
         self.width = width
         self.features, self._tap_index, self.taps = make_vgg_features(VGG16_CONFIG, width)
 
-    def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
+                replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``), computing no layer past the deepest of them.
 
         ``grad_from``: a tap returned as a leaf that requires grad; the layers before it run
         without autograd and the layers after it record it, so ``autograd.grad(..., tap)`` is
-        a backward pass truncated at that tap.
+        a backward pass truncated at that tap. ``replace``: ``(tap, value)``: the layers after
+        the tap continue from ``value`` (any batch size) instead of what they computed.
         """
-        wanted = _wanted(self.taps, taps, grad_from)
+        wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
         index = {self._tap_index[t]: t for t in wanted}
         out: dict[str, Tensor] = {}
         x = x if grad_from is None else x.detach()
@@ -123,6 +125,8 @@ class VGG16Backbone(nn.Module):
             x = layer(x) if grad_from is None else run_tracked(layer, x)
             if grad_from is not None and index.get(i) == grad_from:
                 x = gradient_leaf(x)
+            if replace is not None and index.get(i) == replace[0]:
+                x = replace[1]
             if i in index:
                 out[index[i]] = x
         return {t: out[t] for t in wanted}
@@ -156,9 +160,10 @@ class ResNet50Backbone(nn.Module):
             self.taps[f"layer{i}"] = TapInfo(out_channels, total_stride)
             in_channels = out_channels
 
-    def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
+                replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
-        wanted = _wanted(self.taps, taps, grad_from)
+        wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
         names = list(self.taps)
         last = max((names.index(t) for t in wanted), default=-1)
         out: dict[str, Tensor] = {}
@@ -170,6 +175,8 @@ class ResNet50Backbone(nn.Module):
             x = run(getattr(self, name), x)
             if name == grad_from:
                 x = gradient_leaf(x)
+            if replace is not None and name == replace[0]:
+                x = replace[1]
             if name in wanted:
                 out[name] = x
         return {t: out[t] for t in wanted}

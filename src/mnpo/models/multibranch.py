@@ -306,6 +306,13 @@ def _concat(*features: Tensor) -> Tensor:
     return concat(features)
 
 
+def _same_rows(features: list[Tensor]) -> list[Tensor]:
+    """Inputs of one block with ``B`` and ``k B`` rows (after ``replace``): each ``B``-row
+    input repeated ``k`` times per image, as the replaced feature's copies are laid out."""
+    rows = max(f.shape[0] for f in features)
+    return [f if f.shape[0] == rows else f.repeat_interleave(rows // f.shape[0], dim=0) for f in features]
+
+
 @dataclass
 class MultiBranchOutput:
     """``logits``: one ``(B, K)`` per branch, main first. ``features`` (when asked): ``head``
@@ -365,26 +372,35 @@ class MultiBranchNet(nn.Module):
         raise KeyError(f"unknown feature {name!r}; this network has {list(self.feature_names)}")
 
     def forward(self, x: Tensor, return_features: bool = False, taps: Sequence[str] = (),
-                grad_from: str | None = None) -> MultiBranchOutput:
+                grad_from: str | None = None, replace: tuple[str, Tensor] | None = None) -> MultiBranchOutput:
         """Per-branch logits and, with ``return_features``, the named features.
 
         ``taps``: extra backbone taps to return. ``grad_from``: a feature name (tap, block,
         branch or ``head``); it is returned as a leaf requiring grad, what comes before it runs
         under inference mode and only what depends on it records autograd, so ``torch.autograd.grad(logits, features
         [grad_from])`` is a backward pass truncated there.
+        ``replace``: ``(feature name, value)`` with value ``(k B, C, h, w)``, each image's ``k``
+        copies adjacent: the layers after the feature continue from ``value`` instead of what
+        they computed, those before it run once on ``x``. Features and logits fed by it have
+        ``k B`` rows, and inputs they share with the rest are repeated to match (ablation).
         """
+        if replace is not None:
+            replace = (self.resolve_feature(replace[0]), replace[1])
+            if replace[1].shape[0] % x.shape[0]:
+                raise ValueError(f"replace: {replace[1].shape[0]} rows are not a multiple of the batch {x.shape[0]}")
         if x.shape[-2] % self.input_multiple or x.shape[-1] % self.input_multiple:
             raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels: this layout needs sides divisible by "
                              f"{self.input_multiple} (its branches meet at stride {self.input_multiple})")
         target = None if grad_from is None else self.resolve_feature(grad_from)
         run = (lambda m, *t: m(*t)) if target is None else run_tracked
         backbone_target = target if target in self.backbone.taps else None
+        backbone_replace = replace if replace is not None and replace[0] in self.backbone.taps else None
         wanted = (*self._taps, *taps)
         if target is not None and backbone_target is None:
             with torch.inference_mode():
                 values: dict[str, Tensor] = dict(self.backbone(x, wanted))
         else:
-            values = dict(self.backbone(x, wanted, grad_from=backbone_target))
+            values = dict(self.backbone(x, wanted, grad_from=backbone_target, replace=backbone_replace))
         maps: dict[str, Tensor] = {}
         for branch in self.layout.branches:
             modules = self.branches[branch.name]
@@ -394,9 +410,12 @@ class MultiBranchNet(nn.Module):
                 return values[local] if local in values else values[ref]
 
             for spec in branch.blocks:
-                inputs = [get(r) for r in spec.inputs]
-                y = run(_concat, *inputs) if spec.kind == "concat" else run(modules[spec.name], inputs[0])
                 key = f"{branch.name}.{spec.name}"
+                if replace is not None and key == replace[0]:
+                    values[key] = replace[1]
+                    continue
+                inputs = _same_rows([get(r) for r in spec.inputs])
+                y = run(_concat, *inputs) if spec.kind == "concat" else run(modules[spec.name], inputs[0])
                 values[key] = gradient_leaf(y) if key == target else y
             maps[branch.name] = get(branch.output)
         logits = tuple(run(self.classifier, m.mean(dim=(2, 3))) for m in maps.values())

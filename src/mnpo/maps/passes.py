@@ -1,0 +1,64 @@
+"""What every map method does with the network: run it truncated at a feature, take
+vector-Jacobian products there, and keep the map arithmetic in full precision."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def full_precision(t: Tensor):
+    """A context without autocast for the map arithmetic (the network itself may run in bf16)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def acc(t: Tensor) -> Tensor:
+    """The map arithmetic's dtype: float32, or float64 for a float64 network."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def predicted(targets: Tensor | None, logits: Tensor) -> Tensor:
+    """``targets``, or the predicted class of each image when there are none: ``(B,)``."""
+    return logits.argmax(1) if targets is None else targets
+
+
+def vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str, retain: bool = False,
+        batched: bool = False) -> Tensor:
+    """``sum_i J_i^T vectors[i]`` at ``target`` over the outputs that depend on it (one truncated pass).
+
+    ``batched``: every ``vectors[i]`` has a leading axis of products taken apart
+    (``is_grads_batched``); the result has that axis too.
+    """
+    pairs = [(o, v) for o, v in zip(outputs, vectors, strict=True) if o.requires_grad]
+    if not pairs:
+        raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
+                         "choose a backbone layer or a layer of the main branch")
+    (grad,) = torch.autograd.grad([o for o, _ in pairs], target, grad_outputs=[v for _, v in pairs],
+                                  retain_graph=retain, is_grads_batched=batched)
+    return grad
+
+
+def selector(logits: Tensor, targets: Tensor) -> Tensor:
+    """One-hot rows ``e_y`` ``(B, K)`` in the logits' dtype: the vector that picks ``y``'s logit."""
+    return torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)
+
+
+def activations_and_gradient(model, images: Tensor, targets: Tensor | None,
+                             layer: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``A`` at ``layer`` ``(B, C, h, w)``, ``G = d logit_y / d A`` (main branch) and the logits
+    ``(B, K)``: one forward truncated at ``layer`` and one backward, all detached."""
+    out = model(images, return_features=True, grad_from=layer)
+    A = out.features[layer]
+    logits = out.logits[0]
+    targets = predicted(targets, logits.detach())
+    G = vjp([logits], [selector(logits, targets)], A, layer)
+    return A.detach(), G, logits.detach()
+
+
+def activations(model, images: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+    """``A`` at ``layer`` ``(B, C, h, w)`` and the main branch's logits ``(B, K)``, without autograd."""
+    model.resolve_feature(layer)  # an unknown name is refused here, with the names there are
+    taps = [layer] if layer in model.backbone.taps else []
+    with torch.inference_mode():
+        out = model(images, return_features=True, taps=taps)
+    return out.features[layer], out.logits[0]
