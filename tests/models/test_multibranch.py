@@ -1,8 +1,9 @@
 import pytest
 import torch
 import yaml
-from numerics import sum_bound
+from numerics import network_bound, sum_bound
 
+from mnpo.models import build_model
 from mnpo.models.multibranch import (
     LAYOUTS,
     BlockSpec,
@@ -181,3 +182,36 @@ def test_input_sides_must_be_multiples_of_the_output_stride():
     with pytest.raises(ValueError, match="input of 40x48 pixels: this layout needs sides divisible by 16"):
         model(torch.randn(1, 3, 40, 48))
     model(torch.randn(1, 3, 48, 32))
+
+
+@pytest.mark.parametrize("layout, feature", [("vgg16-mnpo", "conv5_2"), ("vgg16-mnpo", "conv4_2"),
+                                             ("vgg16-mnpo", "head"), ("vgg16-mnpo", "parallel.c"),
+                                             ("resnet50-mnpo", "layer3"), ("resnet50-mnpo", "head")])
+def test_replace_continues_from_the_given_copies(layout, feature):
+    """``replace`` with each image's own feature repeated k times gives every logit k times (the
+    features it does not feed are repeated to match); an edited copy changes only its own rows."""
+    torch.manual_seed(0)
+    model = build_model(layout, 4, width=1 / 16).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x, return_features=True, taps=[feature] if feature in model.backbone.taps else [])
+        value = out.features[feature]
+        copies = value.repeat_interleave(3, dim=0)
+        copies[4] = 0  # image 1's second copy
+        replaced = model(x, replace=(feature, copies)).logits
+    for before, after in zip(out.logits, replaced, strict=True):
+        if after.shape[0] == 2:  # a branch the feature does not feed
+            assert torch.equal(after, before)
+            continue
+        expected = before.repeat_interleave(3, dim=0)
+        keep = torch.arange(6) != 4
+        # the same float64 layers over other batches: float64 rounding at most (numerics.py)
+        bound = network_bound(model, torch.float64) * float(before.abs().max())
+        torch.testing.assert_close(after[keep], expected[keep], rtol=0, atol=bound)
+        assert not torch.allclose(after[4], expected[4])
+
+
+def test_replace_refuses_a_row_count_that_is_not_a_multiple_of_the_batch():
+    model = build_model("vgg16-mnpo", 4, width=1 / 16).eval()
+    with pytest.raises(ValueError, match="3 rows are not a multiple of the batch 2"):
+        model(torch.randn(2, 3, 32, 32), replace=("conv5_2", torch.zeros(3, 32, 2, 2)))
