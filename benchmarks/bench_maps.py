@@ -1,7 +1,9 @@
 """Time each map method per image on the CPU or a GPU, and MNPOs against the released recipe.
 
-For every method of ``mnpo.maps.compute_maps`` (cam, mnpo, mnpos, gradcam, dgl) on the
-released two-branch VGG16 (random weights; the cost does not depend on them), plus:
+For every method of ``mnpo.maps.compute_maps`` (cam, mnpo, mnpos, dgl and the CAM family:
+gradcam, gradcampp, xgradcam, layercam, hirescam, scorecam, ablationcam, eigencam; or those of
+``--methods``) on the released two-branch VGG16 (random weights; the cost does not depend on
+them), plus:
 
 * ``forward``: the network's forward alone (the floor for every method);
 * ``mnpos, released recipe``: the same map the way the release computes it: a full forward
@@ -10,6 +12,10 @@ released two-branch VGG16 (random weights; the cost does not depend on them), pl
 
     python benchmarks/bench_maps.py [--device auto|cpu|cuda] [--batch 8] [--size 224]
         [--width 1.0] [--classes 1000] [--repeats 3] [--bf16] [--channels-last]
+        [--methods cam,mnpo,...]
+
+Score-CAM runs the network once per channel of ``head`` and image (1024 x batch at full
+width): give ``--methods`` without it for a quick run.
 
 Prints a markdown table: ms per batch, ms per image, images/s, and the ratio to the forward;
 with a GPU also the peak memory. The header names the device and the versions.
@@ -72,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated map methods to time (default: all of {', '.join(METHODS)})")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -91,7 +99,11 @@ def main() -> None:
             model(images)
 
     jobs = {"forward": forward}
-    for method in METHODS:
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    for method in methods:
         def run(method=method):
             with autocast:
                 compute_maps(model, images, targets, method=method)

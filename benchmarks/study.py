@@ -9,13 +9,14 @@ class is the object's own shape), train from scratch
 then evaluate on the test split, thresholds calibrated on val and oracle:
 
 * two-branch: CAM, Grad-CAM, DGL, MNPO, MNPOs, and the ablations MNPO with H off
-  (``a = b``) and MNPOs with H off;
+  (``a = b``) and MNPOs with H off; with ``--cam-family`` also Grad-CAM++, XGrad-CAM,
+  LayerCAM, HiResCAM, Score-CAM, Ablation-CAM and Eigen-CAM;
 * one-branch: CAM, MNPO (= H on a single branch), DGL (= MNPOs' gradient post-processing on
   one branch, H off) and DGL with H on.
 
     python benchmarks/study.py [--presets parts,shapes] [--image-size 224] [--classes 8]
         [--train-per-class 200] [--epochs 30] [--batch 64] [--width 1.0] [--device auto]
-        [--train-seeds 0,1,2] [--out study-output]
+        [--train-seeds 0,1,2] [--cam-family] [--out study-output]
 
 Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training seeds, on one
 synthetic data set), ``OUT/study.json`` (every seed's numbers too) and ``OUT/figure-PRESET.png``
@@ -69,6 +70,17 @@ EVALUATIONS = {
     ],
 }
 
+
+#: ``--cam-family`` rows (two-branch network, at ``head``): the post-hoc CAM family
+CAM_FAMILY_ROWS = [
+    ("Grad-CAM++", "gradcampp", {}),
+    ("XGrad-CAM", "xgradcam", {}),
+    ("LayerCAM", "layercam", {}),
+    ("HiResCAM", "hirescam", {}),
+    ("Score-CAM", "scorecam", {}),
+    ("Ablation-CAM", "ablationcam", {}),
+    ("Eigen-CAM", "eigencam", {}),
+]
 
 #: the rows drawn in the figure (two-branch network, first training seed)
 FIGURE_ROWS = ("CAM", "DGL", "MNPO", "MNPOs")
@@ -178,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue each training run from its last.pt "
                         "in OUT where there is one (a finished run is not trained again)")
     parser.add_argument("--fp32-maps", action="store_true", help="maps in fp32 even where bf16 is available")
+    parser.add_argument("--cam-family", action="store_true",
+                        help="also score Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM "
+                        "and Eigen-CAM on the two-branch network")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -194,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate")  # for the figure
         shown = test.image_ids[:: max(1, len(test) // args.figure_images)][: args.figure_images]
         for layout, rows in EVALUATIONS.items():
+            if args.cam_family and layout == "vgg16-mnpo":
+                rows = rows + CAM_FAMILY_ROWS
             runs = []
             for seed in seeds:
                 try:

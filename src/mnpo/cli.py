@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mnpo import __version__
 from mnpo.engine.config import PRECISIONS  # light (no torch): the precision choices of the parser
+from mnpo.engine.localize import METHOD_CHOICES  # light too: the map methods
 
 log = logging.getLogger("mnpo")
 
@@ -124,7 +125,7 @@ def _is_main_process() -> bool:
 
 def _map_options(args: argparse.Namespace) -> dict:
     options = {}
-    for key in ("h_mode", "a", "b", "target_layer", "fusion", "resize", "loss_gradient"):
+    for key in ("h_mode", "a", "b", "target_layer", "fusion", "resize", "loss_gradient", "chunk_size"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -291,12 +292,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--metadata", required=True, help="metadata folder of the evaluated split")
     ev2.add_argument("--val-metadata", help="metadata folder of val (thresholds for the calibrated protocol)")
     ev2.add_argument("--mask-root", help="folder the mask paths of a mask split are relative to")
-    ev2.add_argument("--method", default="mnpos", choices=("cam", "mnpo", "mnpos", "gradcam", "dgl"),
-                     help="map method (default mnpos)")
+    ev2.add_argument("--method", default="mnpos", choices=METHOD_CHOICES,
+                     help="map method (default mnpos): cam, mnpo, mnpos, dgl, or the CAM family "
+                     "(gradcam, gradcampp, xgradcam, layercam, hirescam, scorecam, ablationcam, eigencam)")
     ev2.add_argument("--h-mode", dest="h_mode", choices=("scale", "step"), help="weight post-processing H")
     ev2.add_argument("--a", type=float, help="H factor for positive weights (method default)")
     ev2.add_argument("--b", type=float, help="H factor for the other weights (method default)")
-    ev2.add_argument("--target-layer", dest="target_layer", help="layer of the gradient methods (e.g. conv5_2)")
+    ev2.add_argument("--target-layer", dest="target_layer",
+                     help="layer of the gradient methods and the CAM family (e.g. conv5_2, head)")
+    ev2.add_argument("--chunk-size", dest="chunk_size", type=int,
+                     help="masked or ablated copies per forward pass of scorecam / ablationcam (default 64)")
     ev2.add_argument("--fusion", choices=("max", "mean"), help="branch fusion of mnpo (default max)")
     ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
     ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),

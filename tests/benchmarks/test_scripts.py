@@ -34,7 +34,9 @@ def run(script, *args):
 def test_bench_maps_prints_every_method():
     out = run("bench_maps.py", "--device", "cpu", "--batch", "2", "--size", "64", "--width", "0.0625",
               "--classes", "10", "--repeats", "1")
-    for job in ("forward", "cam", "mnpo", "mnpos", "gradcam", "dgl", "mnpos, released recipe"):
+    from mnpo.maps import METHODS
+
+    for job in ("forward", *METHODS, "mnpos, released recipe"):
         assert f"| {job} |" in out
     machine = script_module("machine_info")
     assert f"device: {machine.device_summary(torch.device('cpu'))}\n" in out  # the machine, named once

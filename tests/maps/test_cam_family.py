@@ -196,3 +196,27 @@ def test_equals_pytorch_grad_cam(method):
     # float32 through (3 steps of sums of up to 16 terms) before ours in float64
     bound = 2 * 3 * sum_bound(torch.float32, 16) + 2 * 1e-7
     assert max_diff(ours, expected) <= bound
+
+
+@pytest.mark.parametrize("method, layer, chunk", [("scorecam", "head", 5), ("scorecam", "conv5_2", 64),
+                                                  ("ablationcam", "conv5_2", 6), ("ablationcam", "conv4_3", 1)])
+def test_rows_per_pass_are_bounded_by_the_chunk_size(method, layer, chunk):
+    """Peak memory follows the rows of one pass: at most ``chunk_size`` masked images (Score-CAM),
+    or ``max(1, chunk_size // B)`` ablated copies per image (Ablation-CAM), never C x B."""
+    model, images, targets = float64_setup("vgg16", n=3, size=32)
+    rows = []
+
+    def record(module, args, kwargs):
+        replaced = kwargs.get("replace")
+        rows.append(replaced[1].shape[0] if replaced is not None else args[0].shape[0])
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        compute_maps(model, images, targets, method=method, target_layer=layer, chunk_size=chunk)
+    finally:
+        handle.remove()
+    taps = model.backbone.taps
+    channels = taps[layer].channels if layer in taps else head_features(model, images).shape[1]
+    assert rows[0] == 3  # the forward that gives A
+    assert max(rows[1:]) <= max(chunk, 3) and len(rows) > 2
+    assert sum(rows[1:]) == 3 * channels  # every channel of every image, once

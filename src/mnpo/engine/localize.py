@@ -47,7 +47,8 @@ DEFAULT_THRESHOLD = 0.2
 #: Side of the localization view and of the maps' frame (spec section 6).
 VIEW_SIZE = 224
 #: ``mnpo.maps.METHODS``, repeated here so that building the parser does not import torch (tested equal).
-METHOD_CHOICES = ("mnpo", "mnpos", "cam", "gradcam", "dgl")
+METHOD_CHOICES = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
+                  "scorecam", "ablationcam", "eigencam")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 REPORT_NAME = "localization.json"
 
@@ -376,7 +377,8 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         help="output folder, created if needed (default: localize-output)")
     parser.add_argument("--method", choices=METHOD_CHOICES, default="mnpo",
                         help="map method: mnpo (post-processed multi-branch CAM, no gradients), mnpos "
-                        "(gradient post-processing), cam, gradcam or dgl (default: mnpo)")
+                        "(gradient post-processing), cam, dgl, or the CAM family: gradcam, gradcampp, "
+                        "xgradcam, layercam, hirescam, scorecam, ablationcam, eigencam (default: mnpo)")
     parser.add_argument("--threshold", type=_unit_float, default=None, metavar="T",
                         help="score-map threshold in [0, 1] for the box (default: the checkpoint's "
                         f"operating_threshold, else {DEFAULT_THRESHOLD})")
