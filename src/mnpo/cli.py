@@ -301,7 +301,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--target-layer", dest="target_layer",
                      help="layer of the gradient methods and the CAM family (e.g. conv5_2, head)")
     ev2.add_argument("--chunk-size", dest="chunk_size", type=int,
-                     help="masked or ablated copies per forward pass of scorecam / ablationcam (default 64)")
+                     help="masked or ablated copies per forward pass of scorecam / ablationcam (default 16)")
     ev2.add_argument("--fusion", choices=("max", "mean"), help="branch fusion of mnpo (default max)")
     ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
     ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),

@@ -43,6 +43,26 @@ def test_bench_maps_prints_every_method():
     assert f"{machine.cpu_cores()} cores" in out and f"torch {torch.__version__}, torchvision" in out
 
 
+def test_bench_cam_family_times_both_and_checks_they_agree():
+    pytest.importorskip("pytorch_grad_cam", reason="grad-cam is in the test extras")
+    out = run("bench_cam_family.py", "--size", "32", "--width", "0.0625", "--batch", "2", "--classes", "5",
+              "--repeats", "1")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    from numerics import map_bound
+
+    from mnpo.maps.cam_family import GRADIENT_RULES
+    from mnpo.models import build_model
+
+    # the same float32 network on both sides, batched otherwise, and their +1e-7 stabilizers
+    bound = map_bound(build_model("vgg16-mnpo", 5, width=0.0625), torch.float32, passes=2) + 2e-7
+    for method in (*GRADIENT_RULES, "scorecam", "ablationcam", "eigencam"):
+        ours, theirs, speedup, diff = (cell.strip() for cell in rows[method])
+        assert float(ours) > 0 and float(theirs) > 0 and speedup.endswith("x")
+        if method != "eigencam":  # (its sign may differ: said in the row)
+            assert float(diff) <= bound, method
+    assert "device: " in out and "pytorch-grad-cam" in out
+
+
 @pytest.mark.slow
 def test_bench_pipeline_prints_the_table(tmp_path):
     out = run("bench_pipeline.py", "--device", "cpu", "--images", "8", "--classes", "5", "--batch", "2",

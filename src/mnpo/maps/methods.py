@@ -79,7 +79,7 @@ class MapOptions:
     loss_scale: float = 10.0
     relu: bool = True
     size: tuple[int, int] | None = None
-    chunk_size: int = 64
+    chunk_size: int = 16
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("h_mode", self.h_mode, H_MODES), ("fusion", self.fusion, FUSIONS),
