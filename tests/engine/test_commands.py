@@ -71,6 +71,20 @@ def test_evaluate_refuses_a_split_with_more_classes(trained, tmp_path, capsys):
     assert "mnpo evaluate: error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method, extra", [("scorecam", ["--chunk-size", "5"]), ("ablationcam", ["--target-layer", "conv5_2"]),
+                                           ("gradcampp", []), ("eigencam", [])])
+def test_evaluate_scores_the_cam_family_under_both_protocols(trained, tmp_path, method, extra):
+    root, data = trained
+    assert main(["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+                 "--metadata", str(data / "metadata" / "test"), "--val-metadata", str(data / "metadata" / "val"),
+                 "--input-size", "48", "--workers", "0", "--method", method, *extra,
+                 "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["info"]["method"] == method and report["info"]["num_images"] == 9
+    for protocol in ("oracle", "calibrated"):
+        assert 0 <= report[protocol]["max_box_acc_v2"]["value"] <= 100
+
+
 def test_demo_writes_report_table_and_gallery(tmp_path):
     settings = DemoSettings(image_size=32, classes=2, train_per_class=4, val_per_class=2, test_per_class=3,
                             width=0.0625, epochs=1, batch_size=4, gallery_images=2)
