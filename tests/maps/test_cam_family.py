@@ -70,10 +70,10 @@ def test_ablation_weights_at_head_are_the_class_weight_times_the_channel_mean_ov
     A = head_features(model, images)
     with torch.no_grad():
         y = model(images).logits[0].gather(1, targets[:, None])[:, 0]
-    closed = model.classifier.weight[targets] * A.mean((2, 3))
+    closed = (model.classifier.weight[targets] * A.mean((2, 3))).detach()
     ran = y[:, None] - _ablated_logits(model, images, A, targets, "head", chunk_size=7)
     bound = network_bound(model, torch.float64) * float(y.abs().max())
-    torch.testing.assert_close(ran, closed.detach(), rtol=0, atol=bound)
+    torch.testing.assert_close(ran, closed, rtol=0, atol=bound)
     weights = closed / y[:, None]
     expected = normalize_maps(resize_maps(torch.einsum("bc,bchw->bhw", weights, A).clamp_min(0), (64, 64)))
     got, _ = compute_maps(model, images, targets, method="ablationcam")
@@ -129,7 +129,7 @@ def test_zero_target_logit_gives_the_documented_fallback_not_nan():
     got, _ = compute_maps(model, images, targets, method="ablationcam")
     assert not torch.isnan(got).any()
     A = head_features(model, images)
-    drop = model.classifier.weight[targets] * A.mean((2, 3))  # weights y - y_c where y = 0
+    drop = (model.classifier.weight[targets] * A.mean((2, 3))).detach()  # weights y - y_c where y = 0
     expected = normalize_maps(resize_maps(torch.einsum("bc,bchw->bhw", drop, A).clamp_min(0), (64, 64)))
     assert float((got - expected).abs().max()) <= map_bound(model, torch.float64)
 
