@@ -7,7 +7,7 @@ from tiny_models import tiny_vgg_mnpo
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
-from mnpo.engine.evaluate import evaluate_model
+from mnpo.engine.evaluate import EvalSettings, evaluate_batch, evaluate_model
 from mnpo.metrics.boxes import cam_thresholds
 
 
@@ -142,3 +142,31 @@ def test_evaluate_checkpoint_keeps_one_progress_file_per_split(data, tmp_path):
     second = evaluate_checkpoint(tmp_path / "model.pt", data / "images", data / "metadata" / "test", **kwargs,
                                  state_dir=tmp_path / "state")  # continues from finished files
     assert plain.to_json() == first.to_json() == second.to_json()
+
+
+def test_settings_object_and_keywords_are_one_evaluation(data):
+    ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55)
+    settings = EvalSettings(cam_thresholds(0.05), method="cam", batch_size=4)
+    by_object = evaluate_model(tiny_vgg_mnpo(), ds, settings)
+    by_keywords = evaluate_model(tiny_vgg_mnpo(), ds, thresholds=cam_thresholds(0.05), method="cam", batch_size=4)
+    overridden = evaluate_model(tiny_vgg_mnpo(), ds, settings, batch_size=5)  # a keyword overrides a field
+    for other in (by_keywords, overridden):  # the same network on the same images: the same counts
+        assert np.array_equal(by_object.curves.largest, other.curves.largest)
+        assert (by_object.top1_correct, by_object.num_images) == (other.top1_correct, other.num_images)
+    with pytest.raises(TypeError, match=r"unknown evaluation setting\(s\) \['batchsize'\]"):
+        evaluate_model(tiny_vgg_mnpo(), ds, settings, batchsize=4)
+    with pytest.raises(TypeError, match="needs thresholds"):
+        evaluate_model(tiny_vgg_mnpo(), ds, method="cam")
+
+
+def test_evaluate_batch_gives_maps_logits_and_hits(data):
+    ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55)
+    from mnpo.data.dataset import collate_evaluation
+
+    batch = collate_evaluation([ds[i] for i in range(3)])
+    model = tiny_vgg_mnpo()
+    maps, logits, (top1, top5) = evaluate_batch(model, batch, EvalSettings(cam_thresholds(0.1), method="cam",
+                                                                           ten_crop=False), torch.device("cpu"))
+    assert maps.shape == (3, 224, 224) and logits.shape == (3, model.num_classes)
+    predicted = logits.argmax(1)
+    assert top1 == int((predicted == batch["label"].numpy()).sum()) and top5 == 3  # 3 classes: always in the top 5

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -160,55 +160,88 @@ def ten_crop_logits(model: torch.nn.Module, crops: torch.Tensor, chunk: int,
     return logits.view(*crops.shape[:2], -1)
 
 
-def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: np.ndarray, method: str = "mnpos",
-                   map_options: Mapping[str, Any] | None = None, device: torch.device = torch.device("cpu"),
-                   precision: str = "fp32", map_precision: str = "fp32", batch_size: int = 64, workers: int = 0,
-                   ten_crop: bool = True, ctx: DistContext = DistContext(), save_maps: str | Path | None = None,
-                   on_batch=None, progress: bool = False, metric_workers: int | None = None,
-                   channels_last: bool = False, state_file: str | Path | None = None,
-                   run_key: Mapping[str, Any] | None = None, save_every: float = 60.0) -> SplitResult:
+@dataclass(frozen=True, eq=False)
+class EvalSettings:
+    """What ``evaluate_model`` computes, and how (as ``MapOptions`` is for maps).
+
+    thresholds: the score-map thresholds swept (``(T,)`` in [0, 1]). method, map_options: of
+    ``compute_maps``. precision: of the classification pass; map_precision: of the map pass;
+    each ``fp32`` (strict: no TF32), ``tf32`` or ``bf16`` (see
+    :func:`~mnpo.engine.runtime.resolve_precision`). Maps are fp32 by default because bf16
+    moves normalized maps by 1e-2 to 4e-2 (README). batch_size: images per batch (the ten
+    crops of a batch go through the network ``batch_size`` at a time, so memory stays that of
+    one batch). workers: data loader processes. ten_crop: classify from the ten-crop average
+    (the protocol) or from the 224 view (faster, used for per-epoch validation).
+    channels_last: feed the network NHWC tensors (faster convolutions on GPUs).
+    metric_workers: threads of the box evaluator (default: its own).
+    """
+
+    thresholds: np.ndarray
+    method: str = "mnpos"
+    map_options: Mapping[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    map_precision: str = "fp32"
+    batch_size: int = 64
+    workers: int = 0
+    ten_crop: bool = True
+    channels_last: bool = False
+    metric_workers: int | None = None
+
+    def run_key(self, dataset: WSOLDataset, ctx: DistContext) -> dict[str, Any]:
+        """The settings a progress file must match to be continued (besides the caller's)."""
+        return {"method": self.method, "map_options": dict(self.map_options), "ten_crop": self.ten_crop,
+                "images": len(dataset), "rank": ctx.rank, "world": ctx.world}
+
+
+def _settings(settings: EvalSettings | None, fields_given: dict[str, Any]) -> EvalSettings:
+    """``settings`` with the keyword fields applied (``map_options=None`` means none)."""
+    if fields_given.get("map_options", {}) is None:
+        fields_given = {**fields_given, "map_options": {}}
+    known = {f.name for f in fields(EvalSettings)}
+    unknown = sorted(set(fields_given) - known)
+    if unknown:
+        raise TypeError(f"unknown evaluation setting(s) {unknown}; settings are {sorted(known)}")
+    if settings is None:
+        if "thresholds" not in fields_given:
+            raise TypeError("evaluate_model needs thresholds (or an EvalSettings)")
+        return EvalSettings(**fields_given)
+    return replace(settings, **fields_given)
+
+
+def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalSettings | None = None, *,
+                   device: torch.device = torch.device("cpu"), ctx: DistContext = DistContext(),
+                   save_maps: str | Path | None = None, on_batch=None, progress: bool = False,
+                   state_file: str | Path | None = None, run_key: Mapping[str, Any] | None = None,
+                   save_every: float = 60.0, **setting_fields: Any) -> SplitResult:
     """Evaluate ``model`` (eval mode) on an ``evaluate``-mode data set.
 
-    precision: of the classification pass; map_precision: of the map pass; each ``fp32``
-    (strict: no TF32), ``tf32`` or ``bf16`` (see :func:`~mnpo.engine.runtime.resolve_precision`).
-    Maps are fp32 by default because bf16 moves normalized maps by 1e-2 to 4e-2 (README).
-    ten_crop: classify from the ten-crop average (the protocol) or from the 224 view (faster,
-    used for per-epoch validation). save_maps: write each 224x224 map as ``DIR/<image_id>.npy``.
-    on_batch: called with ``(batch, maps)`` (e.g. to draw overlays). The box / mask metrics of a
-    batch run in a background thread while the network works on the next one. The ten crops go
-    through the network ``batch_size`` images at a time, so memory stays that of one batch.
-    channels_last: feed the network NHWC tensors (faster convolutions on GPUs).
+    settings: an ``EvalSettings``; its fields may also be given (or overridden) as keywords.
+    save_maps: write each 224x224 map as ``DIR/<image_id>.npy``. on_batch: called with
+    ``(batch, maps)`` (e.g. to draw overlays). The box / mask metrics of a batch run in a
+    background thread while the network works on the next one.
     state_file: keep the progress in this JSON file (atomically, every ``save_every`` seconds
     and at the end); when it exists, continue from it: the images it counts are not evaluated
     again, and the result equals an uninterrupted run's. ``run_key``: the caller's settings that
     must match for the file to be continued (checkpoint, metadata, ...); the method, map options,
-    ten-crop, image count, thresholds and rank are checked too. A mismatch raises ValueError.
+    ten-crop, image count and rank are checked too. A mismatch raises ValueError.
     """
+    settings = _settings(settings, setting_fields)
     if dataset.mode != "evaluate":
         raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
     model.eval()
-    evaluator = _evaluator(dataset, thresholds, metric_workers)
-    options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(map_options or {})}  # the protocol's frame
-    top1 = top5 = 0
-    skipped: list[str] = []
+    evaluator = _evaluator(dataset, settings.thresholds, settings.metric_workers)
+    counts = {"top1": 0, "top5": 0, "skipped": []}
     sampler = ShardSampler(len(dataset), ctx)
-    key = {**dict(run_key or {}), "method": method, "map_options": dict(map_options or {}), "ten_crop": ten_crop,
-           "images": len(dataset), "rank": ctx.rank, "world": ctx.world}
+    key = {**dict(run_key or {}), **settings.run_key(dataset, ctx)}
     if state_file is not None and Path(state_file).is_file():
-        state = _read_state(Path(state_file), key)
-        evaluator.load_state_dict(state["evaluator"])
-        top1, top5, skipped = int(state["top1"]), int(state["top5"]), list(state["skipped"])
-        done = evaluator.seen_ids | set(skipped)
-        sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in done]
-        log.info("%s: continuing after %d images (%d left)", state_file, len(done), len(sampler))
+        counts = _resume(Path(state_file), key, evaluator, sampler, dataset)
 
     def save_state() -> None:
-        write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), "top1": top1, "top5": top5,
-                                       "skipped": skipped})
+        write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), **counts})
 
     last_save = time.monotonic()
-    loader = DataLoader(SkipUnreadable(dataset), batch_size=batch_size, sampler=sampler,
-                        num_workers=workers, collate_fn=collate_skipping(collate_evaluation),
+    loader = DataLoader(SkipUnreadable(dataset), batch_size=settings.batch_size, sampler=sampler,
+                        num_workers=settings.workers, collate_fn=collate_skipping(collate_evaluation),
                         pin_memory=device.type == "cuda")
     bar = None
     if progress and ctx.is_main:
@@ -217,42 +250,22 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
     pending = None  # the previous batch's metric update, running beside this batch's network work
     with evaluator, ThreadPoolExecutor(max_workers=1) as background:
         for batch in loader:
-            skipped += batch["skipped"]
+            counts["skipped"] += batch["skipped"]
             if "image" not in batch:
                 continue
-            images = batch["image"].to(device, non_blocking=True)
-            if images.dtype == torch.uint8:  # uint8 views: normalize (and crop, below) on the device
-                images = normalize_batch(images)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"].to(device)
-            with autocast(device, map_precision):
-                maps, logits = compute_maps(model, images, labels, method=method, **options)
-            if ten_crop:
-                if "ten_crop_source" in batch:
-                    sources = normalize_batch(batch["ten_crop_source"].to(device, non_blocking=True))
-                    crops = ten_crop_batch(sources, images.shape[-1])
-                else:
-                    crops = batch["ten_crop"].to(device, non_blocking=True)
-                with autocast(device, precision):
-                    logits = ten_crop_logits(model, crops, batch_size, channels_last).float().mean(1)
-            ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
-            top1 += int((ranks < 1).sum())
-            top5 += int((ranks < 5).sum())
-            maps_np = maps.cpu().numpy()
-            logits_np = logits.cpu().numpy() if dataset.meta.kind == "box" else None
+            maps, logits, hits = evaluate_batch(model, batch, settings, device)
+            counts["top1"] += hits[0]
+            counts["top5"] += hits[1]
             if pending is not None:
                 pending.result()  # at most one update in flight; re-raises its errors here
-            pending = background.submit(evaluator.update, maps_np, list(batch["image_id"]), logits_np)
+            pending = background.submit(evaluator.update, maps, list(batch["image_id"]),
+                                        logits if dataset.meta.kind == "box" else None)
             if save_maps is not None:
-                for image_id, scoremap in zip(batch["image_id"], maps_np):
-                    target = Path(save_maps) / f"{image_id}.npy"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(target, scoremap)
+                _save_maps(Path(save_maps), batch["image_id"], maps)
             if on_batch is not None:
-                on_batch(batch, maps_np)
+                on_batch(batch, maps)
             if bar is not None:
-                bar.update(len(labels) + len(batch["skipped"]))
+                bar.update(len(maps) + len(batch["skipped"]))
             if state_file is not None and time.monotonic() - last_save >= save_every:
                 pending.result()  # the state must hold this batch's counts
                 save_state()
@@ -263,8 +276,60 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, *, thresholds: 
             save_state()
     if bar is not None:
         bar.close()
-    curves = _sum_curves(evaluator.compute(), ctx)
-    top1, top5 = (int(c) for c in all_reduce_sum(np.array([top1, top5], np.int64), ctx))
+    return _gather(evaluator.compute(), counts, ctx)
+
+
+def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: EvalSettings,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """One batch of ``collate_evaluation``: the 224x224 maps of the ground-truth classes
+    ``(B, 224, 224)``, the classification logits ``(B, K)`` (ten-crop average or 224 view) and
+    the batch's top-1 and top-5 hits."""
+    images = batch["image"].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:  # uint8 views: normalize (and crop, below) on the device
+        images = normalize_batch(images)
+    if settings.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = batch["label"].to(device)
+    options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(settings.map_options)}  # the protocol's frame
+    with autocast(device, settings.map_precision):
+        maps, logits = compute_maps(model, images, labels, method=settings.method, **options)
+    if settings.ten_crop:
+        if "ten_crop_source" in batch:
+            sources = normalize_batch(batch["ten_crop_source"].to(device, non_blocking=True))
+            crops = ten_crop_batch(sources, images.shape[-1])
+        else:
+            crops = batch["ten_crop"].to(device, non_blocking=True)
+        with autocast(device, settings.precision):
+            logits = ten_crop_logits(model, crops, settings.batch_size, settings.channels_last).float().mean(1)
+    ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
+    hits = (int((ranks < 1).sum()), int((ranks < 5).sum()))
+    return maps.cpu().numpy(), logits.cpu().numpy(), hits
+
+
+def _resume(path: Path, key: Mapping[str, Any], evaluator, sampler: ShardSampler,
+            dataset: WSOLDataset) -> dict[str, Any]:
+    """Load an interrupted evaluation's progress; leave in ``sampler`` only the images it lacks."""
+    state = _read_state(path, key)
+    evaluator.load_state_dict(state["evaluator"])
+    counts = {"top1": int(state["top1"]), "top5": int(state["top5"]), "skipped": list(state["skipped"])}
+    done = evaluator.seen_ids | set(counts["skipped"])
+    sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in done]
+    log.info("%s: continuing after %d images (%d left)", path, len(done), len(sampler))
+    return counts
+
+
+def _save_maps(folder: Path, image_ids, maps: np.ndarray) -> None:
+    for image_id, scoremap in zip(image_ids, maps):
+        target = folder / f"{image_id}.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, scoremap)
+
+
+def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: DistContext) -> SplitResult:
+    """This rank's curves and counts summed over the ranks (a single process: as they are)."""
+    curves = _sum_curves(curves, ctx)
+    top1, top5 = (int(c) for c in all_reduce_sum(np.array([counts["top1"], counts["top5"]], np.int64), ctx))
+    skipped = list(counts["skipped"])
     if ctx.enabled:
         gathered: list[list[str]] = [[] for _ in range(ctx.world)]
         torch.distributed.all_gather_object(gathered, skipped)
@@ -304,7 +369,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     channels_last = dev.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    thresholds = make_grid(threshold_grid, cam_curve_interval)
+    settings = EvalSettings(make_grid(threshold_grid, cam_curve_interval), method, dict(map_options or {}), prec,
+                            map_prec, batch_size, workers, ten_crop, channels_last)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
     stat = Path(checkpoint).stat()
@@ -318,12 +384,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         if state_dir is not None:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             state_file = Path(state_dir) / f"{name}{'' if ctx.world == 1 else f'.rank{ctx.rank}'}.json"
-        return evaluate_model(model, dataset, thresholds=thresholds, method=method, map_options=map_options,
-                              device=dev, precision=prec, map_precision=map_prec,
-                              batch_size=batch_size, workers=workers,
-                              ten_crop=ten_crop, ctx=ctx, save_maps=maps_to, progress=progress,
-                              channels_last=channels_last, state_file=state_file,
-                              run_key={**run_key, "metadata": str(meta_dir)})
+        return evaluate_model(model, dataset, settings, device=dev, ctx=ctx, save_maps=maps_to, progress=progress,
+                              state_file=state_file, run_key={**run_key, "metadata": str(meta_dir)})
 
     test = split("test", metadata, maps_dir)
     val = None if val_metadata is None else split("val", val_metadata, None)
