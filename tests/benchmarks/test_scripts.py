@@ -87,6 +87,11 @@ def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
     again = run("study.py", *args, "--resume")
     assert csv.read_text() == rows
     assert again.split("\n", 1)[1] == out.split("\n", 1)[1]  # all but the header line (it holds the time)
+    # --cam-family: the same checkpoints, seven more rows for the two-branch network
+    family = run("study.py", *args, "--resume", "--cam-family")
+    assert family.count("| parts | vgg16-mnpo |") == 14 and family.count("| parts | vgg16-cam |") == 4
+    for label in ("Grad-CAM++", "XGrad-CAM", "LayerCAM", "HiResCAM", "Score-CAM", "Ablation-CAM", "Eigen-CAM"):
+        assert f"| parts | vgg16-mnpo | {label} |" in family
 
 
 def test_bench_input_prints_the_three_pipelines():
