@@ -273,10 +273,12 @@ def test_parser_defaults_and_help():
     assert (args.out, args.method, args.threshold, args.topk, args.batch_size, args.device) == \
         ("localize-output", "mnpo", None, 5, 16, "auto")
     assert not args.no_overlays and not args.save_maps and not args.ignore_exif
+    assert args.target_layer is None and args.chunk_size is None  # the methods' own defaults
     sub = add_localize_parser(argparse.ArgumentParser().add_subparsers())
     helps = {a.dest: a.help for a in sub._actions}
     assert set(helps) == {"help", "checkpoint", "images", "out", "method", "threshold", "topk", "batch_size",
-                          "device", "no_overlays", "save_maps", "input_size", "ignore_exif"}
+                          "device", "no_overlays", "save_maps", "input_size", "ignore_exif", "target_layer",
+                          "chunk_size"}
     assert all(text and len(text) > 20 for text in helps.values())
     assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
     assert sub.description and "localization.json" in sub.description
@@ -322,6 +324,24 @@ def test_run_localize_end_to_end(model, files, tmp_path, capsys, caplog):
     args.func(args)
     data = json.loads((out / "localization.json").read_text())
     assert data["threshold"] == 0.2 and data["images"][0]["top_classes"][0]["name"] is None
+
+
+def test_run_localize_passes_the_cam_family_options(model, files, tmp_path):
+    paths, _ = files
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model)
+    saved = {}
+    for name, extra in (("head", []), ("conv5_2", ["--target-layer", "conv5_2", "--chunk-size", "3"])):
+        out = tmp_path / name
+        args = _parser().parse_args(["localize", "--checkpoint", str(ckpt), paths[0], "--out", str(out),
+                                     "--method", "ablationcam", "--no-overlays", "--save-maps", "--device", "cpu",
+                                     *extra])
+        assert args.func(args) == 0
+        (saved[name],) = [np.load(p) for p in out.glob("*.npy")]
+    direct = localize_images(model, paths[:1], method="ablationcam",
+                             map_options={"target_layer": "conv5_2", "chunk_size": 3}).images[0].scoremap
+    assert np.array_equal(saved["conv5_2"], direct)  # the same call: the options reached compute_maps
+    assert not np.allclose(saved["conv5_2"], saved["head"], atol=1e-3)  # and they matter
 
 
 @pytest.mark.parametrize("meta, msg", [

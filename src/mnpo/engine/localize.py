@@ -379,6 +379,11 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         help="map method: mnpo (post-processed multi-branch CAM, no gradients), mnpos "
                         "(gradient post-processing), cam, dgl, or the CAM family: gradcam, gradcampp, "
                         "xgradcam, layercam, hirescam, scorecam, ablationcam, eigencam (default: mnpo)")
+    parser.add_argument("--target-layer", metavar="NAME",
+                        help="feature the gradient methods and the CAM family work at (e.g. conv5_2, head; "
+                        "default: the method's)")
+    parser.add_argument("--chunk-size", type=_positive_int, metavar="N",
+                        help="masked or ablated copies per forward pass of scorecam / ablationcam (default 16)")
     parser.add_argument("--threshold", type=_unit_float, default=None, metavar="T",
                         help="score-map threshold in [0, 1] for the box (default: the checkpoint's "
                         f"operating_threshold, else {DEFAULT_THRESHOLD})")
@@ -452,7 +457,9 @@ def run_localize(args: argparse.Namespace) -> int:
         log.info("threshold %s: the checkpoint's operating_threshold", threshold)
     report = localize_images(model, expand_image_paths(args.images), method=args.method, threshold=threshold,
                              topk=args.topk, class_names=class_names, batch_size=args.batch_size, device=args.device,
-                             input_size=args.input_size, exif_orientation=not args.ignore_exif)
+                             input_size=args.input_size, exif_orientation=not args.ignore_exif,
+                             map_options={k: v for k, v in (("target_layer", args.target_layer),
+                                                            ("chunk_size", args.chunk_size)) if v is not None})
     path = write_localization(report, args.out, overlays=not args.no_overlays, save_maps=args.save_maps)
     for result in report.images:
         print(_summary(result))
