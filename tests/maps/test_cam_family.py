@@ -3,7 +3,6 @@ against the naive float64 references, chunking, bad input, and pytorch-grad-cam 
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from numerics import map_bound, network_bound, sum_bound
