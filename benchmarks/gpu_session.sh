@@ -63,13 +63,15 @@ torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.is_availab
   >>"$LOG" 2>&1
 if python3 -c "import numba" 2>/dev/null; then echo "numba: yes" >>"$LOG"; else echo "numba: no (OpenCV loop)" >>"$LOG"; fi
 
-# (1) maps per method against the released MNPOs recipe, bf16 then fp32/tf32 (about 1 min)
+# (1) maps per method against the released MNPOs recipe, bf16 then fp32/tf32 (about 1 min);
+# Score-CAM left out: 1024 forwards per image at full width would take the whole step
+MAP_METHODS=cam,mnpo,mnpos,dgl,gradcam,gradcampp,xgradcam,layercam,hirescam,ablationcam,eigencam
 rm -f "$OUT/maps.md"
 step maps-bf16 60 "$OUT/maps.md" python3 benchmarks/bench_maps.py --device "$DEVICE" --batch "$BATCH" \
-  --repeats 5 --width "$WIDTH" --classes "$CLASSES" --bf16 --channels-last
+  --repeats 5 --width "$WIDTH" --classes "$CLASSES" --bf16 --channels-last --methods "$MAP_METHODS"
 echo >>"$OUT/maps.md"
 step maps-fp32 60 "$OUT/maps.md" python3 benchmarks/bench_maps.py --device "$DEVICE" --batch "$BATCH" \
-  --repeats 5 --width "$WIDTH" --classes "$CLASSES" --channels-last
+  --repeats 5 --width "$WIDTH" --classes "$CLASSES" --channels-last --methods "$MAP_METHODS"
 
 # (2) end to end: evaluate per method (mnpos with strict fp32 and with tf32 maps), training MNPO
 # vs plain VGG16, peak memory; synthetic 500x375 JPEGs, 1000 classes (about 2 min)
