@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mnpo.maps.passes import acc, activations, activations_and_gradient, full_precision, predicted
+from mnpo.maps.passes import (
+    acc,
+    activations,
+    activations_and_gradient,
+    full_precision,
+    independent_of,
+    predicted,
+)
 from mnpo.maps.postprocess import resize_maps
 
 #: Grad-CAM++'s and XGrad-CAM's stabilizers, Score-CAM's mask normalization (pytorch-grad-cam 1.5.7).
@@ -136,8 +143,7 @@ def _ablated_logits(model, images: Tensor, A: Tensor, targets: Tensor, layer: st
             copies[torch.arange(B * k, device=A.device), torch.arange(first, first + k, device=A.device).repeat(B)] = 0
             logits = model(images, replace=(layer, copies)).logits[0]
             if logits.shape[0] != B * k:
-                raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
-                                 "choose a backbone layer or a layer of the main branch")
+                raise independent_of(layer)
             picked = logits.gather(1, targets.repeat_interleave(k)[:, None])[:, 0]
             out[:, first:first + k] = acc(picked).view(B, k)
     return out

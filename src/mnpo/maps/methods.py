@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mnpo.maps import cam_family
-from mnpo.maps.passes import acc, full_precision, predicted, vjp
+from mnpo.maps.passes import acc, full_precision, predicted, selector, vjp
 from mnpo.maps.postprocess import (
     FUSIONS,
     H_MODES,
@@ -179,15 +179,14 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
     A = out.features[layer]
     logits = out.logits[:branches]
     targets = predicted(targets, out.logits[0].detach())
-    index = targets[:, None]
-    selector = torch.zeros_like(logits[0]).scatter_(1, index, 1.0)  # e_y per image
-    onehot = acc(torch.zeros_like(logits[0])).scatter_(1, index, opts.loss_scale)
+    picks = selector(logits[0], targets)  # e_y per image
+    onehot = acc(torch.zeros_like(logits[0])).scatter_(1, targets[:, None], opts.loss_scale)
     scale = 1.0 if opts.loss_gradient == "released" else opts.loss_scale
     vectors = [(scale * acc(l.detach()).softmax(1) - onehot).to(l.dtype) for l in logits]
     if A.dtype in (torch.bfloat16, torch.float16) and len(logits) > 1:
-        G, D = _per_branch_vjps(list(logits), selector, vectors, A, layer)
+        G, D = _per_branch_vjps(list(logits), picks, vectors, A, layer)
     else:
-        G = vjp(list(logits), [selector] * len(logits), A, layer, retain=True)
+        G = vjp(list(logits), [picks] * len(logits), A, layer, retain=True)
         D = vjp(list(logits), vectors, A, layer)
     with torch.no_grad(), full_precision(images):
         A, G, D = acc(A.detach()), acc(G), acc(D)
@@ -200,14 +199,14 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
         return resize_maps(raw, opts.size, opts.resize), out.logits[0].detach()
 
 
-def _per_branch_vjps(logits: list[Tensor], selector: Tensor, vectors: list[Tensor], target: Tensor,
+def _per_branch_vjps(logits: list[Tensor], picks: Tensor, vectors: list[Tensor], target: Tensor,
                      layer: str) -> tuple[Tensor, Tensor]:
     """``(sum_i J_i^T e_y, sum_i J_i^T v_i)`` from the 2n products taken one by one in a single
     batched backward pass, summed in float32."""
     n = len(logits)
-    zero = torch.zeros_like(selector)
-    stacked = [torch.stack([selector if k == i else zero for k in range(n)]
-                           + [vectors[i].to(selector.dtype) if k == i else zero for k in range(n)])
+    zero = torch.zeros_like(picks)
+    stacked = [torch.stack([picks if k == i else zero for k in range(n)]
+                           + [vectors[i].to(picks.dtype) if k == i else zero for k in range(n)])
                for i in range(n)]
     parts = vjp(logits, stacked, target, layer, batched=True).float()
     return parts[:n].sum(0), parts[n:].sum(0)

@@ -31,11 +31,16 @@ def vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str
     """
     pairs = [(o, v) for o, v in zip(outputs, vectors, strict=True) if o.requires_grad]
     if not pairs:
-        raise ValueError(f"the logits used do not depend on target layer {layer!r}; "
-                         "choose a backbone layer or a layer of the main branch")
+        raise independent_of(layer)
     (grad,) = torch.autograd.grad([o for o, _ in pairs], target, grad_outputs=[v for _, v in pairs],
                                   retain_graph=retain, is_grads_batched=batched)
     return grad
+
+
+def independent_of(layer: str) -> ValueError:
+    """The error for a target layer that the logits used do not depend on."""
+    return ValueError(f"the logits used do not depend on target layer {layer!r}; "
+                      "choose a backbone layer or a layer of the main branch")
 
 
 def selector(logits: Tensor, targets: Tensor) -> Tensor:
