@@ -143,7 +143,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         ten_crop=not args.no_ten_crop, save_maps=args.save_maps, save_overlays=args.save_overlays,
         input_size=args.input_size, map_precision=args.map_precision, progress=not args.quiet,
-        state_dir=args.state_dir,
+        state_dir=args.state_dir, results=args.results, report_html=args.report, label=args.label,
+        gallery_size=args.gallery_size,
     )
     if not _is_main_process():
         return 0  # under torchrun, rank 0 reports for all
@@ -156,6 +157,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, report.to_json())
         log.info("wrote %s", args.json)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mnpo.engine.report import report_from_files
+
+    out = report_from_files(args.results, args.out, gallery_rows=args.gallery_rows)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) from {len(args.results)} result(s)")
     return 0
 
 
@@ -321,6 +330,11 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--save-maps", help="write each 224x224 map as DIR/<image_id>.npy")
     ev2.add_argument("--save-overlays", help="write DIR/<image_id>.png: map, predicted and true boxes")
     ev2.add_argument("--json", help="write the report as JSON to this file")
+    ev2.add_argument("--results", help="also write the per-image results (.npz, read by mnpo report) to this file")
+    ev2.add_argument("--report", help="also write the HTML report of this result to this file")
+    ev2.add_argument("--label", help="the result's name in reports (default: the method)")
+    ev2.add_argument("--gallery-size", type=int, default=128,
+                     help="images sampled for the report's gallery (default 128)")
     ev2.add_argument("--state-dir", metavar="DIR",
                      help="keep the progress in DIR (a JSON per split, saved every minute): the same command, "
                           "run again after an interruption, continues where it stopped")
@@ -330,6 +344,20 @@ def _build_parser() -> argparse.ArgumentParser:
     from mnpo.engine.localize import add_localize_parser
 
     add_localize_parser(sub)
+
+    rep = sub.add_parser(
+        "report",
+        help="an HTML page of curves, per-class accuracy and galleries from evaluation results",
+        description="Build one self-contained HTML file (opens offline) from results files written by "
+        "`mnpo evaluate --results`, one per method or checkpoint, all of the same split: a summary "
+        "table under both protocols, box accuracy against the threshold (or the pixel PR curve), "
+        "per-class accuracy, the per-image IoU distribution and galleries of the best, worst and most "
+        "disputed images.",
+    )
+    rep.add_argument("results", nargs="+", help="results files (.npz from mnpo evaluate --results)")
+    rep.add_argument("--out", required=True, help="the HTML file to write")
+    rep.add_argument("--gallery-rows", type=int, default=6, help="images per gallery section (default 6)")
+    rep.set_defaults(func=_cmd_report)
 
     demo = sub.add_parser(
         "demo",

@@ -23,12 +23,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
-from mnpo.data.transforms import ImageReadError, normalize_batch, ten_crop_batch
+from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gt_boxes_in_frame
+from mnpo.engine.results import THUMBNAIL, GalleryItem, SplitDetails, gallery_sample
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
-from mnpo.metrics.localization import BoxCurves, BoxEvaluator, MaskCurves, MaskEvaluator
+from mnpo.metrics.boxes import box_ious
+from mnpo.metrics.localization import BoxCurves, BoxEvaluator, MaskCurves, MaskEvaluator, PerImage
 from mnpo.metrics.masks import load_gt_mask
 
 log = logging.getLogger(__name__)
@@ -91,13 +93,15 @@ def collate_skipping(collate):
 
 @dataclass
 class SplitResult:
-    """Curves (box or mask), classification counts and skipped images of one split."""
+    """Curves (box or mask), classification counts and skipped images of one split, and its
+    per-image details when ``EvalSettings.details`` asked for them."""
 
     curves: BoxCurves | MaskCurves
     num_images: int
     top1_correct: int
     top5_correct: int
     skipped: list[str]
+    details: SplitDetails | None = None
 
     @property
     def classification(self) -> dict[str, float]:
@@ -105,10 +109,11 @@ class SplitResult:
         return {"top1_cls": 100.0 * self.top1_correct / n, "top5_cls": 100.0 * self.top5_correct / n}
 
 
-def _evaluator(dataset: WSOLDataset, thresholds: np.ndarray, workers: int | None):
+def _evaluator(dataset: WSOLDataset, thresholds: np.ndarray, workers: int | None, per_image: bool = False):
     meta = dataset.meta
     if meta.kind == "box":
-        return BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE, workers=workers)
+        return BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE, workers=workers,
+                            per_image=per_image)
     if meta.kind == "mask":
         if dataset.mask_root is None:
             raise ValueError("a mask split needs a mask root (the folder its mask paths are relative to)")
@@ -117,7 +122,7 @@ def _evaluator(dataset: WSOLDataset, thresholds: np.ndarray, workers: int | None
         def load_mask(image_id: str) -> np.ndarray:
             return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
 
-        return MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers)
+        return MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers, per_image)
     raise ValueError("the split has no localization.txt: nothing to evaluate against")
 
 
@@ -174,6 +179,9 @@ class EvalSettings:
     (the protocol) or from the 224 view (faster, used for per-epoch validation).
     channels_last: feed the network NHWC tensors (faster convolutions on GPUs).
     metric_workers: threads of the box evaluator (default: its own).
+    details: also keep what the report needs (``SplitResult.details``): each image's IoU at
+    every threshold (box) or own PxAP (mask), its five best classes, and thumbnails of a fixed
+    sample of ``gallery_size`` images (see :mod:`mnpo.engine.results`).
     """
 
     thresholds: np.ndarray
@@ -186,11 +194,14 @@ class EvalSettings:
     ten_crop: bool = True
     channels_last: bool = False
     metric_workers: int | None = None
+    details: bool = False
+    gallery_size: int = 128
 
     def run_key(self, dataset: WSOLDataset, ctx: DistContext) -> dict[str, Any]:
         """The settings a progress file must match to be continued (besides the caller's)."""
         return {"method": self.method, "map_options": dict(self.map_options), "ten_crop": self.ten_crop,
-                "images": len(dataset), "rank": ctx.rank, "world": ctx.world}
+                "images": len(dataset), "rank": ctx.rank, "world": ctx.world,
+                "details": self.details, "gallery_size": self.gallery_size if self.details else None}
 
 
 def _settings(settings: EvalSettings | None, fields_given: dict[str, Any]) -> EvalSettings:
@@ -229,15 +240,18 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
     if dataset.mode != "evaluate":
         raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
     model.eval()
-    evaluator = _evaluator(dataset, settings.thresholds, settings.metric_workers)
+    evaluator = _evaluator(dataset, settings.thresholds, settings.metric_workers, settings.details)
     counts = {"top1": 0, "top5": 0, "skipped": []}
+    details = SplitDetails(PerImage((), np.zeros(0))) if settings.details else None
+    sample = gallery_sample(dataset.image_ids, settings.gallery_size) if settings.details else set()
     sampler = ShardSampler(len(dataset), ctx)
     key = {**dict(run_key or {}), **settings.run_key(dataset, ctx)}
     if state_file is not None and Path(state_file).is_file():
-        counts = _resume(Path(state_file), key, evaluator, sampler, dataset)
+        counts = _resume(Path(state_file), key, evaluator, sampler, dataset, details)
 
     def save_state() -> None:
-        write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), **counts})
+        extra = {} if details is None else {"details": details.to_state()}
+        write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), **counts, **extra})
 
     last_save = time.monotonic()
     loader = DataLoader(SkipUnreadable(dataset), batch_size=settings.batch_size, sampler=sampler,
@@ -260,6 +274,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
                 pending.result()  # at most one update in flight; re-raises its errors here
             pending = background.submit(evaluator.update, maps, list(batch["image_id"]),
                                         logits if dataset.meta.kind == "box" else None)
+            if details is not None:
+                _keep_details(details, batch, maps, logits, evaluator, sample)
             if save_maps is not None:
                 _save_maps(Path(save_maps), batch["image_id"], maps)
             if on_batch is not None:
@@ -276,7 +292,9 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
             save_state()
     if bar is not None:
         bar.close()
-    return _gather(evaluator.compute(), counts, ctx)
+    if details is not None:
+        details.records = evaluator.records()
+    return _gather(evaluator.compute(), counts, ctx, details)
 
 
 def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: EvalSettings,
@@ -307,10 +325,12 @@ def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: E
 
 
 def _resume(path: Path, key: Mapping[str, Any], evaluator, sampler: ShardSampler,
-            dataset: WSOLDataset) -> dict[str, Any]:
+            dataset: WSOLDataset, details: SplitDetails | None) -> dict[str, Any]:
     """Load an interrupted evaluation's progress; leave in ``sampler`` only the images it lacks."""
     state = _read_state(path, key)
     evaluator.load_state_dict(state["evaluator"])
+    if details is not None:
+        details.load_state(state["details"])
     counts = {"top1": int(state["top1"]), "top5": int(state["top5"]), "skipped": list(state["skipped"])}
     done = evaluator.seen_ids | set(counts["skipped"])
     sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in done]
@@ -325,8 +345,35 @@ def _save_maps(folder: Path, image_ids, maps: np.ndarray) -> None:
         np.save(target, scoremap)
 
 
-def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: DistContext) -> SplitResult:
-    """This rank's curves and counts summed over the ranks (a single process: as they are)."""
+def _keep_details(details: SplitDetails, batch: Mapping[str, Any], maps: np.ndarray, logits: np.ndarray,
+                  evaluator, sample: set[str]) -> None:
+    """A batch's five best classes per image, and the gallery thumbnails of its sampled images."""
+    import cv2
+
+    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+    for k, image_id in enumerate(batch["image_id"]):
+        details.top5[image_id] = top5[k]
+        if image_id not in sample:
+            continue
+        view = batch["image"][k]
+        if view.dtype != torch.uint8:  # a normalized float view
+            mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+            view = ((view.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+        image = cv2.resize(view.permute(1, 2, 0).cpu().numpy(), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+        scoremap = cv2.resize(maps[k].astype(np.float32), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+        scoremap = np.clip(np.round(scoremap * 255), 0, 255).astype(np.uint8)
+        if isinstance(evaluator, BoxEvaluator):
+            gt = evaluator.gt_boxes[image_id]
+            boxes = box_ious(maps[k], evaluator.thresholds, gt, multi=False).largest_boxes
+        else:
+            boxes = None
+            gt = cv2.resize(evaluator.load_mask(image_id), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_NEAREST)
+        details.gallery[image_id] = GalleryItem(image_id, image, scoremap, boxes, np.asarray(gt))
+
+
+def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: DistContext,
+            details: SplitDetails | None = None) -> SplitResult:
+    """This rank's curves, counts and details summed over the ranks (a single process: as they are)."""
     curves = _sum_curves(curves, ctx)
     top1, top5 = (int(c) for c in all_reduce_sum(np.array([counts["top1"], counts["top5"]], np.int64), ctx))
     skipped = list(counts["skipped"])
@@ -334,7 +381,11 @@ def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: Dist
         gathered: list[list[str]] = [[] for _ in range(ctx.world)]
         torch.distributed.all_gather_object(gathered, skipped)
         skipped = [s for part in gathered for s in part]
-    return SplitResult(curves, curves.num_images, top1, top5, skipped)
+        if details is not None:
+            parts: list[SplitDetails | None] = [None] * ctx.world
+            torch.distributed.all_gather_object(parts, details)
+            details = SplitDetails.merge(parts)
+    return SplitResult(curves, curves.num_images, top1, top5, skipped, details)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str | Path, *,
@@ -345,16 +396,20 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         device: str = "auto", precision: str = "auto", ten_crop: bool = True,
                         save_maps: str | Path | None = None, save_overlays: str | Path | None = None,
                         input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True,
-                        state_dir: str | Path | None = None):
+                        state_dir: str | Path | None = None, results: str | Path | None = None,
+                        report_html: str | Path | None = None, label: str | None = None, gallery_size: int = 128):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
 
     ``input_size``: side of the network's input views (the protocol's 224; a model trained at
     another size, like the demo's, is evaluated at its own); maps are always scored in the
     224x224 frame. ``state_dir``: keep each split's progress there (``test.json``, ``val.json``;
     ``.rankN`` added under torchrun), so that the same call, run again after an interruption,
-    continues where it stopped (see :func:`evaluate_model`). Returns the ``Report`` of the
-    evaluated split; its ``info`` holds the classification accuracy (ten-crop), the skipped
-    images and what was evaluated.
+    continues where it stopped (see :func:`evaluate_model`). ``results``: also write the
+    per-image results file (:mod:`mnpo.engine.results`); ``report_html``: also write the HTML report
+    of this one result (:mod:`mnpo.engine.report`); ``label``: the result's name there (default:
+    the method); ``gallery_size``: images sampled for the report's gallery. Returns the
+    ``Report`` of the evaluated split; its ``info`` holds the classification accuracy
+    (ten-crop), the skipped images and what was evaluated.
     """
     from mnpo.engine.evaluate_maps import build_report
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
@@ -369,22 +424,28 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     channels_last = dev.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    details = results is not None or report_html is not None
     settings = EvalSettings(make_grid(threshold_grid, cam_curve_interval), method, dict(map_options or {}), prec,
-                            map_prec, batch_size, workers, ten_crop, channels_last)
+                            map_prec, batch_size, workers, ten_crop, channels_last, details=details,
+                            gallery_size=gallery_size)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
     stat = Path(checkpoint).stat()
     run_key = {"checkpoint": str(checkpoint), "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
                "data": str(data), "precision": prec, "map_precision": map_prec, "input_size": input_size}
 
+    datasets = {}
+
     def split(name, meta_dir, maps_to):
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
                               crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True)
+        datasets[name] = dataset
         state_file = None
         if state_dir is not None:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             state_file = Path(state_dir) / f"{name}{'' if ctx.world == 1 else f'.rank{ctx.rank}'}.json"
-        return evaluate_model(model, dataset, settings, device=dev, ctx=ctx, save_maps=maps_to, progress=progress,
+        split_settings = replace(settings, details=details and name == "test")  # val: curves only
+        return evaluate_model(model, dataset, split_settings, device=dev, ctx=ctx, save_maps=maps_to, progress=progress,
                               state_file=state_file, run_key={**run_key, "metadata": str(meta_dir)})
 
     test = split("test", metadata, maps_dir)
@@ -404,6 +465,20 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         info.update(val_metadata=str(val_metadata), val_num_images=val.num_images,
                     val_classification=val.classification)
     report = build_report(test.curves, None if val is None else val.curves, info)
+    if details and ctx.is_main:
+        from mnpo.engine.results import EvaluationResults, write_results
+
+        evaluation = EvaluationResults.build(
+            label or method, test.curves, None if val is None else val.curves, test.details,
+            datasets["test"].meta, None if val is None else datasets["val"].meta, model.num_classes, info)
+        if results is not None:
+            write_results(results, evaluation)
+            log.info("wrote %s", results)
+        if report_html is not None:
+            from mnpo.engine.report import write_report
+
+            write_report([evaluation], report_html)
+            log.info("wrote %s", report_html)
     if save_overlays and ctx.is_main:
         protocol = report.calibrated or report.oracle
         threshold = protocol["max_box_acc"].threshold if "max_box_acc" in protocol else 0.5

@@ -38,10 +38,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mnpo.io import decode_array, encode_array
 from mnpo.metrics.boxes import box_ious, cam_thresholds, check_scoremap
 
 __all__ = [
     "BoxCurves",
+    "PerImage",
     "BoxEvaluator",
     "MaskCurves",
     "MaskEvaluator",
@@ -49,6 +51,7 @@ __all__ = [
     "calibrated_metrics",
     "class_ranks",
     "oracle_metrics",
+    "precision_recall",
     "pxap_from_histograms",
     "score_histogram",
 ]
@@ -151,6 +154,42 @@ class MaskCurves:
         return pxap_from_histograms(self.positive, self.negative)
 
 
+@dataclass(frozen=True)
+class PerImage:
+    """What each image scored, for the report's per-class table, IoU distribution and gallery.
+
+    Attributes:
+        image_ids: (N,) ids in the order they were evaluated.
+        values: float64, (N, T) for a box split: the IoU of the largest-contour box with the
+            ground truth at each score-map threshold (the quantity MaxBoxAcc counts at IoU >= 0.5);
+            (N,) for a mask split: the image's own PxAP (percent; NaN when it has no foreground).
+    """
+
+    image_ids: tuple[str, ...]
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.values) != len(self.image_ids):
+            raise ValueError(f"{len(self.image_ids)} image ids but {len(self.values)} rows of values")
+
+    @staticmethod
+    def concat(parts: Sequence["PerImage"]) -> "PerImage":
+        """Several ranks' records as one (an id twice is an error)."""
+        ids = tuple(i for p in parts for i in p.image_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError("an image was recorded by more than one part")
+        values = [p.values for p in parts if len(p.values)]
+        return PerImage(ids, np.concatenate(values) if values else parts[0].values[:0])
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able: the ids and the values, exactly (see :func:`mnpo.io.encode_array`)."""
+        return {"ids": list(self.image_ids), "values": encode_array(self.values)}
+
+    @staticmethod
+    def from_state(state: Mapping[str, Any]) -> "PerImage":
+        return PerImage(tuple(state["ids"]), decode_array(state["values"]))
+
+
 def _threshold_value(thresholds: np.ndarray, index: int) -> float:
     return float(thresholds[index])
 
@@ -230,7 +269,10 @@ def _as_maps(maps, count: int) -> list[np.ndarray]:
 class _Streaming:
     """Shared bookkeeping: ids seen once, maps of the expected size, a thread pool."""
 
-    def __init__(self, known_ids: Iterable[str], thresholds, image_size: int, workers: int | None):
+    def __init__(self, known_ids: Iterable[str], thresholds, image_size: int, workers: int | None,
+                 per_image: bool = False):
+        self.per_image = bool(per_image)
+        self._records: dict[str, np.ndarray] = {}
         self.thresholds = cam_thresholds() if thresholds is None else np.asarray(thresholds, np.float64)
         if self.thresholds.ndim != 1 or self.thresholds.size == 0:
             raise ValueError(f"thresholds must be a non-empty 1-D array, got shape {self.thresholds.shape}")
@@ -273,7 +315,24 @@ class _Streaming:
         return set(self._seen)
 
     def _base_state(self, kind: str) -> dict[str, Any]:
-        return {"kind": kind, "thresholds": self.thresholds.tolist(), "n": self._n, "seen": sorted(self._seen)}
+        state = {"kind": kind, "thresholds": self.thresholds.tolist(), "n": self._n, "seen": sorted(self._seen)}
+        if self.per_image:
+            state["per_image"] = self.records().to_state()
+        return state
+
+    _row_shape: tuple[int, ...] = ()  # of one image's record
+
+    def _record(self, image_ids: Sequence[str], values: Sequence[np.ndarray]) -> None:
+        if self.per_image:
+            self._records.update(zip(image_ids, values))
+
+    def records(self) -> PerImage:
+        """Every evaluated image's values, in evaluation order (needs ``per_image=True``)."""
+        if not self.per_image:
+            raise ValueError("the evaluator was made with per_image=False: it keeps no per-image values")
+        ids = tuple(self._records)
+        values = np.array([self._records[i] for i in ids], np.float64).reshape(len(ids), *self._row_shape)
+        return PerImage(ids, values)
 
     def _load_base_state(self, state: Mapping[str, Any], kind: str) -> None:
         if state.get("kind") != kind:
@@ -286,6 +345,13 @@ class _Streaming:
             raise ValueError(f"evaluator state holds image ids the split does not have, e.g. {sorted(unknown)[:3]}")
         if len(seen) != int(state["n"]):
             raise ValueError(f"evaluator state counts {state['n']} images but lists {len(seen)}")
+        if self.per_image:
+            if "per_image" not in state:
+                raise ValueError("evaluator state keeps no per-image values, but this evaluator needs them")
+            records = PerImage.from_state(state["per_image"])
+            if set(records.image_ids) != seen:
+                raise ValueError("evaluator state's per-image values do not cover the images it counts")
+            self._records = dict(zip(records.image_ids, records.values))
         self._seen = seen
         self._n = int(state["n"])
 
@@ -312,18 +378,21 @@ class BoxEvaluator(_Streaming):
         iou_thresholds: IoU thresholds (percent) of MaxBoxAccV2.
         image_size: side of the square maps (224 in the protocol).
         workers: threads over the images of a batch (default: CPU count, <= 8).
+        per_image: also keep each image's largest-contour IoU at every threshold
+            (:meth:`records`; 8 T bytes per image).
     """
 
     def __init__(self, gt_boxes: Mapping[str, np.ndarray], labels: Mapping[str, int] | None = None,
                  thresholds=None, iou_thresholds: Sequence[int] = IOU_THRESHOLDS_V2,
-                 image_size: int = 224, workers: int | None = None):
-        super().__init__(gt_boxes.keys(), thresholds, image_size, workers)
+                 image_size: int = 224, workers: int | None = None, per_image: bool = False):
+        super().__init__(gt_boxes.keys(), thresholds, image_size, workers, per_image)
         self.gt_boxes = {k: np.ascontiguousarray(np.asarray(v, np.int64).reshape(-1, 4)) for k, v in gt_boxes.items()}
         self.labels = labels
         self.iou_thresholds = tuple(int(i) for i in iou_thresholds)
         if not all(0 < i <= 100 for i in self.iou_thresholds):
             raise ValueError(f"IoU thresholds are percentages in (0, 100], got {self.iou_thresholds}")
         t = len(self.thresholds)
+        self._row_shape = (t,)
         self._n = 0
         self._largest = np.zeros(t, np.int64)
         self._multi = np.zeros((len(self.iou_thresholds), t), np.int64)
@@ -331,7 +400,7 @@ class BoxEvaluator(_Streaming):
 
     def _one(self, scoremap: np.ndarray, image_id: str):
         scores = box_ious(scoremap, self.thresholds, self.gt_boxes[image_id])
-        return scores.largest_iou >= 0.5, scores.multi_iou
+        return scores.largest_iou >= 0.5, scores.multi_iou, scores.largest_iou
 
     def _ranks(self, logits, image_ids: list[str]) -> np.ndarray:
         if self.labels is None:
@@ -368,6 +437,7 @@ class BoxEvaluator(_Streaming):
         results = self._map(self._one, maps, image_ids)
         correct = np.array([r[0] for r in results]).reshape(len(results), -1)
         multi = np.array([r[1] for r in results]).reshape(len(results), -1)
+        self._record(image_ids, [r[2] for r in results])
         if ranks is not None:
             if self._top is None:
                 self._top = np.zeros((2, len(self.thresholds)), np.int64)
@@ -421,6 +491,17 @@ def pxap_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
     ``tp / (tp + fn)``; the area is ``sum(precision[1:] * diff(recall))`` over
     points with some prediction (wsolevaluation's definition).
     """
+    precision, recall = precision_recall(positive, negative)
+    predicted = ~np.isnan(precision)
+    return float((precision[1:] * np.diff(recall))[predicted[1:]].sum() * 100)
+
+
+def precision_recall(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel precision-recall curve of score histograms (see :func:`pxap_from_histograms`).
+
+    Returns float64 (K,) precision and recall, one point per bin from the highest down
+    (threshold lowered bin by bin); precision is NaN where nothing is predicted yet.
+    """
     positive = np.asarray(positive, np.float64)
     negative = np.asarray(negative, np.float64)
     tp = positive[::-1].cumsum()
@@ -430,11 +511,16 @@ def pxap_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
         raise ValueError("PxAP: no foreground pixel in the evaluated set")
     if ((tp + fp) <= 0).all():
         raise ValueError("PxAP: no pixel was scored")
-    predicted = (tp + fp) != 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        precision = tp / (tp + fp)
-    recall = tp / (tp + fn)
-    return float((precision[1:] * np.diff(recall))[predicted[1:]].sum() * 100)
+        precision = np.where((tp + fp) != 0, tp / (tp + fp), np.nan)
+    return precision, tp / (tp + fn)
+
+
+def _image_pxap(positive: np.ndarray, negative: np.ndarray) -> float:
+    """One image's PxAP, NaN where it has no foreground pixel (nothing to find)."""
+    if positive.sum() <= 0:
+        return float("nan")
+    return pxap_from_histograms(positive, negative)
 
 
 class MaskEvaluator(_Streaming):
@@ -447,11 +533,12 @@ class MaskEvaluator(_Streaming):
         image_ids: the split's ids.
         thresholds: float (T,) bin edges in [0, 1) (bins ``[t_i, t_{i+1})``,
             then ``[t_last, 1)``, ``[1, 2)``, ``[2, 3]``), default ``cam_thresholds(0.01)``.
+        per_image: also keep each image's own PxAP (:meth:`records`).
     """
 
     def __init__(self, load_mask: Callable[[str], np.ndarray], image_ids: Iterable[str],
-                 thresholds=None, image_size: int = 224, workers: int | None = None):
-        super().__init__(image_ids, thresholds, image_size, workers)
+                 thresholds=None, image_size: int = 224, workers: int | None = None, per_image: bool = False):
+        super().__init__(image_ids, thresholds, image_size, workers, per_image)
         self.load_mask = load_mask
         self.edges = np.append(self.thresholds, [1.0, 2.0, 3.0])
         if not (np.diff(self.edges) > 0).all():
@@ -471,9 +558,12 @@ class MaskEvaluator(_Streaming):
         """Add a batch: maps float (B, H, W) in [0, 1] and their B ids (logits unused)."""
         image_ids = list(image_ids)
         maps = self._check_batch(maps, image_ids)
-        for pos, neg in self._map(self._one, maps, image_ids):
+        histograms = self._map(self._one, maps, image_ids)
+        for pos, neg in histograms:
             self._positive += pos
             self._negative += neg
+        if self.per_image:
+            self._record(image_ids, [_image_pxap(pos, neg) for pos, neg in histograms])
         self._n += len(image_ids)
 
     def state_dict(self) -> dict[str, Any]:
