@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mnpo-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-output
 
-.PHONY: test test-matrix demo install clean
+.PHONY: test test-matrix demo install clean browser
 
 install: $(STAMP)
 
@@ -18,8 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2
+
+# Chromium for the browser tests (tests/browser.py): apt-get installs it when missing and we
+# are root; otherwise those tests skip. Never fails the make run.
+CHROMIUM_FOUND := test -x /usr/bin/chromium || command -v chromium || command -v chromium-browser || command -v google-chrome
+browser:
+	@if { $(CHROMIUM_FOUND); } >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: Chromium not found; installing it with apt-get for the browser tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    || echo "browser: warning: installing Chromium failed; the browser tests will be skipped"; \
+	else \
+	  echo "browser: Chromium not found; the browser tests will be skipped (install it: apt-get install chromium)"; \
+	fi
 
 # The numerics-heavy tests again under every lower CPU kernel path this machine has
 # (ATEN_CPU_CAPABILITY, with oneDNN and MKL capped alike) and with all cores in one process.

@@ -4,7 +4,9 @@
    the class, so a classifier's map collapses onto the mark while the box is the body);
 2. train a reduced-width released two-branch VGG16 on it from scratch;
 3. evaluate CAM, MNPO and MNPOs on its test split, both protocols, plus PxAP on the masks;
-4. write ``report.md``, ``report.json`` and ``gallery.png`` (overlays, one row per method).
+4. write ``report.md``, ``report.json`` and ``gallery.png`` (overlays, one row per method),
+   each method's results files (``results/<method>.npz``, ``results/<method>-masks.npz``) and
+   the HTML reports comparing the methods (``report.html`` on boxes, ``report-masks.html``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from mnpo.engine.config import config_from_dict
 from mnpo.engine.evaluate import evaluate_model, protocol_overlay, resize_for
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.overlay import save_gallery
+from mnpo.engine.report import write_report
+from mnpo.engine.results import EvaluationResults, read_results, write_results
 from mnpo.engine.train import Trainer
 from mnpo.io import atomic_path, write_json_atomic
 from mnpo.metrics.boxes import cam_thresholds
@@ -83,6 +87,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
     shown = list(splits["test"].image_ids[:: max(1, len(splits["test"]) // settings.gallery_images)])
     shown = shown[: settings.gallery_images]
     results: dict[str, Any] = {}
+    html_results: dict[str, list[Path]] = {}
     gallery_maps: dict[str, dict[str, np.ndarray]] = {}
     for method in DEMO_METHODS:
         kept: dict[str, np.ndarray] = {}
@@ -93,8 +98,10 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
                     kept[image_id] = m
 
         runs = {name: evaluate_model(model, ds, thresholds=thresholds, method=method, batch_size=32,
-                                     on_batch=keep if name == "test" else None)
+                                     on_batch=keep if name == "test" else None, details=name != "val")
                 for name, ds in splits.items()}
+        for kind, path in _write_results(out, method, runs, splits, model.num_classes).items():
+            html_results.setdefault(kind, []).append(path)
         report = build_report(runs["test"].curves, runs["val"].curves, {})
         pxap = build_report(runs["test_masks"].curves, None, {}).oracle["pxap"].value
         results[method] = {
@@ -106,6 +113,9 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
         gallery_maps[method] = kept
     method_gallery(out / "gallery.png", data / "images", splits["test"], shown, gallery_maps,
                    {m: results[m]["calibrated"]["max_box_acc"]["threshold"] for m in gallery_maps})
+    for kind, name in (("box", "report.html"), ("mask", "report-masks.html")):
+        write_report([read_results(p) for p in html_results[kind]], out / name,
+                     [str(p) for p in html_results[kind]])
     seconds = time.perf_counter() - start
     summary = {"settings": settings.__dict__, "epochs_trained": settings.epochs,
                "checkpoint": str(out / "run" / "best.pt"), "methods": results, "seconds": round(seconds, 1)}
@@ -116,6 +126,22 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
                        f"classes; released two-branch VGG16 at width {settings.width}, {settings.epochs} epochs "
                        f"from scratch on the CPU ({seconds:.0f} s in all).\n\n{table}\n\n![gallery](gallery.png)\n")
     return summary
+
+
+def _write_results(out: Path, method: str, runs: dict, splits: dict[str, WSOLDataset],
+                   num_classes: int) -> dict[str, Path]:
+    """One method's results files: ``results/<method>.npz`` (boxes, calibrated on val) and
+    ``results/<method>-masks.npz`` (masks, oracle only: the demo has no val masks)."""
+    info = {"method": method, "checkpoint": str(out / "run" / "best.pt"),
+            "classification": runs["test"].classification}
+    box = EvaluationResults.build(method, runs["test"].curves, runs["val"].curves, runs["test"].details,
+                                  splits["test"].meta, splits["val"].meta, num_classes,
+                                  {**info, "metadata": "parts/metadata/test", "val_metadata": "parts/metadata/val"})
+    mask = EvaluationResults.build(method, runs["test_masks"].curves, None, runs["test_masks"].details,
+                                   splits["test_masks"].meta, None, num_classes,
+                                   {**info, "metadata": "parts/metadata-masks/test"})
+    return {"box": write_results(out / "results" / f"{method}.npz", box),
+            "mask": write_results(out / "results" / f"{method}-masks.npz", mask)}
 
 
 def demo_table(results: dict[str, Any]) -> str:
