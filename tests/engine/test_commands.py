@@ -1,6 +1,7 @@
 """The train / evaluate / demo commands end to end on a tiny synthetic set."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -85,10 +86,16 @@ def test_evaluate_scores_the_cam_family_under_both_protocols(trained, tmp_path, 
         assert 0 <= report[protocol]["max_box_acc_v2"]["value"] <= 100
 
 
-def test_demo_writes_report_table_and_gallery(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     settings = DemoSettings(image_size=32, classes=2, train_per_class=4, val_per_class=2, test_per_class=3,
                             width=0.0625, epochs=1, batch_size=4, gallery_images=2)
-    summary = run_demo(tmp_path, settings, progress=False)
+    return out, run_demo(out, settings, progress=False)
+
+
+def test_demo_writes_report_table_and_gallery(demo):
+    tmp_path, summary = demo
     assert list(summary["methods"]) == list(DEMO_METHODS)
     for r in summary["methods"].values():
         assert 0 <= r["oracle"]["max_box_acc"]["value"] <= 100 and 0 <= r["pxap"] <= 100
@@ -102,6 +109,29 @@ def test_demo_writes_report_table_and_gallery(tmp_path):
     with Image.open(tmp_path / "gallery.png") as gallery:  # 2 images x 3 methods, captions below
         assert gallery.size == (2 * 160, 3 * (160 + caption_height()))
     assert json.loads((tmp_path / "report.json").read_text())["methods"].keys() == summary["methods"].keys()
+
+
+def test_demo_report_renders_in_a_browser(demo, tmp_path):
+    """The demo's report.html in headless Chromium: the screenshot is not blank, and the DOM
+    (after the page's script ran) holds every method's row, every plot and the galleries."""
+    from browser import is_blank, render, require_chromium
+
+    require_chromium()
+    out, summary = demo
+    for page, plots in (("report.html", ("plot-curves", "plot-per-class", "plot-distribution")),
+                        ("report-masks.html", ("plot-curves", "plot-per-class", "plot-distribution"))):
+        dom = render(out / page, tmp_path / f"{page}.png", width=1280, height=1600)
+        assert not is_blank(tmp_path / f"{page}.png"), page
+        for method in DEMO_METHODS:
+            assert f'data-label="{method}"' in dom, (page, method)
+        for plot in (*plots, "gallery-best", "gallery-worst", "gallery-disagreement"):
+            assert re.search(f'<figure class="plot[^"]*" id="{plot}">\\s*<(svg|img)', dom), (page, plot)
+        assert dom.count('<table id="per-class" class="sortable">') == 1
+    summary_values = {m: f"{r['calibrated']['max_box_acc']['value']:.2f}" for m, r in summary["methods"].items()}
+    dom = render(out / "report.html", tmp_path / "again.png", width=1280, height=800)
+    for method, value in summary_values.items():  # the page's numbers are the demo's
+        row = re.search(f'<tr class="result" data-label="{method}">(.*?)</tr>', dom).group(1)
+        assert f">{value}</span>" in row, method
 
 
 def test_evaluate_skips_an_unreadable_image_and_reports_it(trained, tmp_path, capsys):
@@ -187,3 +217,35 @@ def test_evaluate_state_dir_from_the_command_line(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:-4] + ["--method", "cam", "--state-dir", str(tmp_path / "state")]) == 2
     assert "method: 'mnpo' there, 'cam' now" in capsys.readouterr().err
+
+
+def test_evaluate_writes_results_and_report_that_mnpo_report_compares(trained, tmp_path, capsys):
+    """`evaluate --results/--report/--label`, then `mnpo report` over two methods; a mask result
+    beside box results is refused with both files named."""
+    from mnpo.engine.results import read_results
+
+    root, data = trained
+    common = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+              "--input-size", "48", "--workers", "0", "--gallery-size", "4"]
+    boxes = ["--metadata", str(data / "metadata" / "test"), "--val-metadata", str(data / "metadata" / "val")]
+    assert main(common + boxes + ["--method", "cam", "--results", str(tmp_path / "cam.npz"),
+                                  "--report", str(tmp_path / "cam.html"), "--json", str(tmp_path / "cam.json")]) == 0
+    assert main(common + boxes + ["--method", "mnpos", "--label", "MNPOs a=1", "--results",
+                                  str(tmp_path / "mnpos.npz")]) == 0
+    cam = read_results(tmp_path / "cam.npz")
+    saved = json.loads((tmp_path / "cam.json").read_text())
+    assert cam.label == "cam" and len(cam.image_ids) == 9 and len(cam.gallery_ids) == 4
+    assert {k: m.to_json() for k, m in cam.metrics()["calibrated"].items()} == saved["calibrated"]
+    assert cam.info["classification"] == saved["info"]["classification"]
+    assert 'data-label="cam"' in (tmp_path / "cam.html").read_text()
+    assert main(["report", str(tmp_path / "cam.npz"), str(tmp_path / "mnpos.npz"), "--out",
+                 str(tmp_path / "both.html")]) == 0
+    page = (tmp_path / "both.html").read_text()
+    assert 'data-label="cam"' in page and 'data-label="MNPOs a=1"' in page
+    masks = ["--metadata", str(data / "metadata-masks" / "test"), "--mask-root", str(data / "masks")]
+    assert main(common + masks + ["--method", "cam", "--results", str(tmp_path / "masks.npz")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "cam.npz"), str(tmp_path / "masks.npz"), "--out",
+                 str(tmp_path / "mixed.html")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'masks.npz'} is a mask result but {tmp_path / 'cam.npz'} is a box result" in err

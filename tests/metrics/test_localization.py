@@ -260,3 +260,82 @@ def test_mask_state_round_trip():
     a, b = whole.compute(), second.compute()
     assert a.num_images == b.num_images == 2
     assert np.array_equal(a.positive, b.positive) and np.array_equal(a.negative, b.negative)
+
+
+def test_per_image_records_are_what_the_curves_count():
+    """Each image's largest-contour IoU row, by hand for the four images; counted at IoU >= 0.5
+    they give the ``largest`` curve exactly; through a JSON state they resume unchanged."""
+    import json
+
+    maps, gt, labels, logits = _four_images()
+    ev = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=2, per_image=True)
+    ev.update(np.stack([maps["a"], maps["b"]]), ["a", "b"])
+    state = json.loads(json.dumps(ev.state_dict()))
+    resumed = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1, per_image=True)
+    resumed.load_state_dict(state)
+    for e in (ev, resumed):
+        e.update(np.stack([maps["c"], maps["d"]]), ["c", "d"])
+    for e in (ev, resumed):
+        records = e.records()
+        assert records.image_ids == ("a", "b", "c", "d")
+        expected = np.stack([box_ious_reference(maps[i], T, gt[i]).largest_iou for i in "abcd"])
+        assert np.array_equal(records.values, expected)
+        assert np.array_equal((records.values >= 0.5).sum(axis=0), e.compute().largest)
+    assert records.values[:, 1].round(3).tolist() == [1.0, 1.0, 0.0, 0.444]  # the module's hand values at t = 0.5
+
+
+def test_per_image_records_need_asking_for_and_a_matching_state():
+    maps, gt, labels, _ = _four_images()
+    plain = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1)
+    plain.update(maps["a"][None], ["a"])
+    with pytest.raises(ValueError, match="per_image=False"):
+        plain.records()
+    with pytest.raises(ValueError, match="keeps no per-image values"):
+        BoxEvaluator(gt, labels, thresholds=T, image_size=10, per_image=True).load_state_dict(plain.state_dict())
+    recording = BoxEvaluator(gt, labels, thresholds=T, image_size=10, workers=1, per_image=True)
+    recording.update(maps["a"][None], ["a"])
+    state = recording.state_dict()
+    state["per_image"]["ids"] = ["b"]
+    with pytest.raises(ValueError, match="do not cover the images it counts"):
+        BoxEvaluator(gt, labels, thresholds=T, image_size=10, per_image=True).load_state_dict(state)
+
+
+def test_per_image_pxap_is_each_image_evaluated_alone():
+    """Mask records: an image's own PxAP equals a one-image evaluator's PxAP; NaN without foreground."""
+    masks = {"x": np.array([[1, 0], [0, 255]], np.uint8), "y": np.array([[1, 0], [255, 255]], np.uint8),
+             "z": np.array([[0, 0], [0, 255]], np.uint8)}
+    maps = {"x": np.array([[0.9, 0.6], [0.1, 0.95]]), "y": np.array([[0.7, 0.1], [1.0, 0.0]]),
+            "z": np.array([[0.2, 0.1], [0.3, 0.0]])}
+    ev = MaskEvaluator(masks.__getitem__, masks, thresholds=T, image_size=2, workers=1, per_image=True)
+    ev.update(np.stack([maps[i] for i in "xyz"]), list("xyz"))
+    records = ev.records()
+    for k, i in enumerate("xy"):
+        alone = MaskEvaluator(masks.__getitem__, [i], thresholds=T, image_size=2, workers=1)
+        alone.update(maps[i][None], [i])
+        assert records.values[k] == alone.compute().pxap
+    assert records.values[0] == 50.0  # x: fg .9 shares the bin [.5, 1) with bg .6: precision 1/2
+    assert records.values[1] == 100.0  # y: fg .7 above every bg pixel
+    assert np.isnan(records.values[2])
+    again = MaskEvaluator(masks.__getitem__, masks, thresholds=T, image_size=2, per_image=True)
+    again.load_state_dict(ev.state_dict())
+    assert np.array_equal(again.records().values, records.values, equal_nan=True)
+
+
+def test_precision_recall_by_hand():
+    from mnpo.metrics.localization import precision_recall
+
+    # fg .9 .2, bg .6 .1 in bins [0,.5) [.5,1) [1,2) [2,3]: from the top, tp 0 0 1 2, fp 0 0 1 2.
+    precision, recall = precision_recall([1, 1, 0, 0], [1, 1, 0, 0])
+    assert np.isnan(precision[:2]).all() and precision[2:].tolist() == [0.5, 0.5]
+    assert recall.tolist() == [0.0, 0.0, 0.5, 1.0]
+
+
+def test_per_image_concat_refuses_an_image_twice():
+    from mnpo.metrics.localization import PerImage
+
+    a = PerImage(("a",), np.zeros((1, 2)))
+    assert PerImage.concat([a, PerImage(("b",), np.ones((1, 2)))]).image_ids == ("a", "b")
+    with pytest.raises(ValueError, match="more than one part"):
+        PerImage.concat([a, a])
+    with pytest.raises(ValueError, match="1 image ids but 2 rows"):
+        PerImage(("a",), np.zeros((2, 2)))
