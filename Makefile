@@ -42,7 +42,8 @@ test-matrix: $(STAMP)
 # The demo (mnpo demo): a synthetic 'parts' set, a reduced-width MNPO trained on the CPU,
 # CAM vs MNPO vs MNPOs under both protocols (report.md, gallery.png); then the same
 # checkpoint through `mnpo evaluate` (maps saved in wsolevaluation's layout), those maps
-# through `mnpo evaluate-maps`, and `mnpo localize` on a few test images.
+# through `mnpo evaluate-maps`, `mnpo localize` on a few test images, and last `mnpo report`:
+# demo-output/report.html compares CAM, MNPO and MNPOs from the demo's results files.
 DEMO_DATA := $(DEMO_DIR)/parts
 demo: $(STAMP)
 	$(VENV)/bin/mnpo demo --out $(DEMO_DIR)
@@ -52,6 +53,8 @@ demo: $(STAMP)
 	$(VENV)/bin/mnpo evaluate-maps -q --maps $(DEMO_DIR)/maps/mnpos --metadata $(DEMO_DATA)/metadata/test
 	$(VENV)/bin/mnpo localize --checkpoint $(DEMO_DIR)/run/best.pt --input-size 64 --method mnpos \
 	  --out $(DEMO_DIR)/localize $(DEMO_DATA)/images/test/*/*_0000.png
+	$(VENV)/bin/mnpo report $(DEMO_DIR)/results/cam.npz $(DEMO_DIR)/results/mnpo.npz \
+	  $(DEMO_DIR)/results/mnpos.npz --out $(DEMO_DIR)/report.html
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

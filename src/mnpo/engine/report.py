@@ -270,42 +270,43 @@ def _gallery_plot(results: Sequence[EvaluationResults], labels: Sequence[str], i
     return _jpeg(fig)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str, sortable: bool = False,
-           row_attrs: Sequence[str] | None = None) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str, sortable: bool = False) -> str:
     cls = ' class="sortable"' if sortable else ""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for k, row in enumerate(rows):
-        attrs = row_attrs[k] if row_attrs else ""
-        body.append(f"<tr{attrs}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    return f'<table id="{table_id}"{cls}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _summary(results: Sequence[EvaluationResults], labels: Sequence[str]) -> str:
+    """One row per result; the metrics under a header row per protocol."""
     protocols = ["oracle"] + (["calibrated"] if results[0].calibrated else [])
     names = [n for n in METRIC_NAMES if n in results[0].metrics()["oracle"]]
-    header = ["result", "method", "checkpoint", "top-1 cls", "top-5 cls"]
-    header += [f"{METRIC_NAMES[n]} ({p})" for p in protocols for n in names]
-    rows, attrs = [], []
+    fixed = ["result", "method", "checkpoint", "top-1 cls", "top-5 cls"]
+    top = "".join(f'<th rowspan="2">{h}</th>' for h in fixed)
+    top += "".join(f'<th colspan="{len(names)}">{p}</th>' for p in protocols)
+    second = "".join(f"<th>{METRIC_NAMES[n]}</th>" for _ in protocols for n in names)
+    rows = []
     for r, label in zip(results, labels):
         metrics = r.metrics()
         cls = r.info.get("classification", {})
-        row = [html.escape(label), html.escape(str(r.info.get("method", "-"))),
-               html.escape(Path(str(r.info.get("checkpoint", "-"))).name),
-               f"{cls['top1_cls']:.2f}" if "top1_cls" in cls else "-",
-               f"{cls['top5_cls']:.2f}" if "top5_cls" in cls else "-"]
+        cells = [html.escape(label), html.escape(str(r.info.get("method", "-"))),
+                 html.escape(Path(str(r.info.get("checkpoint", "-"))).name),
+                 f"{cls['top1_cls']:.2f}" if "top1_cls" in cls else "-",
+                 f"{cls['top5_cls']:.2f}" if "top5_cls" in cls else "-"]
         for p in protocols:
             for n in names:
                 m = metrics[p].get(n)
                 if m is None:
-                    row.append("-")
+                    cells.append("-")
                     continue
                 t = m.threshold
-                shown = "" if t is None else (", ".join(f"{x:.2f}" for x in t) if isinstance(t, tuple) else f"{t:.2f}")
-                row.append(f'<span title="threshold {shown}">{m.value:.2f}</span>')
-        rows.append(row)
-        attrs.append(f' class="result" data-label="{html.escape(label, quote=True)}"')
-    return _table(header, rows, "summary", row_attrs=attrs)
+                shown = "none" if t is None else (", ".join(f"{x:.2f}" for x in t) if isinstance(t, tuple)
+                                                  else f"{t:.2f}")
+                cells.append(f'<span title="threshold {shown}">{m.value:.2f}</span>')
+        rows.append(f'<tr class="result" data-label="{html.escape(label, quote=True)}">'
+                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return (f'<div class="wide"><table id="summary"><thead><tr>{top}</tr><tr>{second}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def _per_class_table(per_class: Sequence[tuple], labels: Sequence[str], kind: str) -> str:
@@ -327,7 +328,8 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom
 table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-table.sortable th { cursor: pointer; } .scroll { max-height: 480px; overflow-y: auto; display: inline-block; }
+table.sortable th { cursor: pointer; } .wide { overflow-x: auto; } th[colspan] { text-align: center; }
+.scroll { max-height: 480px; overflow-y: auto; display: inline-block; }
 figure { margin: 8px 0; } figure svg { max-width: 100%; height: auto; } .note { color: #666; font-size: 0.85em; }
 """
 
@@ -373,7 +375,8 @@ def build_html(results: Sequence[EvaluationResults], sources: Sequence[str] | No
     else:
         sections += ["<h2>Pixel precision-recall</h2>",
                      f'<figure class="plot" id="plot-curves">{_curves_plot(results, labels)}</figure>']
-    sections += [f"<h2>Per class ({protocol} threshold)</h2>",
+    per_class_title = f"Per class ({protocol} MaxBoxAcc threshold)" if first.kind == "box" else "Per class"
+    sections += [f"<h2>{per_class_title}</h2>",
                  f'<figure class="plot" id="plot-per-class">{_per_class_plot(per_class, labels, first.kind)}</figure>',
                  '<p class="note">Click a column header to sort.</p>',
                  f'<div class="scroll">{_per_class_table(per_class, labels, first.kind)}</div>',
@@ -385,9 +388,10 @@ def build_html(results: Sequence[EvaluationResults], sources: Sequence[str] | No
     if not chosen:
         sections.append('<p class="note">No gallery: the results share no sampled image.</p>')
     else:
+        shown = (f"green: the largest-contour box at the {protocol} MaxBoxAcc threshold" if first.kind == "box"
+                 else "the outline is the ground-truth mask; each image is ranked by its own PxAP")
         sections.append(f'<p class="note">From a fixed sample of {sampled} of the {split["num_images"]} images, '
-                        f"the same for every result. Red: ground truth; green: the largest-contour box at "
-                        f"the {protocol} MaxBoxAcc threshold; pred: the top-1 class.</p>")
+                        f"the same for every result. Red: ground truth; {shown}; pred: the top-1 class.</p>")
     for name, ids in chosen.items():
         title = {"best": "Best", "worst": "Worst", "disagreement": "Where the results disagree most"}[name]
         image = _gallery_plot(results, labels, ids)
