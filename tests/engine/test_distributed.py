@@ -29,7 +29,15 @@ def free_port():
 def evaluate_split(data, ctx, split="test"):
     dataset = WSOLDataset(data / "images", data / "metadata" / split, "evaluate", crop_size=48, resize_size=55)
     return evaluate_model(tiny_vgg_mnpo(), dataset, thresholds=cam_thresholds(0.05), method="mnpos", batch_size=2,
-                          ctx=ctx, ten_crop=True)
+                          ctx=ctx, ten_crop=True, details=True, gallery_size=4)
+
+
+def details_of(result):
+    """The per-image details as plain data, keyed by image id (order-free)."""
+    d = result.details
+    return {"values": {i: v.tolist() for i, v in zip(d.records.image_ids, d.records.values)},
+            "top5": {i: v.tolist() for i, v in d.top5.items()},
+            "gallery": {i: (g.image.tolist(), g.scoremap.tolist(), g.boxes.tolist()) for i, g in d.gallery.items()}}
 
 
 def worker(rank, world, port, data, out, job):
@@ -44,13 +52,14 @@ def worker(rank, world, port, data, out, job):
                 torch.save({"largest": torch.from_numpy(result.curves.largest),
                             "multi": torch.from_numpy(result.curves.multi),
                             "top1": torch.from_numpy(result.curves.top1),
-                            "n": result.num_images, "cls": (result.top1_correct, result.top5_correct)}, out)
+                            "n": result.num_images, "cls": (result.top1_correct, result.top5_correct),
+                            "details": details_of(result)}, out)
         elif job == "cli-evaluate":  # `torchrun -m mnpo evaluate`: the command leaves the group itself
             from mnpo.cli import main
 
             code = main(["evaluate", "-q", "--checkpoint", str(out / "model.pt"), "--data", str(data / "images"),
                          "--metadata", str(data / "metadata" / "test"), "--input-size", "48", "--workers", "0",
-                         "--method", "cam", "--json", str(out / "report.json")])
+                         "--method", "cam", "--json", str(out / "report.json"), "--results", str(out / "r.npz")])
             (out / f"rank{rank}.txt").write_text(f"exit {code}, group left: {not torch.distributed.is_initialized()}")
             return
         elif job == "train-no-bn":
@@ -100,13 +109,24 @@ def data(tmp_path_factory):
 def test_distributed_evaluation_equals_a_single_process(data, tmp_path):
     out = tmp_path / "ddp.pt"
     mp.spawn(worker, args=(2, free_port(), data, out, "evaluate"), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
+    ddp = torch.load(out, weights_only=False)  # a file this test wrote
     single = evaluate_split(data, DistContext())
     assert ddp["n"] == single.num_images == 9  # 9 images over 2 ranks: 5 + 4, none twice
     assert np.array_equal(ddp["largest"].numpy(), single.curves.largest)
     assert np.array_equal(ddp["multi"].numpy(), single.curves.multi)
     assert np.array_equal(ddp["top1"].numpy(), single.curves.top1)
     assert ddp["cls"] == (single.top1_correct, single.top5_correct)
+    mine = details_of(single)  # each rank's share of the images, gathered: the same details
+    for key in ("values", "top5"):
+        assert ddp["details"][key] == mine[key], key
+    assert ddp["details"]["gallery"].keys() == mine["gallery"].keys()
+    for image_id, (image, scoremap, boxes) in mine["gallery"].items():
+        other = ddp["details"]["gallery"][image_id]
+        assert other[0] == image and other[2] == boxes, image_id
+        # other batch neighbours round the float32 map differently (by ulps, the curves are equal);
+        # a value on a quantization boundary can then land one level of 255 away
+        assert np.abs(np.array(other[1], int) - np.array(scoremap, int)).max() <= 1, image_id
+    assert len(ddp["details"]["values"]) == 9 and len(ddp["details"]["gallery"]) == 4
 
 
 def test_evaluate_command_on_two_processes_leaves_the_process_group(data, tmp_path):
@@ -117,6 +137,9 @@ def test_evaluate_command_on_two_processes_leaves_the_process_group(data, tmp_pa
     import json
 
     assert json.loads((tmp_path / "report.json").read_text())["info"]["num_images"] == 9  # both shards
+    from mnpo.engine.results import read_results
+
+    assert len(read_results(tmp_path / "r.npz").image_ids) == 9
 
 
 def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
