@@ -6,6 +6,7 @@ A config file has four sections (every key optional except ``data.root`` and
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
               resize_size, crop_size, random_resized}
     model:   {layout, width, pretrained}
+    method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
@@ -53,6 +54,18 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    """The WSOL training method (:mod:`mnpo.engine.training_methods`): ``plain`` (CAM, MNPO),
+    ``has`` or ``cutmix``; defaults are wsolevaluation's ``config.py`` values."""
+
+    name: str = "plain"
+    has_grid_size: int = 4
+    has_drop_rate: float = 0.5
+    cutmix_beta: float = 1.0
+    cutmix_prob: float = 1.0
+
+
+@dataclass
 class OptimConfig:
     epochs: int = 10
     batch_size: int = 100
@@ -89,6 +102,7 @@ class RuntimeConfig:
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -185,6 +199,18 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.model.layout not in LAYOUTS and not cfg.model.layout.endswith((".yaml", ".yml")):
         problems.append(f"model.layout: {cfg.model.layout!r} is neither a shipped layout {sorted(LAYOUTS)} "
                         "nor a .yaml layout file")
+    from mnpo.engine.training_methods import TRAINING_METHODS
+
+    m = cfg.method
+    if m.name not in TRAINING_METHODS:
+        problems.append(f"method.name: {m.name!r}; choose one of {TRAINING_METHODS}")
+    if m.has_grid_size < 0:
+        problems.append(f"method.has_grid_size: must be >= 0 (0: off), got {m.has_grid_size}")
+    for key, value in (("has_drop_rate", m.has_drop_rate), ("cutmix_prob", m.cutmix_prob)):
+        if not 0 <= value <= 1:
+            problems.append(f"method.{key}: must be in [0, 1], got {value}")
+    if m.cutmix_beta < 0:
+        problems.append(f"method.cutmix_beta: must be >= 0 (0: off), got {m.cutmix_beta}")
     if cfg.eval.method not in METHODS:
         problems.append(f"eval.method: {cfg.eval.method!r}; choose one of {METHODS}")
     if cfg.eval.metric not in SELECTION_METRICS:

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 
 from mnpo.data.dataset import WSOLDataset
+from mnpo.data.transforms import train_transform
 from mnpo.data.make_metadata import CLASS_NAMES, AnnotationError, read_class_names
 from mnpo.data.metadata import read_split
 from mnpo.engine.config import ConfigError, TrainConfig
@@ -43,6 +45,7 @@ from mnpo.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
+from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, mixed_loss
 from mnpo.io import atomic_path
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import LAYOUTS, MultiBranchNet, NetworkLayout, build_model
@@ -171,8 +174,12 @@ class Trainer:
         d = self.cfg.data
         meta = Path(d.metadata)
         train_meta = read_split(meta / "train", self._num_classes())
-        train = WSOLDataset(d.root, train_meta, "train", crop_size=d.crop_size, resize_size=d.resize_size,
-                            random_resized=d.random_resized)
+        transform = train_transform(d.crop_size, d.resize_size, random_resized=d.random_resized)
+        m = self.cfg.method
+        if m.name == "has":  # drawn per image after its augmentation, from the image's seeded generator
+            transform = v2.Compose([transform, HideAndSeek(m.has_grid_size, m.has_drop_rate)])
+        train = WSOLDataset(d.root, train_meta, "train", transform, crop_size=d.crop_size,
+                            resize_size=d.resize_size)
         val = WSOLDataset(d.root, meta / "val", "evaluate", num_per_class=d.val_per_class,
                           num_classes=self._num_classes() or train_meta.num_classes, mask_root=d.mask_root,
                           crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed,
@@ -249,9 +256,15 @@ class Trainer:
             if self.cfg.runtime.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(self.device, non_blocking=True)
+            partner_labels, lam = None, 1.0
+            if self.cfg.method.name == "cutmix":
+                m = self.cfg.method
+                rng = np.random.default_rng([self.cfg.runtime.seed, epoch, step])  # the same on every rank
+                images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)
             with autocast(self.device, self.precision):
                 logits = self.train_model(images).logits
-                loss = wsol_loss(logits, labels)
+                loss = (wsol_loss(logits, labels) if partner_labels is None
+                        else mixed_loss(logits, labels, partner_labels, lam))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "

@@ -1,0 +1,114 @@
+"""WSOL training methods that act on the input (wsolevaluation's HaS and CutMix; spec
+``wsol-methods.md`` sections 2.1 and 2.5). Both train a plain network (any layout) and change
+training only; at test time the network's maps are computed as for any other.
+
+``plain``
+    the sum over the branches of ``CE(logits, y)`` (CAM, MNPO).
+``has`` (Hide-and-Seek)
+    each training image is cut into square cells of ``has_grid_size`` pixels (the last row and
+    column truncated) and each cell is zeroed on all channels, in normalized space (the ImageNet
+    mean colour), with probability ``has_drop_rate``: :class:`HideAndSeek`, applied after the
+    training transform, so its draws come from the image's own seeded generator (resume and
+    data-parallel runs see the same hidden cells).
+``cutmix``
+    per batch, with probability ``cutmix_prob``: ``lam ~ Beta(beta, beta)``, one box of sides
+    ``int(S sqrt(1 - lam))`` around a uniform centre (clipped), pasted into every image from its
+    partner in a permutation of the batch; ``lam`` becomes the unpasted fraction and the loss
+    ``lam CE(y) + (1 - lam) CE(y_partner)`` per branch (:func:`cutmix_batch`). The draws come
+    from a generator seeded by ``(seed, epoch, step)``; under data parallelism every rank uses the
+    same ``lam`` and box and permutes within its own share of the batch (wsolevaluation permutes
+    the whole batch, on one GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TRAINING_METHODS", "CutMix", "HideAndSeek", "cutmix_batch", "draw_cutmix", "mixed_loss"]
+
+TRAINING_METHODS = ("plain", "has", "cutmix")
+
+
+class HideAndSeek:
+    """Zero random square cells of a normalized image: ``(C, H, W) -> (C, H, W)``.
+
+    Cells are ``grid`` pixels wide (the last row / column of cells truncated at the border);
+    each is hidden with probability ``drop_rate`` (a uniform draw ``<= drop_rate``, one per cell,
+    row-major, from torch's global generator or ``generator``). ``grid=0`` hides nothing.
+    """
+
+    def __init__(self, grid: int, drop_rate: float) -> None:
+        if grid < 0:
+            raise ValueError(f"has_grid_size must be >= 0 (0: off), got {grid}")
+        if not 0 <= drop_rate <= 1:
+            raise ValueError(f"has_drop_rate must be in [0, 1], got {drop_rate}")
+        self.grid, self.drop_rate = int(grid), float(drop_rate)
+
+    def hidden_cells(self, height: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """bool (ceil(H / grid), ceil(W / grid)): which cells are hidden."""
+        rows, cols = math.ceil(height / self.grid), math.ceil(width / self.grid)
+        return torch.rand(rows, cols, generator=generator) <= self.drop_rate
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.grid == 0:
+            return image
+        height, width = image.shape[-2:]
+        cells = self.hidden_cells(height, width, generator)
+        pixels = cells.repeat_interleave(self.grid, 0).repeat_interleave(self.grid, 1)[:height, :width]
+        return image.masked_fill(pixels.to(image.device), 0.0)
+
+    def __repr__(self) -> str:
+        return f"HideAndSeek(grid={self.grid}, drop_rate={self.drop_rate})"
+
+
+@dataclass(frozen=True)
+class CutMix:
+    """One batch's CutMix draw: the box ``(x0, y0, x1, y1)`` (pixels, end exclusive), the
+    partner of each image (a permutation) and ``lam``, the weight of the image's own label
+    (1 - box area / image area). ``box`` is None when the batch is left unmixed (``lam`` 1)."""
+
+    box: tuple[int, int, int, int] | None
+    partner: torch.Tensor
+    lam: float
+
+
+def draw_cutmix(batch: int, height: int, width: int, beta: float, prob: float,
+                rng: np.random.Generator) -> CutMix:
+    """Draw a batch's CutMix (spec 2.5): apply when ``prob > u`` (u uniform) and ``beta > 0``."""
+    if rng.random() >= prob or beta <= 0:
+        return CutMix(None, torch.arange(batch), 1.0)
+    lam = rng.beta(beta, beta)
+    partner = torch.from_numpy(rng.permutation(batch))
+    cut = math.sqrt(1.0 - lam)
+    cut_w, cut_h = int(width * cut), int(height * cut)
+    cx, cy = int(rng.integers(0, width)), int(rng.integers(0, height))
+    x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+    y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+    area = (x1 - x0) * (y1 - y0)
+    return CutMix((int(x0), int(y0), int(x1), int(y1)), partner, 1.0 - area / (width * height))
+
+
+def cutmix_batch(images: torch.Tensor, labels: torch.Tensor, beta: float, prob: float,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``images`` (B, C, H, W) with the box pasted from each partner (a new tensor), the
+    partners' labels (B,) and ``lam``."""
+    mix = draw_cutmix(len(images), images.shape[-2], images.shape[-1], beta, prob, rng)
+    partner = mix.partner.to(labels.device)
+    if mix.box is None:
+        return images, labels[partner], 1.0
+    x0, y0, x1, y1 = mix.box
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[partner.to(images.device), :, y0:y1, x0:x1]
+    return mixed, labels[partner], mix.lam
+
+
+def mixed_loss(logits: tuple[torch.Tensor, ...], labels: torch.Tensor, partner_labels: torch.Tensor,
+               lam: float) -> torch.Tensor:
+    """``sum_i lam CE(logits_i, y) + (1 - lam) CE(logits_i, y_partner)`` over the branches."""
+    return sum(lam * F.cross_entropy(l.float(), labels) + (1 - lam) * F.cross_entropy(l.float(), partner_labels)
+               for l in logits)

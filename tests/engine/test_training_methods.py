@@ -1,0 +1,125 @@
+"""HaS and CutMix against their definitions (spec wsol-methods.md 2.1, 2.5) on small tensors with
+fixed generators; training with each runs, changes training only, and resumes bit-identically."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnpo.engine.config import ConfigError
+from mnpo.engine.train import Trainer
+from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, draw_cutmix, mixed_loss
+from mnpo.models import load_model
+
+from engine.test_train import Stop, config, synth  # noqa: F401  (the module's data fixture)
+
+
+def test_has_hides_whole_cells_by_the_draws_in_row_major_order():
+    image = torch.randn(3, 10, 9)
+    before = image.clone()
+    has = HideAndSeek(grid=4, drop_rate=0.5)
+    out = has(image, torch.Generator().manual_seed(3))
+    draws = torch.rand(3, 3, generator=torch.Generator().manual_seed(3))  # ceil(10/4) x ceil(9/4) cells
+    for r in range(3):
+        for c in range(3):
+            cell = (slice(None), slice(4 * r, min(4 * r + 4, 10)), slice(4 * c, min(4 * c + 4, 9)))
+            if draws[r, c] <= 0.5:  # hidden: every channel of every pixel of the (truncated) cell
+                assert (out[cell] == 0).all(), (r, c)
+            else:
+                assert torch.equal(out[cell], image[cell]), (r, c)
+    assert 0 < int((draws <= 0.5).sum()) < 9  # this seed hides some cells and keeps others
+    assert torch.equal(image, before)  # the input is not edited in place
+
+
+def test_has_hides_cells_with_the_drop_rate():
+    """Over 224x224 images at grid 4 (3136 cells each) and 50 images, the hidden fraction is
+    within 5 standard deviations of the rate (binomial: sqrt(p (1 - p) / n))."""
+    g = torch.Generator().manual_seed(0)
+    for rate in (0.1, 0.5, 0.9):
+        has = HideAndSeek(4, rate)
+        hidden = torch.stack([has.hidden_cells(224, 224, g) for _ in range(50)]).float()
+        n = hidden.numel()
+        assert abs(hidden.mean().item() - rate) < 5 * math.sqrt(rate * (1 - rate) / n), rate
+    image = torch.randn(3, 8, 8)
+    assert torch.equal(HideAndSeek(0, 0.5)(image), image)        # grid 0: off
+    assert torch.equal(HideAndSeek(4, 0.0)(image, g), image)      # only a draw of exactly 0 (2**-24) would hide
+    assert (HideAndSeek(4, 1.0)(image, g) == 0).all()             # every draw is <= 1
+    with pytest.raises(ValueError, match="has_grid_size must be >= 0"):
+        HideAndSeek(-1, 0.5)
+    with pytest.raises(ValueError, match=r"has_drop_rate must be in \[0, 1\], got 1.5"):
+        HideAndSeek(4, 1.5)
+
+
+def test_cutmix_box_partner_and_lambda_by_hand():
+    seed, b, s, beta = 7, 6, 224, 1.0
+    rng = np.random.default_rng(seed)
+    u, lam = rng.random(), rng.beta(beta, beta)
+    perm = rng.permutation(b)
+    cx, cy = rng.integers(0, s), rng.integers(0, s)
+    assert u < 1.0
+    cut = int(s * math.sqrt(1 - lam))
+    x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, s)
+    y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, s)
+    mix = draw_cutmix(b, s, s, beta, 1.0, np.random.default_rng(seed))
+    assert mix.box == (x0, y0, x1, y1) and mix.partner.tolist() == perm.tolist()
+    assert mix.lam == 1 - (x1 - x0) * (y1 - y0) / s**2
+
+    images = torch.randn(b, 3, s, s)
+    labels = torch.arange(b) * 10
+    mixed, partner_labels, lam = cutmix_batch(images, labels, beta, 1.0, np.random.default_rng(seed))
+    assert lam == mix.lam and partner_labels.tolist() == (labels[perm]).tolist()
+    inside = torch.zeros(s, s, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    for i in range(b):
+        assert torch.equal(mixed[i][:, inside], images[perm[i]][:, inside])
+        assert torch.equal(mixed[i][:, ~inside], images[i][:, ~inside])
+
+
+def test_cutmix_off_and_the_mixed_loss():
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for beta, prob in ((1.0, 0.0), (0.0, 1.0)):  # probability 0, or beta 0: the batch as it is
+        out, partner_labels, lam = cutmix_batch(images, labels, beta, prob, np.random.default_rng(0))
+        assert out is images and torch.equal(partner_labels, labels) and lam == 1.0
+    logits = (torch.randn(4, 5), torch.randn(4, 5))
+    other = torch.tensor([3, 2, 1, 0])
+    expected = sum(0.3 * F.cross_entropy(l, labels) + 0.7 * F.cross_entropy(l, other) for l in logits)
+    assert torch.allclose(mixed_loss(logits, labels, other, 0.3), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [{"name": "has"}, {"name": "cutmix"}])
+def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method):  # noqa: F811
+    """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed
+    ends with the uninterrupted run's weights; and the method does change training."""
+    short = {"epochs": 2, "lr_milestones": [1]}
+    Trainer(config(synth, tmp_path / "full", method=method, optim=short), progress=False).fit()
+
+    def stop(epoch):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(config(synth, tmp_path / "cut", method=method, optim=short), progress=False, on_epoch_end=stop).fit()
+    Trainer(config(synth, tmp_path / "cut", method=method, optim=short), resume=True, progress=False).fit()
+    Trainer(config(synth, tmp_path / "plain", optim=short), progress=False).fit()
+    full, payload = load_model(tmp_path / "full" / "last.pt")
+    cut, _ = load_model(tmp_path / "cut" / "last.pt")
+    plain, _ = load_model(tmp_path / "plain" / "last.pt")
+    for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert not torch.equal(full.classifier.weight, plain.classifier.weight)
+    assert payload["training"]["config"]["method"]["name"] == method["name"]
+
+
+@pytest.mark.parametrize("method, message", [
+    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix'\)"),
+    ({"has_grid_size": -2}, "method.has_grid_size: must be >= 0"),
+    ({"has_drop_rate": 2.0}, r"method.has_drop_rate: must be in \[0, 1\], got 2.0"),
+    ({"cutmix_prob": -0.1}, r"method.cutmix_prob: must be in \[0, 1\]"),
+    ({"cutmix_beta": -1.0}, "method.cutmix_beta: must be >= 0"),
+    ({"beta": 1.0}, "unknown key 'method.beta'"),
+])
+def test_bad_method_settings_are_named(synth, tmp_path, method, message):  # noqa: F811
+    with pytest.raises(ConfigError, match=message):
+        config(synth, tmp_path, method=method)
