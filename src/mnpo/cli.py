@@ -79,7 +79,7 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
         args.maps, args.metadata, val_maps=args.val_maps, val_metadata=args.val_metadata,
         mask_root=args.mask_root, cam_curve_interval=args.cam_curve_interval,
         threshold_grid=args.threshold_grid, logits=args.logits,
-        val_logits=args.val_logits, workers=args.workers, progress=not args.quiet,
+        val_logits=args.val_logits, workers=args.workers, progress=not args.quiet, center=args.center,
     )
     print(report.table())
     if report.calibrated is None and report.info["kind"] == "box":
@@ -242,7 +242,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "Prints the oracle protocol (best threshold on the split itself) and, with --val-maps and "
         "--val-metadata, the calibrated protocol (thresholds chosen on val).",
     )
-    ev.add_argument("--maps", required=True, help="folder of <image_id>.npy score maps in [0, 1]")
+    ev.add_argument("--maps", help="folder of <image_id>.npy score maps in [0, 1]")
+    ev.add_argument("--center", action="store_true",
+                    help="score the center baseline (a centred Gaussian for every image, no network) "
+                         "instead of --maps; with --val-metadata under both protocols")
     ev.add_argument("--metadata", required=True, help="metadata folder of the evaluated split")
     ev.add_argument("--val-maps", help="score maps of the val split (for the calibrated protocol)")
     ev.add_argument("--val-metadata", help="metadata folder of the val split")

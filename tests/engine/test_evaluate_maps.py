@@ -158,3 +158,34 @@ def test_load_map_accepts_float32_and_float64(tmp_path):
     for dtype in (np.float32, np.float64):
         np.save(tmp_path / "m.npy", np.full((224, 224), 0.5, dtype))
         assert load_map(tmp_path / "m.npy").dtype == dtype
+
+
+def test_center_baseline_by_hand_and_equal_to_saved_center_maps(box_split, tmp_path, capsys):
+    """Image a's box (x 25..200, y 15..205 in the 224 frame) holds the centre: some centred disc
+    covers it at IoU >= 0.5; b's (5..25) is in a corner: a box around a disc containing the
+    centre never reaches IoU 0.5 with it. So MaxBoxAcc is 50. The same numbers come from the
+    maps ``compute_maps(method="center")`` saves."""
+    import torch
+
+    from mnpo.maps import compute_maps
+    from tiny_models import tiny_vgg_mnpo
+
+    meta, _ = box_split
+    _write(meta, "localization.txt", ["x/a.jpg,50,30,400,410", "x/b.jpg,10,10,50,50"])
+    report = evaluate_map_folders(None, meta, center=True, workers=1)
+    assert report.oracle["max_box_acc"].value == 50.0 and report.info["maps"] == "center baseline"
+    maps, _ = compute_maps(tiny_vgg_mnpo(), torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]), method="center",
+                           size=(224, 224))
+    assert torch.equal(maps[0], maps[1])  # the image is ignored
+    folder = tmp_path / "center-maps"
+    (folder / "x").mkdir(parents=True)
+    for name, m in zip(("a", "b"), maps):
+        np.save(folder / "x" / f"{name}.jpg.npy", m.numpy())
+    saved = evaluate_map_folders(folder, meta, workers=1)
+    assert {k: m.to_json() for k, m in saved.oracle.items()} == {k: m.to_json() for k, m in report.oracle.items()}
+    assert main(["evaluate-maps", "-q", "--center", "--metadata", str(meta), "--val-metadata", str(meta)]) == 0
+    assert "calibrated max_box_acc" in capsys.readouterr().out
+    assert main(["evaluate-maps", "-q", "--center", "--maps", str(folder), "--metadata", str(meta)]) == 2
+    assert "give --center or --maps, not both" in capsys.readouterr().err
+    assert main(["evaluate-maps", "-q", "--metadata", str(meta)]) == 2
+    assert "give --maps (a folder of score maps) or --center" in capsys.readouterr().err

@@ -185,6 +185,10 @@ def naive_maps(model, images, targets, method, h_mode="scale", a=None, b=None, t
             if relu:
                 cam = np.maximum(cam, 0)
             cam = resize(cam, size, resize_mode)
+        elif method == "center":  # pixel by pixel: distance of the pixel centre to the image centre
+            h, w = size
+            cam = np.array([[np.exp(-(((r + 0.5) / h - 0.5) ** 2 + ((c + 0.5) / w - 0.5) ** 2) / (2 * 0.25 ** 2))
+                             for c in range(w)] for r in range(h)])
         elif method in CAM_FAMILY:
             cam = resize(naive_cam_family(model, x, y, method, target_layer or "head", relu), size, resize_mode)
         else:  # mnpos, dgl: one full backward per branch and per vector, as the release does

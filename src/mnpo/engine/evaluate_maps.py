@@ -91,14 +91,27 @@ def _batches(ids: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(ids[start:start + size])
 
 
-def evaluate_split(maps_dir: str | os.PathLike, meta: SplitMetadata, *, mask_root=None, thresholds=None,
+def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, mask_root=None, thresholds=None,
                    logits: np.ndarray | None = None, workers: int | None = None,
                    batch_size: int = 64, progress: bool = False) -> BoxCurves | MaskCurves:
-    """Curves of one split from its saved maps (every image id must have a map)."""
+    """Curves of one split from its saved maps (every image id must have a map); ``maps_dir``
+    None scores the center baseline (:func:`mnpo.maps.center_map`, the same map for every image)."""
     thresholds = cam_thresholds() if thresholds is None else thresholds
-    maps_dir = Path(maps_dir)
-    if not maps_dir.is_dir():
-        raise MapFileError(f"{maps_dir}: maps folder not found")
+    if maps_dir is None:
+        from mnpo.maps import center_map
+
+        center = center_map(EVAL_SIZE, EVAL_SIZE).numpy()
+        center = (center - center.min()) / (center.max() - center.min())
+
+        def read(image_id: str) -> np.ndarray:
+            return center
+    else:
+        maps_dir = Path(maps_dir)
+        if not maps_dir.is_dir():
+            raise MapFileError(f"{maps_dir}: maps folder not found")
+
+        def read(image_id: str) -> np.ndarray:
+            return load_map(maps_dir / f"{image_id}.npy")
     if meta.kind == "mask":
         if mask_root is None:
             raise ValueError("a mask split needs --mask-root, the folder its mask paths are relative to")
@@ -117,10 +130,10 @@ def evaluate_split(maps_dir: str | os.PathLike, meta: SplitMetadata, *, mask_roo
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(meta.image_ids), desc=f"evaluating {maps_dir}", unit="map")
+        bar = tqdm(total=len(meta.image_ids), desc=f"evaluating {maps_dir or 'the center baseline'}", unit="map")
     with evaluator:
         for ids in _batches(meta.image_ids, batch_size):
-            maps = np.stack([load_map(maps_dir / f"{i}.npy") for i in ids])
+            maps = np.stack([read(i) for i in ids])
             batch_logits = None if logits is None else logits[[row[i] for i in ids]]
             evaluator.update(maps, ids, batch_logits)
             if bar is not None:
@@ -162,13 +175,20 @@ def build_report(test: BoxCurves | MaskCurves, val: BoxCurves | MaskCurves | Non
     return Report(oracle_metrics(test), calibrated, info)
 
 
-def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *, val_maps=None,
+def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.PathLike, *, val_maps=None,
                          val_metadata=None, mask_root=None, cam_curve_interval: float = 0.01,
                          threshold_grid: str = "full",
                          logits=None, val_logits=None, workers: int | None = None,
-                         progress: bool = False) -> Report:
-    """The ``mnpo evaluate-maps`` job: read, evaluate, report (see module doc)."""
-    if (val_maps is None) != (val_metadata is None):
+                         progress: bool = False, center: bool = False) -> Report:
+    """The ``mnpo evaluate-maps`` job: read, evaluate, report (see module doc). ``center``:
+    score the center baseline instead of saved maps (``maps`` and ``val_maps`` must be None;
+    val is then scored when ``val_metadata`` is given)."""
+    if center:
+        if maps is not None or val_maps is not None:
+            raise ValueError("the center baseline needs no maps: give --center or --maps, not both")
+    elif maps is None:
+        raise ValueError("give --maps (a folder of score maps) or --center (the center baseline)")
+    elif (val_maps is None) != (val_metadata is None):
         raise ValueError("give both --val-maps and --val-metadata, or neither")
     thresholds = make_grid(threshold_grid, cam_curve_interval)
     meta = read_split(metadata)
@@ -176,7 +196,7 @@ def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *
     test = evaluate_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
                           workers=workers, progress=progress)
     val = None
-    if val_maps is not None:
+    if val_metadata is not None:
         vmeta = read_split(val_metadata)
         if vmeta.kind != meta.kind:
             raise ValueError(f"val split is a {vmeta.kind} split but the evaluated one is a {meta.kind} split")
@@ -185,7 +205,7 @@ def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *
                              workers=workers, progress=progress)
     info = {
         "metadata": str(metadata),
-        "maps": str(maps),
+        "maps": "center baseline" if center else str(maps),
         "kind": meta.kind,
         "num_images": test.num_images,
         "cam_curve_interval": cam_curve_interval,
@@ -197,5 +217,6 @@ def evaluate_map_folders(maps: str | os.PathLike, metadata: str | os.PathLike, *
                        if val is not None else "not computed: no val maps given"),
     }
     if val is not None:
-        info.update(val_metadata=str(val_metadata), val_maps=str(val_maps), val_num_images=val.num_images)
+        info.update(val_metadata=str(val_metadata), val_maps="center baseline" if center else str(val_maps),
+                    val_num_images=val.num_images)
     return build_report(test, val, info)

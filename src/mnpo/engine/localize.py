@@ -48,7 +48,7 @@ DEFAULT_THRESHOLD = 0.2
 VIEW_SIZE = 224
 #: ``mnpo.maps.METHODS``, repeated here so that building the parser does not import torch (tested equal).
 METHOD_CHOICES = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
-                  "scorecam", "ablationcam", "eigencam")
+                  "scorecam", "ablationcam", "eigencam", "center")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 REPORT_NAME = "localization.json"
 

@@ -7,7 +7,11 @@ cam        ``mean_c(w_y * F_head)`` (plain CAM, main branch)      1 forward
 mnpo       per branch ``mean_c(H(w_y) * F_i)``, resize, fuse (4)  1 forward
 mnpos      gradient post-processing at a target layer (5)       1 forward + 2 backward (*)
 dgl        section 5 with the main branch only, H off            1 forward + 2 backward
+center     a centred Gaussian, the same for every image          1 forward (for the logits)
 =========  ===================================================  ==========================
+
+``center`` is wsolevaluation's center baseline: a map that ignores the image (see
+:func:`center_map`); the network only gives the logits.
 
 (*) under bf16/fp16 autocast: 1 forward + 1 batched backward of 2 products per branch.
 
@@ -44,7 +48,9 @@ from mnpo.maps.postprocess import (
 )
 
 METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
-           "scorecam", "ablationcam", "eigencam")
+           "scorecam", "ablationcam", "eigencam", "center")
+#: Standard deviation of the center baseline's Gaussian, as a fraction of each side.
+CENTER_SIGMA = 0.25
 LOSS_GRADIENTS = ("released", "exact")
 #: Default target layer of the gradient methods per backbone: the released ``conv5_2`` on
 #: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride.
@@ -132,6 +138,27 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
     with torch.no_grad(), full_precision(images):
         maps = normalize_maps(acc(raw))
     return maps, acc(logits.detach())
+
+
+def center_map(height: int, width: int, sigma: float = CENTER_SIGMA, dtype=torch.float64) -> Tensor:
+    """The center baseline: ``exp(-d^2 / (2 sigma^2))``, ``d`` the distance of each pixel centre
+    to the image centre in units of the side (x / W, y / H), ``(H, W)``, maximum at the centre.
+
+    Any strictly decreasing function of ``d`` gives the same box and pixel metrics up to the
+    threshold grid's resolution (thresholds sweep the levels of one ordering), so ``sigma``
+    only sets which threshold finds which disc.
+    """
+    y = (torch.arange(height, dtype=dtype) + 0.5) / height - 0.5
+    x = (torch.arange(width, dtype=dtype) + 0.5) / width - 0.5
+    return torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
+
+
+def _center(model, images, targets, opts) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode():
+        logits = model(images).logits[0]
+        with full_precision(images):
+            raw = center_map(*opts.size, dtype=acc(logits).dtype).to(images.device)
+            return raw.expand(len(images), *opts.size), logits
 
 
 def _cam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
@@ -224,4 +251,5 @@ _METHOD_FUNCTIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "cam": _cam, "mnpo": _mnpo, "mnpos": _mnpos, "dgl": _dgl,
     **{name: partial(cam_family.gradient_cam, name) for name in cam_family.GRADIENT_RULES},
     "scorecam": cam_family.scorecam, "ablationcam": cam_family.ablationcam, "eigencam": cam_family.eigencam,
+    "center": _center,
 }
