@@ -151,8 +151,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cls = report.info["classification"]
     print(f"method {args.method}, {report.info['num_images']} images"
           + (f" ({len(report.info['skipped_images'])} unreadable, skipped)" if report.info["skipped_images"] else ""))
-    print(f"classification ({report.info['classification_view']}): top-1 {cls['top1_cls']:.2f}, "
-          f"top-5 {cls['top5_cls']:.2f}")
+    if cls is None:
+        print(f"classification: {report.info['classification_view']}")
+    else:
+        print(f"classification ({report.info['classification_view']}): top-1 {cls['top1_cls']:.2f}, "
+              f"top-5 {cls['top5_cls']:.2f}")
     print(report.table())
     if args.json:
         write_json_atomic(args.json, report.to_json())

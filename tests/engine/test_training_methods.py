@@ -123,3 +123,85 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method)
 def test_bad_method_settings_are_named(synth, tmp_path, method, message):  # noqa: F811
     with pytest.raises(ConfigError, match=message):
         config(synth, tmp_path, method=method)
+
+
+def test_foreground_targets_by_hand(tmp_path):
+    from mnpo.data.foreground import foreground_target
+    from mnpo.data.metadata import SplitMetadata
+
+    meta = SplitMetadata(("a.png",), {"a.png": 2}, sizes={"a.png": (20, 10)},
+                         boxes={"a.png": np.array([[0, 0, 9, 4], [10, 5, 19, 9]])})
+    target = foreground_target(meta, "a.png", 10)
+    # into the 10x10 frame: x halves (int(x * 10 / 20)), y stays: (0,0,4,4) and (5,5,9,9), corners inclusive
+    expected = np.zeros((10, 10), np.uint8)
+    expected[0:5, 0:5] = 1
+    expected[5:10, 5:10] = 1
+    assert np.array_equal(target, expected)
+
+
+def test_foreground_loss_ignores_255_and_counts_pixel_accuracy():
+    from mnpo.engine.training_methods import foreground_logits, foreground_loss
+
+    logits = torch.tensor([[[2.0, -1.0], [0.5, 3.0]]])
+    target = torch.tensor([[[1, 0], [0, 255]]], dtype=torch.uint8)
+    loss, accuracy = foreground_loss(logits, target)
+    expected = (F.softplus(-torch.tensor(2.0)) + F.softplus(torch.tensor(-1.0)) + F.softplus(torch.tensor(0.5))) / 3
+    assert torch.allclose(loss, expected, rtol=0, atol=1e-6) and accuracy == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="every pixel of the batch is ignored"):
+        foreground_loss(logits, torch.full((1, 2, 2), 255, dtype=torch.uint8))
+    features, w, b = torch.randn(2, 4, 3, 3), torch.randn(1, 4), torch.randn(1)
+    same = foreground_logits(features, w, b, (3, 3))  # at its own resolution: a 1x1 convolution
+    assert torch.allclose(same, torch.einsum("bchw,c->bhw", features, w[0]) + b, rtol=0, atol=1e-5)
+
+
+def test_fsl_trains_on_val_and_is_evaluated_calibrated_on_its_holdout(synth, tmp_path, capsys):  # noqa: F811
+    """fsl: a one-output network trained on val's boxes (minus the held-out images), chosen on
+    the held-out images; `mnpo evaluate` scores it calibrated on fsl-holdout/, without classes."""
+    import json
+
+    from mnpo.cli import main
+    from mnpo.data.metadata import read_split
+
+    out = tmp_path / "fsl"
+    cfg = config(synth, out, method={"name": "fsl", "fsl_holdout_per_class": 1}, model={"layout": "vgg16-cam"},
+                 optim={"epochs": 2, "lr_milestones": [1], "batch_size": 2})
+    trainer = Trainer(cfg, progress=False)
+    val = read_split(synth / "metadata" / "val")
+    holdout = read_split(out / "fsl-holdout")
+    assert len(holdout) == val.num_classes and set(holdout.image_ids) <= set(val.image_ids)
+    assert len(trainer.train_set) == len(val) - len(holdout)
+    assert not set(trainer.train_set.image_ids) & set(holdout.image_ids)
+    trainer.fit()
+    model, payload = load_model(out / "best.pt")
+    assert model.num_classes == 1 and payload["meta"]["task"] == "foreground"
+    assert main(["evaluate", "-q", "--checkpoint", str(out / "best.pt"), "--data", str(synth / "images"),
+                 "--metadata", str(synth / "metadata" / "test"), "--val-metadata", str(out / "fsl-holdout"),
+                 "--input-size", "48", "--workers", "0", "--method", "cam", "--json", str(tmp_path / "r.json")]) == 0
+    assert "classification: none: a foreground model" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["info"]["classification"] is None and "top1_loc" not in report["oracle"]
+    assert 0 <= report["calibrated"]["max_box_acc_v2"]["value"] <= 100
+
+
+def test_fsl_on_masks_learns_from_the_masks_and_validates_by_pxap(synth, tmp_path):  # noqa: F811
+    from mnpo.data.foreground import ForegroundDataset
+    from mnpo.metrics.masks import load_gt_mask
+
+    from engine.test_train import rows
+
+    masks = {"metadata": str(synth / "metadata-masks"), "mask_root": str(synth / "masks")}
+    out = tmp_path / "run"
+    trainer = Trainer(config(synth, out, data=masks, method={"name": "fsl"}, model={"layout": "vgg16-cam"},
+                             optim={"epochs": 1, "batch_size": 2}, eval={"metric": "pxap"}), progress=False)
+    assert isinstance(trainer.train_set, ForegroundDataset)
+    item = ForegroundDataset(synth / "images", trainer.train_set.meta, size=48, mask_root=synth / "masks",
+                             flip=False)[0]
+    meta = trainer.train_set.meta
+    image_id = meta.image_ids[0]
+    assert torch.equal(item["target"], torch.from_numpy(
+        load_gt_mask(synth / "masks", meta.mask_paths[image_id], meta.ignore_paths[image_id], 48)))
+    trainer.fit()
+    row = rows(out / "metrics.csv")[0]
+    assert 0 <= float(row["val_pxap"]) <= 100 and "val_top1_cls" not in row
+    with pytest.raises(ConfigError, match="'top1_cls' means nothing for fsl"):
+        config(synth, out, method={"name": "fsl"}, eval={"metric": "top1_cls"})

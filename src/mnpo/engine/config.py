@@ -6,7 +6,7 @@ A config file has four sections (every key optional except ``data.root`` and
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
               resize_size, crop_size, random_resized}
     model:   {layout, width, pretrained}
-    method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob}
+    method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, fsl_holdout_per_class}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
@@ -56,13 +56,15 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     """The WSOL training method (:mod:`mnpo.engine.training_methods`): ``plain`` (CAM, MNPO),
-    ``has`` or ``cutmix``; defaults are wsolevaluation's ``config.py`` values."""
+    ``has``, ``cutmix`` (defaults: wsolevaluation's ``config.py`` values) or ``fsl`` (the few-shot
+    fully supervised baseline; ``fsl_holdout_per_class``: val images per class held out, ours)."""
 
     name: str = "plain"
     has_grid_size: int = 4
     has_drop_rate: float = 0.5
     cutmix_beta: float = 1.0
     cutmix_prob: float = 1.0
+    fsl_holdout_per_class: int = 1
 
 
 @dataclass
@@ -209,6 +211,10 @@ def _validate(cfg: TrainConfig) -> None:
     for key, value in (("has_drop_rate", m.has_drop_rate), ("cutmix_prob", m.cutmix_prob)):
         if not 0 <= value <= 1:
             problems.append(f"method.{key}: must be in [0, 1], got {value}")
+    if m.fsl_holdout_per_class < 1:
+        problems.append(f"method.fsl_holdout_per_class: must be >= 1, got {m.fsl_holdout_per_class}")
+    if m.name == "fsl" and cfg.eval.metric == "top1_cls":
+        problems.append("eval.metric: 'top1_cls' means nothing for fsl (a foreground model has no classes)")
     if m.cutmix_beta < 0:
         problems.append(f"method.cutmix_beta: must be >= 0 (0: off), got {m.cutmix_beta}")
     if cfg.eval.method not in METHODS:

@@ -179,6 +179,8 @@ class EvalSettings:
     (the protocol) or from the 224 view (faster, used for per-epoch validation).
     channels_last: feed the network NHWC tensors (faster convolutions on GPUs).
     metric_workers: threads of the box evaluator (default: its own).
+    foreground: the model is a foreground model (one output, the FSL baseline): every map is of
+    output 0, and nothing is classified (no classification or Top-k Loc; ten-crop is skipped).
     details: also keep what the report needs (``SplitResult.details``): each image's IoU at
     every threshold (box) or own PxAP (mask), its five best classes, and thumbnails of a fixed
     sample of ``gallery_size`` images (see :mod:`mnpo.engine.results`).
@@ -196,11 +198,12 @@ class EvalSettings:
     metric_workers: int | None = None
     details: bool = False
     gallery_size: int = 128
+    foreground: bool = False
 
     def run_key(self, dataset: WSOLDataset, ctx: DistContext) -> dict[str, Any]:
         """The settings a progress file must match to be continued (besides the caller's)."""
         return {"method": self.method, "map_options": dict(self.map_options), "ten_crop": self.ten_crop,
-                "images": len(dataset), "rank": ctx.rank, "world": ctx.world,
+                "images": len(dataset), "rank": ctx.rank, "world": ctx.world, "foreground": self.foreground,
                 "details": self.details, "gallery_size": self.gallery_size if self.details else None}
 
 
@@ -273,7 +276,7 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
             if pending is not None:
                 pending.result()  # at most one update in flight; re-raises its errors here
             pending = background.submit(evaluator.update, maps, list(batch["image_id"]),
-                                        logits if dataset.meta.kind == "box" else None)
+                                        logits if dataset.meta.kind == "box" and not settings.foreground else None)
             if details is not None:
                 _keep_details(details, batch, maps, logits, evaluator, sample)
             if save_maps is not None:
@@ -309,8 +312,11 @@ def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: E
         images = images.contiguous(memory_format=torch.channels_last)
     labels = batch["label"].to(device)
     options = {"size": (EVAL_SIZE, EVAL_SIZE), **dict(settings.map_options)}  # the protocol's frame
+    targets = torch.zeros_like(labels) if settings.foreground else labels
     with autocast(device, settings.map_precision):
-        maps, logits = compute_maps(model, images, labels, method=settings.method, **options)
+        maps, logits = compute_maps(model, images, targets, method=settings.method, **options)
+    if settings.foreground:
+        return maps.cpu().numpy(), logits.cpu().numpy(), (0, 0)
     if settings.ten_crop:
         if "ten_crop_source" in batch:
             sources = normalize_batch(batch["ten_crop_source"].to(device, non_blocking=True))
@@ -425,9 +431,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     details = results is not None or report_html is not None
+    foreground = (payload.get("meta") or {}).get("task") == "foreground"  # an FSL baseline's checkpoint
     settings = EvalSettings(make_grid(threshold_grid, cam_curve_interval), method, dict(map_options or {}), prec,
-                            map_prec, batch_size, workers, ten_crop, channels_last, details=details,
-                            gallery_size=gallery_size)
+                            map_prec, batch_size, workers, ten_crop and not foreground, channels_last,
+                            details=details, gallery_size=gallery_size, foreground=foreground)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
     stat = Path(checkpoint).stat()
@@ -437,7 +444,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     datasets = {}
 
     def split(name, meta_dir, maps_to):
-        dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=model.num_classes, mask_root=mask_root,
+        dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=None if foreground else model.num_classes,
+                              mask_root=mask_root,
                               crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True)
         datasets[name] = dataset
         state_file = None
@@ -454,8 +462,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
         "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,
         "num_images": test.num_images,
-        "skipped_images": test.skipped, "classification": test.classification,
-        "classification_view": "ten-crop" if ten_crop else "224x224",
+        "skipped_images": test.skipped, "classification": None if foreground else test.classification,
+        "classification_view": "none: a foreground model" if foreground else ("ten-crop" if ten_crop else "224x224"),
         "cam_curve_interval": cam_curve_interval, "threshold_grid": threshold_grid,
         "oracle": "thresholds chosen on the evaluated split itself (optimistic; the MNPO paper's protocol)",
         "calibrated": ("thresholds chosen on val, applied to the evaluated split (wsolevaluation's protocol)"
@@ -463,7 +471,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     }
     if val is not None:
         info.update(val_metadata=str(val_metadata), val_num_images=val.num_images,
-                    val_classification=val.classification)
+                    val_classification=None if foreground else val.classification)
     report = build_report(test.curves, None if val is None else val.curves, info)
     if details and ctx.is_main:
         from mnpo.engine.results import EvaluationResults, write_results

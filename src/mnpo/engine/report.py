@@ -288,7 +288,7 @@ def _summary(results: Sequence[EvaluationResults], labels: Sequence[str]) -> str
     rows = []
     for r, label in zip(results, labels):
         metrics = r.metrics()
-        cls = r.info.get("classification", {})
+        cls = r.info.get("classification") or {}
         cells = [html.escape(label), html.escape(str(r.info.get("method", "-"))),
                  html.escape(Path(str(r.info.get("checkpoint", "-"))).name),
                  f"{cls['top1_cls']:.2f}" if "top1_cls" in cls else "-",

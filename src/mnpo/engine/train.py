@@ -28,10 +28,11 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from mnpo.data.dataset import WSOLDataset
+from mnpo.data.dataset import WSOLDataset, subsample_per_class
+from mnpo.data.foreground import ForegroundDataset
 from mnpo.data.transforms import train_transform
 from mnpo.data.make_metadata import CLASS_NAMES, AnnotationError, read_class_names
-from mnpo.data.metadata import read_split
+from mnpo.data.metadata import read_split, write_split
 from mnpo.engine.config import ConfigError, TrainConfig
 from mnpo.engine.evaluate import SkipUnreadable, collate_skipping, evaluate_model
 from mnpo.engine.evaluate_maps import build_report
@@ -45,7 +46,7 @@ from mnpo.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, mixed_loss
+from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, foreground_logits, foreground_loss, mixed_loss
 from mnpo.io import atomic_path
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import LAYOUTS, MultiBranchNet, NetworkLayout, build_model
@@ -102,7 +103,8 @@ class Trainer:
         self.class_names = self._class_names()
         self.train_set, self.val_set = self._datasets()
         self._check_metric()
-        self.num_classes = self._num_classes() or self.train_set.meta.num_classes
+        self.foreground = cfg.method.name == "fsl"
+        self.num_classes = 1 if self.foreground else (self._num_classes() or self.train_set.meta.num_classes)
         seed_everything(cfg.runtime.seed)
         self.model = self._model().to(self.device)
         if cfg.runtime.channels_last:
@@ -173,6 +175,8 @@ class Trainer:
     def _datasets(self) -> tuple[WSOLDataset, WSOLDataset]:
         d = self.cfg.data
         meta = Path(d.metadata)
+        if self.cfg.method.name == "fsl":
+            return self._fsl_datasets()
         train_meta = read_split(meta / "train", self._num_classes())
         transform = train_transform(d.crop_size, d.resize_size, random_resized=d.random_resized)
         m = self.cfg.method
@@ -185,6 +189,25 @@ class Trainer:
                           crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed,
                           uint8_views=True)
         return train, val
+
+    def _fsl_datasets(self) -> tuple[ForegroundDataset, WSOLDataset]:
+        """FSL: val minus ``fsl_holdout_per_class`` images per class to train on, those to validate
+        on (also written as ``fsl-holdout/``, the split to calibrate the test evaluation on)."""
+        d = self.cfg.data
+        val = read_split(Path(d.metadata) / "val")
+        holdout = subsample_per_class(val, self.cfg.method.fsl_holdout_per_class, seed=self.cfg.runtime.seed)
+        kept = set(holdout.image_ids)
+        train = val.select(i for i in val.image_ids if i not in kept)
+        if len(train) == 0:
+            raise ConfigError(f"method.fsl_holdout_per_class: {self.cfg.method.fsl_holdout_per_class} holds out "
+                              "all of val; nothing is left to train on")
+        if self.ctx.is_main:
+            write_split(self.out / "fsl-holdout", holdout)
+        log.info("fsl: training on %d val images, choosing on %d held out", len(train), len(holdout))
+        train_set = ForegroundDataset(d.root, train, size=d.crop_size, mask_root=d.mask_root)
+        val_set = WSOLDataset(d.root, holdout, "evaluate", mask_root=d.mask_root, crop_size=d.crop_size,
+                              resize_size=d.resize_size, uint8_views=True)
+        return train_set, val_set
 
     def _model(self) -> MultiBranchNet:
         m = self.cfg.model
@@ -262,9 +285,16 @@ class Trainer:
                 rng = np.random.default_rng([self.cfg.runtime.seed, epoch, step])  # the same on every rank
                 images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)
             with autocast(self.device, self.precision):
-                logits = self.train_model(images).logits
-                loss = (wsol_loss(logits, labels) if partner_labels is None
-                        else mixed_loss(logits, labels, partner_labels, lam))
+                if self.foreground:
+                    out = self.train_model(images, return_features=True)
+                    pixel_logits = foreground_logits(out.features["head"], self.model.classifier.weight,
+                                                     self.model.classifier.bias, tuple(images.shape[-2:]))
+                    target = batch["target"].to(self.device, non_blocking=True)
+                    loss, pixel_accuracy = foreground_loss(pixel_logits, target)
+                else:
+                    logits = self.train_model(images).logits
+                    loss = (wsol_loss(logits, labels) if partner_labels is None
+                            else mixed_loss(logits, labels, partner_labels, lam))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
@@ -277,7 +307,7 @@ class Trainer:
             self.optimizer.step()
             n = len(labels)
             total_loss += float(loss.detach()) * n
-            correct += int((logits[0].argmax(1) == labels).sum())
+            correct += pixel_accuracy * n if self.foreground else int((logits[0].argmax(1) == labels).sum())
             seen += n
             if bar is not None and (step % self.cfg.runtime.log_every == 0):
                 elapsed = time.perf_counter() - start
@@ -298,10 +328,11 @@ class Trainer:
                                 method=e.method, device=self.device, precision=self.precision,
                                 batch_size=e.batch_size, workers=self.cfg.data.workers, ten_crop=False,
                                 channels_last=self.cfg.runtime.channels_last,
-                                ctx=self.ctx)
+                                ctx=self.ctx, foreground=self.foreground)
         report = build_report(result.curves, None, {})
         values = {k: m.value for k, m in report.oracle.items()}
-        values.update(result.classification)
+        if not self.foreground:
+            values.update(result.classification)
         thresholds = {k: m.threshold for k, m in report.oracle.items()}
         return values, thresholds
 
@@ -336,8 +367,11 @@ class Trainer:
                             writer.add_scalar(k, v, epoch + 1)
                     writer.flush()
                 meta = {"val_metrics": values, "epoch": epoch + 1,
-                        "operating_threshold": thresholds.get("max_box_acc")}
-                if self.class_names is not None:
+                        "operating_threshold": thresholds.get("max_box_acc"),
+                        "task": "foreground" if self.foreground else "classification"}
+                if self.foreground:
+                    meta["class_names"] = ["foreground"]
+                elif self.class_names is not None:
                     meta["class_names"] = self.class_names
                 training = {"epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict(), "best": self.best, "rng": rng_state(),

@@ -1,6 +1,7 @@
-"""WSOL training methods that act on the input (wsolevaluation's HaS and CutMix; spec
-``wsol-methods.md`` sections 2.1 and 2.5). Both train a plain network (any layout) and change
-training only; at test time the network's maps are computed as for any other.
+"""WSOL training methods that act on the input and the loss (wsolevaluation's HaS and CutMix;
+spec ``wsol-methods.md`` sections 2.1 and 2.5), and the few-shot fully supervised baseline.
+HaS and CutMix train a plain network (any layout) and change training only; at test time the
+network's maps are computed as for any other.
 
 ``plain``
     the sum over the branches of ``CE(logits, y)`` (CAM, MNPO).
@@ -18,6 +19,16 @@ training only; at test time the network's maps are computed as for any other.
     from a generator seeded by ``(seed, epoch, step)``; under data parallelism every rank uses the
     same ``lam`` and box and permutes within its own share of the batch (wsolevaluation permutes
     the whole batch, on one GPU).
+``fsl`` (few-shot fully supervised learning, the baseline of wsolevaluation's paper)
+    trained on the *val* split's boxes or masks instead of the train split's labels: the
+    network is built with one output, and its classifier row ``w`` acts as a per-pixel
+    foreground head on the main branch's features (a 1x1 convolution; GAP and a 1x1
+    convolution commute). Loss: per-pixel BCE between ``w . F + b``, upsampled bilinearly to
+    the input, and the foreground target (boxes filled, or the mask; ignored pixels left out):
+    :func:`foreground_loss`. ``fsl_holdout_per_class`` images per class of val are held out to
+    choose the epoch (``eval.metric``) and the threshold; the trainer writes them as the split
+    folder ``fsl-holdout/`` in the run folder, the ``--val-metadata`` of the calibrated test
+    evaluation. Its map is the ``cam`` method's with target 0: ``w . F``, the foreground logit.
 """
 
 from __future__ import annotations
@@ -29,9 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TRAINING_METHODS", "CutMix", "HideAndSeek", "cutmix_batch", "draw_cutmix", "mixed_loss"]
+__all__ = ["TRAINING_METHODS", "CutMix", "HideAndSeek", "cutmix_batch", "draw_cutmix", "foreground_loss",
+           "foreground_logits", "mixed_loss"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix")
+TRAINING_METHODS = ("plain", "has", "cutmix", "fsl")
 
 
 class HideAndSeek:
@@ -112,3 +124,25 @@ def mixed_loss(logits: tuple[torch.Tensor, ...], labels: torch.Tensor, partner_l
     """``sum_i lam CE(logits_i, y) + (1 - lam) CE(logits_i, y_partner)`` over the branches."""
     return sum(lam * F.cross_entropy(l.float(), labels) + (1 - lam) * F.cross_entropy(l.float(), partner_labels)
                for l in logits)
+
+
+def foreground_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel foreground logits ``(B, H, W)``: ``w . F + b`` at the features' resolution
+    ``(B, C, h, w)``, upsampled bilinearly (corners not aligned) to ``size``. ``weight`` (1, C)."""
+    logits = F.conv2d(features, weight[:, :, None, None].to(features.dtype), bias.to(features.dtype))
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Mean BCE over the pixels that are not ignored (target 255), and the fraction of them
+    classified right (logit > 0 on the foreground, <= 0 on the background).
+
+    logits: float (B, H, W); target: uint8 (B, H, W) of 1 / 0 / 255.
+    """
+    valid = target != 255
+    if not valid.any():
+        raise ValueError("every pixel of the batch is ignored: no foreground target to learn")
+    x, t = logits[valid].float(), target[valid].float()
+    accuracy = float(((x > 0).float() == t).float().mean())
+    return F.binary_cross_entropy_with_logits(x, t), accuracy
