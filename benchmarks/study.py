@@ -12,11 +12,17 @@ then evaluate on the test split, thresholds calibrated on val and oracle:
   (``a = b``) and MNPOs with H off; with ``--cam-family`` also Grad-CAM++, XGrad-CAM,
   LayerCAM, HiResCAM, Score-CAM, Ablation-CAM and Eigen-CAM;
 * one-branch: CAM, MNPO (= H on a single branch), DGL (= MNPOs' gradient post-processing on
-  one branch, H off) and DGL with H on.
+  one branch, H off) and DGL with H on;
+
+and, chosen with ``--models``, wsolevaluation's training methods and baselines beside them:
+``vgg16-cam+has`` and ``vgg16-cam+cutmix`` (the one-branch network trained with HaS / CutMix,
+scored by CAM), ``vgg16-cam+fsl`` (the few-shot fully supervised baseline: trained on val's
+boxes minus one image per class, calibrated on that held-out image) and ``center`` (the
+center baseline: no network, thresholds calibrated on val).
 
     python benchmarks/study.py [--presets parts,shapes] [--image-size 224] [--classes 8]
         [--train-per-class 200] [--epochs 30] [--batch 64] [--width 1.0] [--device auto]
-        [--train-seeds 0,1,2] [--cam-family] [--out study-output]
+        [--train-seeds 0,1,2] [--cam-family] [--models vgg16-mnpo,vgg16-cam,...] [--out study-output]
 
 Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training seeds, on one
 synthetic data set), ``OUT/study.json`` (every seed's numbers too) and ``OUT/figure-PRESET.png``
@@ -71,6 +77,26 @@ EVALUATIONS = {
 }
 
 
+#: ``--models`` beyond EVALUATIONS: (layout, training method, rows); ``center`` trains nothing
+WSOL_MODELS = {
+    "vgg16-cam+has": ("vgg16-cam", {"name": "has"}, [("CAM", "cam", {})]),
+    "vgg16-cam+cutmix": ("vgg16-cam", {"name": "cutmix"}, [("CAM", "cam", {})]),
+    "vgg16-cam+fsl": ("vgg16-cam", {"name": "fsl"}, [("FSL", "cam", {})]),
+    "center": (None, None, [("center baseline", "center", {})]),
+}
+MODEL_NAMES = (*EVALUATIONS, *WSOL_MODELS)
+
+
+def model_plan(name: str) -> tuple[str | None, dict, list]:
+    """(layout, training method, rows) of a ``--models`` entry."""
+    if name in EVALUATIONS:
+        return name, {}, EVALUATIONS[name]
+    if name in WSOL_MODELS:
+        layout, method, rows = WSOL_MODELS[name]
+        return layout, dict(method or {}), rows
+    raise SystemExit(f"study: unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+
+
 #: ``--cam-family`` rows (two-branch network, at ``head``): the post-hoc CAM family
 CAM_FAMILY_ROWS = [
     ("Grad-CAM++", "gradcampp", {}),
@@ -86,14 +112,18 @@ CAM_FAMILY_ROWS = [
 FIGURE_ROWS = ("CAM", "DGL", "MNPO", "MNPOs")
 
 
-def train(data: Path, out: Path, layout: str, args, seed: int) -> Path:
+def train(data: Path, out: Path, layout: str, args, seed: int, method: dict | None = None) -> Path:
+    method = dict(method or {})
+    fsl = method.get("name") == "fsl"  # chosen on its held-out val images by localization: no classes
+    epochs = args.fsl_epochs if fsl and args.fsl_epochs else args.epochs
     cfg = config_from_dict({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": args.workers,
                  "resize_size": resize_for(args.image_size), "crop_size": args.image_size},
         "model": {"layout": layout, "width": args.width, "pretrained": None},
-        "optim": {"epochs": args.epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
-                  "lr_milestones": [max(1, args.epochs * 3 // 4)], "clip_grad_norm": args.clip_grad_norm},
-        "eval": {"method": "cam", "metric": "top1_cls", "batch_size": args.batch},
+        "optim": {"epochs": epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
+                  "lr_milestones": [max(1, epochs * 3 // 4)], "clip_grad_norm": args.clip_grad_norm},
+        "method": method,
+        "eval": {"method": "cam", "metric": "max_box_acc_v2" if fsl else "top1_cls", "batch_size": args.batch},
         "runtime": {"out": str(out), "device": args.device, "seed": seed},
     }, source="study")
     resume = args.resume and (out / "last.pt").is_file()  # a finished run resumes to no epochs at all
@@ -101,21 +131,39 @@ def train(data: Path, out: Path, layout: str, args, seed: int) -> Path:
     return out / "best.pt"
 
 
+def evaluate_center(data: Path, rows) -> list[dict]:
+    """The center baseline's metrics (no network: no classification, no Top-1 Loc)."""
+    from mnpo.data.metadata import read_split
+    from mnpo.engine.evaluate_maps import evaluate_split
+
+    curves = {split: evaluate_split(None, read_split(data / "metadata" / split), thresholds=cam_thresholds(0.01))
+              for split in ("val", "test")}
+    report = build_report(curves["test"], curves["val"], {})
+    (label, method, options), = rows
+    return [{"label": label, "method": method, "options": options, "top1_cls": float("nan"),
+             **{f"{p}_{k}": getattr(report, p)[k].value if k in getattr(report, p) else float("nan")
+                for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")}}]
+
+
 def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> list[dict]:
     """Every row's metrics on the test split (thresholds calibrated on val and oracle). With
     ``kept``: also ``kept[label] = {image_id: map}`` for the test images in ``shown`` and
-    ``kept["thresholds"][label]``, the calibrated MaxBoxAcc threshold, for the figure."""
+    ``kept["thresholds"][label]``, the calibrated MaxBoxAcc threshold, for the figure. An FSL
+    checkpoint (a foreground model) is calibrated on the val images it held out, and has no
+    classification."""
     device = resolve_device(args.device)
     precision = resolve_precision("fp32" if args.fp32_maps else "auto", device)
-    model, _ = load_model(checkpoint)
+    model, payload = load_model(checkpoint)
     model.to(device)
+    foreground = payload["meta"].get("task") == "foreground"
     kwargs = dict(crop_size=args.image_size, resize_size=resize_for(args.image_size), uint8_views=True)
-    val = WSOLDataset(data / "images", data / "metadata" / "val", "evaluate", **kwargs)
+    val_meta = checkpoint.parent / "fsl-holdout" if foreground else data / "metadata" / "val"
+    val = WSOLDataset(data / "images", val_meta, "evaluate", **kwargs)
     test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs)
     results = []
     for label, method, options in rows:
         common = dict(thresholds=cam_thresholds(0.01), method=method, map_options=options, device=device,
-                      precision=precision, batch_size=args.batch, workers=args.workers)
+                      precision=precision, batch_size=args.batch, workers=args.workers, foreground=foreground)
         maps = {}
 
         def keep(batch, batch_maps, maps=maps):
@@ -127,8 +175,9 @@ def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> l
         if kept is not None and label in FIGURE_ROWS:
             kept[label] = maps
             kept.setdefault("thresholds", {})[label] = report.calibrated["max_box_acc"].threshold
-        results.append({"label": label, "method": method, "options": options, "top1_cls": t.classification["top1_cls"],
-                        **{f"{p}_{k}": getattr(report, p)[k].value
+        top1 = float("nan") if foreground else t.classification["top1_cls"]
+        results.append({"label": label, "method": method, "options": options, "top1_cls": top1,
+                        **{f"{p}_{k}": getattr(report, p)[k].value if k in getattr(report, p) else float("nan")
                            for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")}})
     return results
 
@@ -151,6 +200,8 @@ def summarize(runs: list[list[dict]]) -> list[dict]:
 
 def _cell(value: tuple[float, float | None]) -> str:
     mean, std = value
+    if np.isnan(mean):
+        return "-"  # not computed (no classification: a baseline without classes)
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
@@ -193,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cam-family", action="store_true",
                         help="also score Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM "
                         "and Eigen-CAM on the two-branch network")
+    parser.add_argument("--fsl-epochs", type=int, default=None,
+                        help="epochs of vgg16-cam+fsl, which trains on val only (default: --epochs)")
+    parser.add_argument("--models", default="vgg16-mnpo,vgg16-cam",
+                        help=f"comma-separated, from {', '.join(MODEL_NAMES)} (default vgg16-mnpo,vgg16-cam)")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -208,24 +263,29 @@ def main(argv: list[str] | None = None) -> None:
                                 val_per_class=args.val_per_class, test_per_class=args.test_per_class)
         test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate")  # for the figure
         shown = test.image_ids[:: max(1, len(test) // args.figure_images)][: args.figure_images]
-        for layout, rows in EVALUATIONS.items():
-            if args.cam_family and layout == "vgg16-mnpo":
+        for name in args.models.split(","):
+            layout, method, rows = model_plan(name)
+            if args.cam_family and name == "vgg16-mnpo":
                 rows = rows + CAM_FAMILY_ROWS
+            if layout is None:  # the center baseline: nothing to train, the same for every seed
+                all_results[(preset, name)] = [evaluate_center(data, rows)]
+                text = write_results(out, all_results, diverged, args, seeds, time.perf_counter() - start)
+                continue
             runs = []
             for seed in seeds:
                 try:
-                    checkpoint = train(data, out / f"{preset}-{layout}-seed{seed}", layout, args, seed)
+                    checkpoint = train(data, out / f"{preset}-{name}-seed{seed}", layout, args, seed, method)
                 except FloatingPointError as err:  # reported, not averaged in
-                    log.warning("%s / %s, training seed %d: %s", preset, layout, seed, err)
-                    diverged.append(f"{preset} / {layout}, training seed {seed}: {str(err).split(';')[0]}")
+                    log.warning("%s / %s, training seed %d: %s", preset, name, seed, err)
+                    diverged.append(f"{preset} / {name}, training seed {seed}: {str(err).split(';')[0]}")
                     continue
-                kept = {} if layout == "vgg16-mnpo" and not runs else None  # the first seed that trained
+                kept = {} if name == "vgg16-mnpo" and not runs else None  # the first seed that trained
                 runs.append(evaluate(checkpoint, data, rows, args, shown, kept))
                 if kept is not None:
                     thresholds = kept.pop("thresholds")
                     method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
             if runs:
-                all_results[(preset, layout)] = runs
+                all_results[(preset, name)] = runs
             # rewritten after every (preset, layout): a run cut short keeps the rows it finished
             text = write_results(out, all_results, diverged, args, seeds, time.perf_counter() - start)
     print(text)

@@ -94,6 +94,25 @@ def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
         assert f"| parts | vgg16-mnpo | {label} |" in family
 
 
+def test_study_scores_the_wsol_methods_and_both_baselines(tmp_path):
+    args = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
+            "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--fsl-epochs", "2", "--batch", "4",
+            "--width", "0.0625", "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "-q",
+            "--models", "vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+fsl,center"]
+    out = run("study.py", *args)
+    for model, label in (("vgg16-cam+has", "CAM"), ("vgg16-cam+cutmix", "CAM"), ("vgg16-cam+fsl", "FSL"),
+                         ("center", "center baseline")):
+        assert f"| parts | {model} | {label} |" in out, model
+    fsl = next(line for line in out.splitlines() if "| vgg16-cam+fsl |" in line)
+    center = next(line for line in out.splitlines() if "| center |" in line)
+    assert fsl.split("|")[4].strip() == "-" and center.split("|")[4].strip() == "-"  # no classification
+    assert (tmp_path / "parts-vgg16-cam+fsl-seed0" / "fsl-holdout" / "image_ids.txt").is_file()
+    metrics = (tmp_path / "parts-vgg16-cam+fsl-seed0" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 2  # --fsl-epochs
+    assert "unknown model 'nope'" in subprocess.run(
+        [sys.executable, str(SCRIPTS / "study.py"), *args[:-1], "nope"], capture_output=True, text=True).stderr
+
+
 def test_bench_input_prints_the_three_pipelines():
     out = run("bench_input.py", "--images", "6", "--workers", "0", "--batch", "3")
     assert "| naive (eleven conversions) |" in out and "| uint8 views, normalize + ten-crop batch-wise |" in out
@@ -189,10 +208,10 @@ def test_study_reports_a_diverged_run_and_leaves_it_out_of_the_means(tmp_path, m
     study = script_module("study")
     real_train = study.train
 
-    def train(data, out, layout, args, seed):
+    def train(data, out, layout, args, seed, method=None):
         if seed == 1 and layout == "vgg16-mnpo":
             raise FloatingPointError("training diverged: the loss is nan at epoch 3, step 2; lower optim.lr")
-        return real_train(data, out, layout, args, seed)
+        return real_train(data, out, layout, args, seed, method)
 
     monkeypatch.setattr(study, "train", train)
     study.main(["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "2",
