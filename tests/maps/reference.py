@@ -73,10 +73,11 @@ def bilinear_corners_aligned(channel, size):
 
 def layer_module(model, layer):
     """The module whose output is feature ``layer`` (a backbone tap or the main branch's head)."""
-    if layer == "head" and model.layout.backbone == "vgg16":
-        return model.branches["main"]["head"]
-    if layer in ("head", "layer4") and model.layout.backbone == "resnet50":
-        return model.backbone.layer4
+    if layer == "head":  # the main branch's last block, or the backbone tap it outputs
+        main = model.layout.branches[0]
+        if main.blocks:
+            return model.branches[main.name][main.output]
+        layer = main.output
     if model.layout.backbone == "vgg16":
         return model.backbone.features[model.backbone._tap_index[layer]]
     return getattr(model.backbone, layer)
@@ -161,7 +162,7 @@ def naive_maps(model, images, targets, method, h_mode="scale", a=None, b=None, t
     default_h = {"mnpo": (10.0, 5.0), "mnpos": (8.0, 4.0)}.get(method, (1.0, 1.0))
     a = default_h[0] if a is None else a
     b = default_h[1] if b is None else b
-    default_layer = {"vgg16": "conv5_2", "resnet50": "layer3"}[model.layout.backbone]
+    default_layer = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d"}[model.layout.backbone]
     maps = []
     for i in range(images.shape[0]):
         x = images[i : i + 1].to(dtype)

@@ -13,7 +13,7 @@ from mnpo.maps import compute_maps, normalize_maps, resize_maps
 from mnpo.maps.cam_family import XGRADCAM_EPS, _ablated_logits
 
 FAMILY = ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam", "eigencam")
-OTHER_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3"}
+OTHER_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d"}
 
 
 def float64_setup(backbone="vgg16", seed=0, n=2, size=64):

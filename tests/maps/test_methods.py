@@ -10,7 +10,8 @@ from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
 from mnpo.models.multibranch import NetworkLayout, released_vgg16_layout
 
-SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16)}
+SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16),
+          "inception_v3": ("inception_v3-mnpo", 1 / 16)}
 
 
 def make_model(backbone, classes=6, seed=0):

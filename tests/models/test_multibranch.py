@@ -186,7 +186,10 @@ def test_input_sides_must_be_multiples_of_the_output_stride():
 
 @pytest.mark.parametrize("layout, feature", [("vgg16-mnpo", "conv5_2"), ("vgg16-mnpo", "conv4_2"),
                                              ("vgg16-mnpo", "head"), ("vgg16-mnpo", "parallel.c"),
-                                             ("resnet50-mnpo", "layer3"), ("resnet50-mnpo", "head")])
+                                             ("resnet50-mnpo", "layer3"), ("resnet50-mnpo", "head"),
+                                             ("inception_v3-mnpo", "Mixed_5d"), ("inception_v3-mnpo", "Mixed_6b"),
+                                             ("inception_v3-mnpo", "main.SPG_A3_1b"), ("inception_v3-mnpo", "head"),
+                                             ("inception_v3-cam", "Mixed_6e")])
 def test_replace_continues_from_the_given_copies(layout, feature):
     """``replace`` with each image's own feature repeated k times gives every logit k times (the
     features it does not feed are repeated to match); an edited copy changes only its own rows."""

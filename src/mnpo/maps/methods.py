@@ -53,8 +53,9 @@ METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "l
 CENTER_SIGMA = 0.25
 LOSS_GRADIENTS = ("released", "exact")
 #: Default target layer of the gradient methods per backbone: the released ``conv5_2`` on
-#: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride.
-DEFAULT_GRADIENT_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3"}
+#: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride; on
+#: InceptionV3 ``Mixed_6d``, the block before the last at the head's stride (as ``conv5_2``).
+DEFAULT_GRADIENT_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d"}
 #: Released H factors (``a``, ``b``): MNPO 10/5, MNPOs 8/4; DGL and the rest leave weights as they are.
 DEFAULT_H = {"mnpo": (10.0, 5.0), "mnpos": (8.0, 4.0), "dgl": (1.0, 1.0)}
 

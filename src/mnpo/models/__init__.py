@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from mnpo.models.backbones import ResNet50Backbone, TapInfo, VGG16Backbone, build_backbone
+from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from mnpo.models.multibranch import (
     LAYOUTS,
@@ -38,7 +39,7 @@ def build_model(layout: NetworkLayout | str, num_classes: int, pretrained: str |
 
 
 __all__ = [
-    "LAYOUTS", "CheckpointError", "LayoutError", "MultiBranchNet", "MultiBranchOutput", "NetworkLayout",
+    "LAYOUTS", "CheckpointError", "InceptionV3Backbone", "LayoutError", "MultiBranchNet", "MultiBranchOutput", "NetworkLayout",
     "ResNet50Backbone", "TapInfo", "VGG16Backbone", "WeightsError", "build_backbone", "build_model",
     "import_released_checkpoint", "load_model", "load_pretrained", "read_checkpoint",
     "released_vgg16_layout", "resnet50_layout", "save_checkpoint", "three_branch_vgg16_layout",

@@ -9,8 +9,12 @@
   ``layer4`` is at stride 16 (14x14 for 224 input). torchvision's
   ``replace_stride_with_dilation`` would instead dilate layer4's 3x3 convs, which changes
   the receptive field, so it is not used. Taps ``layer1``..``layer4``.
+* ``InceptionV3Backbone`` (in ``mnpo.models.inception``): torchvision InceptionV3 up to
+  ``Mixed_6e`` as clovaai/wsolevaluation changes it (padded stem, ceil-mode pools, an extra pool
+  before ``Mixed_6a``, which no longer downsamples): ``Mixed_6e`` at stride 16. Taps named after
+  torchvision's modules (``Conv2d_1a_3x3`` ... ``Mixed_6e``).
 
-Both take a ``width`` multiplier for every channel count (``width=1`` is the real network).
+All three take a ``width`` multiplier for every channel count (``width=1`` is the real network).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
     # (bottleneck width, blocks, stride); out channels = 4 * width
     (64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 1),
 )
-BACKBONE_NAMES = ("vgg16", "resnet50")
+BACKBONE_NAMES = ("vgg16", "resnet50", "inception_v3")
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,13 @@ class ResNet50Backbone(nn.Module):
 
 
 def build_backbone(name: str, width: float = 1.0) -> nn.Module:
-    """``"vgg16"`` or ``"resnet50"`` in the WSOL layout."""
+    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout."""
     if name == "vgg16":
         return VGG16Backbone(width)
     if name == "resnet50":
         return ResNet50Backbone(width)
+    if name == "inception_v3":
+        return __getattr__("InceptionV3Backbone")(width)
     raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES}")
 
 
@@ -199,3 +205,12 @@ def backbone_taps(name: str, width: float = 1.0) -> dict[str, TapInfo]:
     """The taps of a backbone without allocating its weights (built on the meta device)."""
     with torch.device("meta"):
         return dict(build_backbone(name, width).taps)
+
+
+def __getattr__(name: str) -> type:
+    """``InceptionV3Backbone`` from ``mnpo.models.inception``, which imports this module (PEP 562)."""
+    if name == "InceptionV3Backbone":
+        from mnpo.models.inception import InceptionV3Backbone
+
+        return InceptionV3Backbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -292,11 +292,78 @@ def vgg16_cam_layout(width: float = 1.0) -> NetworkLayout:
     return NetworkLayout("vgg16", (_head_branch(),), width)
 
 
+def resnet50_cam_layout(width: float = 1.0) -> NetworkLayout:
+    """ResNet50 CAM (wsolevaluation's ``ResNetCam``): ``layer4`` (2048 ch, stride 16) + GAP + FC,
+    the main branch of ``resnet50_layout`` alone."""
+    return NetworkLayout("resnet50", (BranchLayout("main", (), output="layer4"),), width)
+
+
+def _inception_head_branch() -> BranchLayout:
+    """wsolevaluation's ``InceptionCam`` head on ``Mixed_6e``: ``SPG_A3_1b`` (3x3 conv 768 -> 1024
+    + ReLU), ``SPG_A3_2b`` (3x3 conv 1024 -> 1024 + ReLU), stride 16."""
+    return BranchLayout(
+        "main",
+        (
+            BlockSpec("SPG_A3_1b", "conv3x3_relu", ("Mixed_6e",), out_channels=1024),
+            BlockSpec("SPG_A3_2b", "conv3x3_relu", ("SPG_A3_1b",), out_channels=1024),
+        ),
+    )
+
+
+def inception_v3_cam_layout(width: float = 1.0) -> NetworkLayout:
+    """InceptionV3 CAM as wsolevaluation's ``InceptionCam`` (spec section 1.2): 25,687,976
+    parameters at K=200, 26,507,976 at K=1000.
+
+    Its ``SPG_A4`` (1x1 conv 1024 -> K, bias) followed by GAP is the shared ``Linear(1024, K)``
+    after GAP (the two commute), so the logits are the same function. Its CAM, channel ``y`` of
+    ``SPG_A4``'s map, is ``w_y . F + b_y``; ours (``compute_maps(..., "cam")``) is
+    ``mean_c(w_y * F) = (w_y . F) / C``: a positive scale and an offset, equal after min-max
+    normalization. Not yet done: ``InceptionCam``'s three dropouts (p=0.5, train mode only) on
+    ``Mixed_6e``, after ``SPG_A3_1b`` and after ``SPG_A3_2b``; and the new layers get He
+    initialization like every layout here, where wsolevaluation uses Xavier for Inception.
+    """
+    return NetworkLayout("inception_v3", (_inception_head_branch(),), width)
+
+
+def inception_v3_layout(width: float = 1.0) -> NetworkLayout:
+    """InceptionV3, two branches: main = ``inception_v3_cam_layout``'s head on ``Mixed_6e``; the
+    parallel branch is the released VGG16 one transposed (our design, not the authors'):
+
+    * ``a``: bottleneck with stride 2 on ``Mixed_5d`` (288 ch, stride 8; the last stride-8 block,
+      the tap of SPG's B1 branch), 288 -> 896 (inner 224), down to stride 16, as the VGG16
+      branch's ``a`` on ``conv4_2`` and ResNet50's on ``layer2``;
+    * ``b``: 1x1 reduction of ``Mixed_6b`` (the first factorized-7x7 block at stride 16, as
+      ``conv5_1`` is the first conv at stride 16) to 64; ``ab`` = concat, 960 ch;
+    * ``c``: bottleneck 960 -> 960 (inner 240); ``d``: 1x1 reduction of ``Mixed_6e`` (the last
+      backbone tap, as ``conv5_3``) to 64; ``out`` = concat, 1024 ch: the main branch's width,
+      for the shared ``Linear(1024, K)``.
+
+    The same channel counts as the released VGG16 branch, on Inception's taps. Dropout: see
+    ``inception_v3_cam_layout`` (not yet done).
+    """
+    parallel = BranchLayout(
+        "parallel",
+        (
+            BlockSpec("a", "bottleneck", ("Mixed_5d",), out_channels=896, width=224, stride=2),
+            BlockSpec("b", "reduce1x1", ("Mixed_6b",), out_channels=64),
+            BlockSpec("ab", "concat", ("a", "b")),
+            BlockSpec("c", "bottleneck", ("ab",), out_channels=960, width=240),
+            BlockSpec("d", "reduce1x1", ("Mixed_6e",), out_channels=64),
+            BlockSpec("out", "concat", ("c", "d")),
+        ),
+    )
+    return NetworkLayout("inception_v3", (_inception_head_branch(), parallel), width)
+
+
+#: Shipped layouts by name: ``<backbone>-<kind>``, the backbone as ``BACKBONE_NAMES`` spells it.
 LAYOUTS = {
     "vgg16-cam": vgg16_cam_layout,
     "vgg16-mnpo": released_vgg16_layout,
     "vgg16-mnpo-3branch": three_branch_vgg16_layout,
+    "resnet50-cam": resnet50_cam_layout,
     "resnet50-mnpo": resnet50_layout,
+    "inception_v3-cam": inception_v3_cam_layout,
+    "inception_v3-mnpo": inception_v3_layout,
 }
 
 

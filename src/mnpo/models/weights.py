@@ -1,11 +1,12 @@
 """ImageNet weights for the backbones: torchvision's weights API online, a local file offline.
 
 Both sources hold a *torchvision* model's state dict (``features.N.*`` for VGG16,
-``conv1``/``bn1``/``layerI.J.*`` for ResNet50). Our backbones keep torchvision's module
-names, so the mapping is the identity on the backbone's tensors; the ImageNet classifier
-(``classifier.*`` / ``fc.*``) is dropped on purpose. Every other difference fails the load
-with the names listed: a backbone that silently keeps random weights is the failure this
-module exists to prevent.
+``conv1``/``bn1``/``layerI.J.*`` for ResNet50, ``Conv2d_*``/``Mixed_*`` for InceptionV3). Our
+backbones keep torchvision's module names, so the mapping is the identity on the backbone's
+tensors; what the WSOL backbones do not have is dropped on purpose: the ImageNet classifier
+(``classifier.*`` / ``fc.*``) and, for InceptionV3, ``AuxLogits.*`` and ``Mixed_7*`` (as
+wsolevaluation drops them). Every other difference fails the load with the names listed: a
+backbone that silently keeps random weights is the failure this module exists to prevent.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from mnpo.models.checkpoint import CheckpointError, load_plain, load_state_dict_
 
 IMAGENET = "imagenet"
 #: torchvision weight enums used for ``pretrained="imagenet"`` (V1: the weights WSOL papers use).
-TORCHVISION_WEIGHTS = {"vgg16": ("VGG16_Weights", "IMAGENET1K_V1"), "resnet50": ("ResNet50_Weights", "IMAGENET1K_V1")}
-#: Tensors of the torchvision source that our backbones do not have (the ImageNet classifier).
-DROPPED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("fc.",)}
+TORCHVISION_WEIGHTS = {
+    "vgg16": ("VGG16_Weights", "IMAGENET1K_V1"),
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V1"),
+    "inception_v3": ("Inception_V3_Weights", "IMAGENET1K_V1"),
+}
+#: Tensors of the torchvision source that our backbones do not have (the ImageNet classifier;
+#: InceptionV3's auxiliary classifier and its stride-32 blocks, absent in the WSOL layout).
+DROPPED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("fc.",), "inception_v3": ("AuxLogits.", "Mixed_7", "fc.")}
 
 
 class WeightsError(CheckpointError):
@@ -68,7 +74,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Copy a torchvision state dict into ``backbone`` (a ``VGG16Backbone``/``ResNet50Backbone``).
+    """Copy a torchvision state dict into ``backbone`` (one of ``BACKBONE_NAMES``, at width 1).
 
     Fails with ``WeightsError`` listing every missing, unexpected or mis-shaped tensor.
     BatchNorm's ``num_batches_tracked`` counters may be absent (old files); they stay 0.
