@@ -71,3 +71,19 @@ def test_errors_name_the_file(tmp_path):
     for text in ("optim.lr", "=3", "optim..lr=1"):
         with pytest.raises(ConfigError, match="override"):
             parse_override(text)
+
+
+def test_wsol_recipes_on_disk_are_what_their_generator_writes():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "make_recipes.py"
+    spec = importlib.util.spec_from_file_location("make_recipes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.recipes()
+    assert len(written) == 3 * 3 * 4  # data sets x backbones x methods
+    for name, text in written.items():
+        on_disk = path.parent / name
+        assert on_disk.is_file() and on_disk.read_text() == text, f"{name}: run python configs/make_recipes.py"
+        cfg = load_config(on_disk)
+        assert cfg.model.layout == f"{name.split('-')[1]}-cam" and cfg.method.name in ("plain", "has", "cutmix", "fsl")

@@ -1,0 +1,93 @@
+"""Write the wsolevaluation recipes: ``configs/<data>-<backbone>-<method>.yaml``.
+
+One recipe per data set (CUB, ILSVRC, OpenImages), backbone (VGG16, ResNet50, InceptionV3)
+and method (``cam``, ``has``, ``cutmix``, and ``fsl``, the few-shot fully supervised baseline),
+from wsolevaluation's ``config.py`` defaults and training recipe (``../shared/docs/
+wsol-methods.md`` sections 2.6 and 3). Its per-set tuned values are in a spreadsheet that is not
+available offline, so every value that is not one of those defaults is ours and says so in the
+file's header. Run from the repository root after changing this file:
+
+    python configs/make_recipes.py
+
+``tests/engine/test_config.py`` checks that the files on disk are what this writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+DATA = {
+    # name: (title, data section, selection metric, val images per class)
+    "cub": ("CUB-200-2011 (200 classes, boxes)",
+            {"root": "/data/CUB_200_2011/images", "metadata": "metadata/CUB", "val_per_class": 5, "workers": 8},
+            "max_box_acc_v2"),
+    "ilsvrc": ("ILSVRC 2012 (1000 classes, boxes)",
+               {"root": "/data/ILSVRC2012", "metadata": "metadata/ILSVRC", "val_per_class": 10, "workers": 16},
+               "max_box_acc_v2"),
+    "openimages": ("OpenImages30k (100 classes, masks)",
+                   {"root": "/data/OpenImages", "metadata": "metadata/OpenImages", "mask_root": "/data/OpenImages",
+                    "val_per_class": 25, "workers": 8},
+                   "pxap"),
+}
+BACKBONES = {"vgg16": "VGG16", "resnet50": "ResNet50", "inception_v3": "InceptionV3"}
+METHODS = {
+    "cam": ({"name": "plain"}, "CAM: cross-entropy on the plain CAM network"),
+    "has": ({"name": "has", "has_grid_size": 4, "has_drop_rate": 0.5},
+            "HaS: cells of 4 px hidden with probability 0.5 (wsolevaluation's defaults)"),
+    "cutmix": ({"name": "cutmix", "cutmix_beta": 1.0, "cutmix_prob": 1.0},
+               "CutMix: beta 1, probability 1 (wsolevaluation's defaults)"),
+    "fsl": ({"name": "fsl", "fsl_holdout_per_class": 1},
+            "FSL: the few-shot fully supervised baseline, a per-pixel foreground head trained on val's "
+            "annotations, one image per class held out to choose the epoch and the threshold (ours)"),
+}
+
+HEADER = """# {title}: {backbone} {method_title}.
+# Written by configs/make_recipes.py; edit that file, not this one.
+# wsolevaluation's config.py defaults (spec wsol-methods.md 2.6, 3): SGD Nesterov, momentum 0.9,
+# weight decay 1e-4, lr 0.01, new layers at 10x, batch 64, 40 epochs, lr x0.1 before epoch 30
+# (the first period one epoch short: milestone 29), resize 256 + random crop 224 + flip.
+# Ours: the data paths and workers, val images per class ({val} here, as wsolevaluation's
+# split holds them), the checkpoint choice on val (wsolevaluation reports its last epoch:
+# evaluate last.pt to follow it), eval.method cam, and what mnpo does differently: every
+# backbone layer at the base lr (wsolevaluation puts ResNet50's layer4 at 10x as well), He
+# initialization of the new layers, no ImageNet fc reused for ILSVRC ResNet50.{fsl}
+"""
+FSL_NOTE = """
+# FSL trains on val minus the held-out images and never sees the train split; evaluate it with
+# --val-metadata RUN/fsl-holdout (the held-out images) for the calibrated protocol."""
+
+
+def recipe(data: str, backbone: str, method: str) -> str:
+    """The text of one recipe file."""
+    title, data_section, metric = DATA[data]
+    method_section, method_title = METHODS[method]
+    body = {
+        "data": dict(data_section),
+        "model": {"layout": f"{backbone}-cam", "pretrained": "imagenet"},
+        "method": dict(method_section),
+        "optim": {"epochs": 40, "batch_size": 64, "lr": 0.01, "new_layer_lr_ratio": 10, "momentum": 0.9,
+                  "weight_decay": 1.0e-4, "nesterov": True, "lr_milestones": [29], "lr_gamma": 0.1},
+        "eval": {"method": "cam", "metric": metric},
+        "runtime": {"out": f"runs/{data}-{backbone}-{method}"},
+    }
+    header = HEADER.format(title=title, backbone=BACKBONES[backbone], method_title=method_title,
+                           val=data_section["val_per_class"], fsl=FSL_NOTE if method == "fsl" else "")
+    return header + yaml.safe_dump(body, sort_keys=False)
+
+
+def recipes() -> dict[str, str]:
+    """File name -> text, for every data set, backbone and method."""
+    return {f"{d}-{b}-{m}.yaml": recipe(d, b, m) for d in DATA for b in BACKBONES for m in METHODS}
+
+
+def main() -> None:
+    for name, text in recipes().items():
+        (HERE / name).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
