@@ -197,7 +197,9 @@ def build_backbone(name: str, width: float = 1.0) -> nn.Module:
     if name == "resnet50":
         return ResNet50Backbone(width)
     if name == "inception_v3":
-        return __getattr__("InceptionV3Backbone")(width)
+        from mnpo.models.inception import InceptionV3Backbone  # it builds on this module's helpers
+
+        return InceptionV3Backbone(width)
     raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES}")
 
 
@@ -206,11 +208,3 @@ def backbone_taps(name: str, width: float = 1.0) -> dict[str, TapInfo]:
     with torch.device("meta"):
         return dict(build_backbone(name, width).taps)
 
-
-def __getattr__(name: str) -> type:
-    """``InceptionV3Backbone`` from ``mnpo.models.inception``, which imports this module (PEP 562)."""
-    if name == "InceptionV3Backbone":
-        from mnpo.models.inception import InceptionV3Backbone
-
-        return InceptionV3Backbone
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
