@@ -1,7 +1,8 @@
 """Write the wsolevaluation recipes: ``configs/<data>-<backbone>-<method>.yaml``.
 
 One recipe per data set (CUB, ILSVRC, OpenImages), backbone (VGG16, ResNet50, InceptionV3)
-and method (``cam``, ``has``, ``cutmix``, and ``fsl``, the few-shot fully supervised baseline),
+and method (``cam``, ``has``, ``cutmix``, ``adl``, and ``fsl``, the few-shot fully supervised
+baseline),
 from wsolevaluation's ``config.py`` defaults and training recipe (``../shared/docs/
 wsol-methods.md`` sections 2.6 and 3). Its per-set tuned values are in a spreadsheet that is not
 available offline, so every value that is not one of those defaults is ours and says so in the
@@ -40,6 +41,8 @@ METHODS = {
             "HaS: cells of 4 px hidden with probability 0.5 (wsolevaluation's defaults)"),
     "cutmix": ({"name": "cutmix", "cutmix_beta": 1.0, "cutmix_prob": 1.0},
                "CutMix: beta 1, probability 1 (wsolevaluation's defaults)"),
+    "adl": ({"name": "adl", "adl_drop_rate": 0.75, "adl_threshold": 0.9},
+            "ADL: drop rate 0.75, threshold 0.9 (wsolevaluation's defaults), three layers per backbone"),
     "fsl": ({"name": "fsl", "fsl_holdout_per_class": 1},
             "FSL: the few-shot fully supervised baseline, a per-pixel foreground head trained on val's "
             "annotations, one image per class held out to choose the epoch and the threshold (ours)"),

@@ -88,7 +88,7 @@ def test_cutmix_off_and_the_mixed_loss():
     assert torch.allclose(mixed_loss(logits, labels, other, 0.3), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [{"name": "has"}, {"name": "cutmix"}])
+@pytest.mark.parametrize("method", [{"name": "has"}, {"name": "cutmix"}, {"name": "adl"}])
 def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method):  # noqa: F811
     """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed
     ends with the uninterrupted run's weights; and the method does change training."""
@@ -113,7 +113,9 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method)
 
 
 @pytest.mark.parametrize("method, message", [
-    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix'\)"),
+    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'fsl'\)"),
+    ({"adl_threshold": 1.5}, r"method.adl_threshold: must be in \[0, 1\]"),
+    ({"adl_drop_rate": -0.5}, r"method.adl_drop_rate: must be in \[0, 1\]"),
     ({"has_grid_size": -2}, "method.has_grid_size: must be >= 0"),
     ({"has_drop_rate": 2.0}, r"method.has_drop_rate: must be in \[0, 1\], got 2.0"),
     ({"cutmix_prob": -0.1}, r"method.cutmix_prob: must be in \[0, 1\]"),
@@ -205,3 +207,50 @@ def test_fsl_on_masks_learns_from_the_masks_and_validates_by_pxap(synth, tmp_pat
     assert 0 <= float(row["val_pxap"]) <= 100 and "val_top1_cls" not in row
     with pytest.raises(ConfigError, match="'top1_cls' means nothing for fsl"):
         config(synth, out, method={"name": "fsl"}, eval={"metric": "top1_cls"})
+
+
+def test_adl_by_hand():
+    """Channel means 1, 2, 3, 4 on a 2x2 map: importance sigmoid(mean); the drop mask at
+    threshold 0.7 keeps the pixels below 0.7 * 4 = 2.8 (means 1 and 2)."""
+    from mnpo.engine.training_methods import adl
+
+    mean = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x = torch.stack([mean - 0.5, mean + 0.5])[None]  # (1, 2, 2, 2), channel mean = ``mean``
+    draws = [float(torch.rand((), generator=torch.Generator().manual_seed(k))) for k in range(2)]
+    k_drop, k_keep = (0, 1) if draws[0] < draws[1] else (1, 0)
+    rate = (draws[k_drop] + draws[k_keep]) / 2  # between the two draws: one seed drops, the other does not
+    dropped = adl(x, rate, 0.7, torch.Generator().manual_seed(k_drop))
+    assert torch.equal(dropped, x * torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    weighted = adl(x, rate, 0.7, torch.Generator().manual_seed(k_keep))
+    assert torch.allclose(weighted, x * torch.sigmoid(mean), rtol=0, atol=1e-7)
+
+
+def test_adl_picks_the_drop_mask_with_its_rate_and_is_the_identity_in_eval():
+    from mnpo.engine.training_methods import ADL_POSITIONS, adl, attach_adl
+    from mnpo.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 4, 4) + 0.1
+    importance = x * torch.sigmoid(x.mean(1, keepdim=True))
+    drops = sum(not torch.equal(adl(x, 0.75, 0.9, g), importance) for _ in range(2000))
+    assert abs(drops / 2000 - 0.75) < 5 * math.sqrt(0.75 * 0.25 / 2000)
+    for layout in ("vgg16-cam", "vgg16-mnpo", "resnet50-cam", "inception_v3-cam", "inception_v3-mnpo"):
+        torch.manual_seed(0)
+        model = build_model(layout, 3, width=0.0625)
+        images = torch.randn(2, 3, 64, 64)
+        model.eval()
+        with torch.no_grad():
+            plain = model(images).logits[0]
+        handles = attach_adl(model, 0.75, 0.9, torch.Generator().manual_seed(1))
+        assert len(handles) == 3
+        with torch.no_grad():
+            assert torch.equal(model(images).logits[0], plain), layout  # eval: the identity
+            model.train()
+            assert not torch.allclose(model(images).logits[0], plain), layout
+        for h in handles:
+            h.remove()
+    vgg = build_model("vgg16-cam", 3, width=0.0625).backbone
+    tap = vgg._tap_index
+    assert ADL_POSITIONS["vgg16"] == tuple(f"backbone.features.{i}" for i in
+                                           (tap["conv3_3"] + 1, tap["conv4_3"], tap["conv5_3"]))
+    assert isinstance(vgg.features[tap["conv3_3"] + 1], torch.nn.MaxPool2d)  # after the third pool

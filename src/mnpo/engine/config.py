@@ -6,7 +6,8 @@ A config file has four sections (every key optional except ``data.root`` and
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
               resize_size, crop_size, random_resized}
     model:   {layout, width, pretrained}
-    method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, fsl_holdout_per_class}
+    method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
+              fsl_holdout_per_class}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
@@ -56,7 +57,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     """The WSOL training method (:mod:`mnpo.engine.training_methods`): ``plain`` (CAM, MNPO),
-    ``has``, ``cutmix`` (defaults: wsolevaluation's ``config.py`` values) or ``fsl`` (the few-shot
+    ``has``, ``cutmix``, ``adl`` (defaults: wsolevaluation's ``config.py`` values) or ``fsl`` (the few-shot
     fully supervised baseline; ``fsl_holdout_per_class``: val images per class held out, ours)."""
 
     name: str = "plain"
@@ -64,6 +65,8 @@ class MethodConfig:
     has_drop_rate: float = 0.5
     cutmix_beta: float = 1.0
     cutmix_prob: float = 1.0
+    adl_drop_rate: float = 0.75
+    adl_threshold: float = 0.9
     fsl_holdout_per_class: int = 1
 
 
@@ -208,7 +211,8 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"method.name: {m.name!r}; choose one of {TRAINING_METHODS}")
     if m.has_grid_size < 0:
         problems.append(f"method.has_grid_size: must be >= 0 (0: off), got {m.has_grid_size}")
-    for key, value in (("has_drop_rate", m.has_drop_rate), ("cutmix_prob", m.cutmix_prob)):
+    for key, value in (("has_drop_rate", m.has_drop_rate), ("cutmix_prob", m.cutmix_prob),
+                       ("adl_drop_rate", m.adl_drop_rate), ("adl_threshold", m.adl_threshold)):
         if not 0 <= value <= 1:
             problems.append(f"method.{key}: must be in [0, 1], got {value}")
     if m.fsl_holdout_per_class < 1:

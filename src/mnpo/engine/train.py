@@ -46,7 +46,14 @@ from mnpo.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, foreground_logits, foreground_loss, mixed_loss
+from mnpo.engine.training_methods import (
+    HideAndSeek,
+    attach_adl,
+    cutmix_batch,
+    foreground_logits,
+    foreground_loss,
+    mixed_loss,
+)
 from mnpo.io import atomic_path
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import LAYOUTS, MultiBranchNet, NetworkLayout, build_model
@@ -107,6 +114,10 @@ class Trainer:
         self.num_classes = 1 if self.foreground else (self._num_classes() or self.train_set.meta.num_classes)
         seed_everything(cfg.runtime.seed)
         self.model = self._model().to(self.device)
+        self.adl_generator = None
+        if cfg.method.name == "adl":  # training-time layers on the plain network (training_methods)
+            self.adl_generator = torch.Generator()
+            attach_adl(self.model, cfg.method.adl_drop_rate, cfg.method.adl_threshold, self.adl_generator)
         if cfg.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -280,6 +291,9 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(self.device, non_blocking=True)
             partner_labels, lam = None, 1.0
+            if self.adl_generator is not None:  # the batch's ADL draws, the same on every rank
+                self.adl_generator.manual_seed(int(np.random.SeedSequence(
+                    [self.cfg.runtime.seed, epoch, step]).generate_state(1)[0]))
             if self.cfg.method.name == "cutmix":
                 m = self.cfg.method
                 rng = np.random.default_rng([self.cfg.runtime.seed, epoch, step])  # the same on every rank

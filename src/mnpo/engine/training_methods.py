@@ -19,6 +19,14 @@ network's maps are computed as for any other.
     from a generator seeded by ``(seed, epoch, step)``; under data parallelism every rank uses the
     same ``lam`` and box and permutes within its own share of the batch (wsolevaluation permutes
     the whole batch, on one GPU).
+``adl`` (Attention-based Dropout Layers, spec 2.4)
+    parameter-free layers after three modules of the network (:data:`ADL_POSITIONS`), active in
+    training only: each multiplies its input by the sigmoid of its channel mean (importance
+    map) or, with probability ``adl_drop_rate``, by a mask that drops the pixels whose channel
+    mean reaches ``adl_threshold`` times the image's maximum; one draw per layer per batch, from
+    a generator seeded by ``(seed, epoch, step)``. They are attached to the modules' outputs by
+    :func:`attach_adl` for the training loop only: the network, its checkpoint and its maps are
+    those of the plain layout (in eval mode ADL is the identity).
 ``fsl`` (few-shot fully supervised learning, the baseline of wsolevaluation's paper)
     trained on the *val* split's boxes or masks instead of the train split's labels: the
     network is built with one output, and its classifier row ``w`` acts as a per-pixel
@@ -40,10 +48,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TRAINING_METHODS", "CutMix", "HideAndSeek", "cutmix_batch", "draw_cutmix", "foreground_loss",
+__all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", "attach_adl", "cutmix_batch", "draw_cutmix", "foreground_loss",
            "foreground_logits", "mixed_loss"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "fsl")
+#: Where ADL acts, as module names of a ``MultiBranchNet`` (wsolevaluation's positions, spec 1.1-1.3):
+#: VGG16 after the third pool, after conv4_3 and after conv5_3; ResNet50 after layer3's first
+#: block, layer4's first block and layer4's last; InceptionV3 after Mixed_5d, after Mixed_6e and
+#: after the head's second conv (``SPG_A3_2b``).
+ADL_POSITIONS = {
+    "vgg16": ("backbone.features.16", "backbone.features.22", "backbone.features.29"),
+    "resnet50": ("backbone.layer3.0", "backbone.layer4.0", "backbone.layer4.2"),
+    "inception_v3": ("backbone.Mixed_5d", "backbone.Mixed_6e", "branches.main.SPG_A3_2b"),
+}
 
 
 class HideAndSeek:
@@ -146,3 +163,38 @@ def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
     x, t = logits[valid].float(), target[valid].float()
     accuracy = float(((x > 0).float() == t).float().mean())
     return F.binary_cross_entropy_with_logits(x, t), accuracy
+
+
+def adl(x: torch.Tensor, drop_rate: float, threshold: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One ADL layer in training mode: ``x`` (B, C, H, W) times the importance map
+    ``sigmoid(mean_c x)`` or, when a uniform draw is below ``drop_rate``, times the drop mask
+    ``mean_c x < threshold * max_hw(mean_c x)`` (per image). One draw for the whole batch."""
+    attention = x.mean(1, keepdim=True)
+    if float(torch.rand((), generator=generator)) < drop_rate:
+        peak = attention.amax(dim=(2, 3), keepdim=True)
+        return x * (attention < threshold * peak).to(x.dtype)
+    return x * torch.sigmoid(attention)
+
+
+def attach_adl(model: torch.nn.Module, drop_rate: float, threshold: float,
+               generator: torch.Generator | None = None) -> list:
+    """ADL after each of ``ADL_POSITIONS[model.layout.backbone]`` (forward hooks that act only
+    while the module is in training mode). Returns the hook handles (``.remove()`` detaches)."""
+    if not 0 <= drop_rate <= 1 or not 0 <= threshold <= 1:
+        raise ValueError(f"adl_drop_rate and adl_threshold must be in [0, 1], got {drop_rate}, {threshold}")
+    names = ADL_POSITIONS.get(model.layout.backbone)
+    if names is None:
+        raise ValueError(f"no ADL positions for backbone {model.layout.backbone!r}")
+    handles = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"layout has no module {name!r} for ADL (the {model.layout.backbone} positions "
+                             f"are {names})") from None
+
+        def hook(module, inputs, output):
+            return adl(output, drop_rate, threshold, generator) if module.training else output
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
