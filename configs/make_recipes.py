@@ -64,13 +64,21 @@ FSL_NOTE = """
 # --val-metadata RUN/fsl-holdout (the held-out images) for the calibrated protocol."""
 
 
+def layout(backbone: str, method: str) -> str:
+    """The CAM network of a backbone; InceptionV3 with ADL without the CAM head's dropouts (as
+    wsolevaluation's ``InceptionAdl``)."""
+    if backbone == "inception_v3" and method == "adl":
+        return "inception_v3-cam-no-dropout"
+    return f"{backbone}-cam"
+
+
 def recipe(data: str, backbone: str, method: str) -> str:
     """The text of one recipe file."""
     title, data_section, metric = DATA[data]
     method_section, method_title = METHODS[method]
     body = {
         "data": dict(data_section),
-        "model": {"layout": f"{backbone}-cam", "pretrained": "imagenet"},
+        "model": {"layout": layout(backbone, method), "pretrained": "imagenet"},
         "method": dict(method_section),
         "optim": {"epochs": 40, "batch_size": 64, "lr": 0.01, "new_layer_lr_ratio": 10, "momentum": 0.9,
                   "weight_decay": 1.0e-4, "nesterov": True, "lr_milestones": [29], "lr_gamma": 0.1},

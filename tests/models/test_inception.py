@@ -409,3 +409,29 @@ def test_gradient_maps_run_at_an_inception_tap():
     maps64, _ = compute_maps(model, images, targets, method="mnpos", target_layer="Mixed_6d")
     # the float32 network's rounding against float64's (tests/numerics.py)
     assert float((maps32.double() - maps64).abs().max()) <= map_bound(float32, torch.float32, passes=2)
+
+
+def test_inception_cam_dropouts_act_in_training_only():
+    """InceptionCam's three p=0.5 dropouts: two training forwards differ; in eval the network is
+    the no-dropout layout's with the same weights, exactly; the dropouts survive a layout round
+    trip, and zero dropouts are left out of a layout's data."""
+    from mnpo.models.multibranch import BlockSpec, LayoutError, NetworkLayout
+
+    torch.manual_seed(0)
+    with_dropout = build_model("inception_v3-cam", 3, width=0.0625)
+    without = build_model("inception_v3-cam-no-dropout", 3, width=0.0625)
+    without.load_state_dict(with_dropout.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with_dropout.eval(), without.eval()
+        assert torch.equal(with_dropout(x).logits[0], without(x).logits[0])
+        with_dropout.train()
+        a, b = with_dropout(x).logits[0], with_dropout(x).logits[0]
+    assert not torch.equal(a, b)
+    data = with_dropout.layout.to_dict()
+    head = data["branches"][0]["blocks"]
+    assert (head[0]["input_dropout"], head[0]["dropout"], head[1]["dropout"]) == (0.5, 0.5, 0.5)
+    assert "input_dropout" not in head[1] and NetworkLayout.from_dict(data) == with_dropout.layout
+    assert all("dropout" not in blk for blk in without.layout.to_dict()["branches"][0]["blocks"])
+    with pytest.raises(LayoutError, match=r"block 'h': dropout must be in \[0, 1\), got 1.0"):
+        BlockSpec("h", "conv3x3_relu", ("Mixed_6e",), out_channels=8, dropout=1.0)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from mnpo.models.backbones import TapInfo, backbone_taps, build_backbone, gradient_leaf, run_tracked, scale_channels
 from mnpo.models.blocks import Bottleneck, Conv3x3ReLU, Reduce1x1, concat, init_he
@@ -35,6 +36,8 @@ class BlockSpec:
 
     kind: ``bottleneck`` (needs ``width``, ``out_channels``, optional ``stride``),
     ``reduce1x1`` / ``conv3x3_relu`` (need ``out_channels``), ``concat`` (>= 2 inputs).
+    input_dropout, dropout: probabilities of dropout (``F.dropout``, training mode only) on the
+    block's input and on its output (0: none; wsolevaluation's InceptionCam head has them).
     """
 
     name: str
@@ -43,6 +46,8 @@ class BlockSpec:
     out_channels: int | None = None
     width: int | None = None
     stride: int = 1
+    input_dropout: float = 0.0
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -64,6 +69,9 @@ class BlockSpec:
             raise LayoutError(f"{where}: stride must be 1 or 2, got {self.stride}")
         if self.stride != 1 and self.kind != "bottleneck":
             raise LayoutError(f"{where}: only a bottleneck may have a stride")
+        for key in ("input_dropout", "dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise LayoutError(f"{where}: {key} must be in [0, 1), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,7 @@ class NetworkLayout:
                 {
                     "name": b.name,
                     "output": b.output,
-                    "blocks": [dict(asdict(blk), inputs=list(blk.inputs)) for blk in b.blocks],
+                    "blocks": [_block_dict(blk) for blk in b.blocks],
                 }
                 for b in self.branches
             ],
@@ -223,6 +231,12 @@ class NetworkLayout:
 
         with open(path, encoding="utf-8") as fh:
             return cls.from_dict(yaml.safe_load(fh))
+
+
+def _block_dict(block: BlockSpec) -> dict[str, Any]:
+    """A block as plain data; zero dropouts are left out (layouts without dropout read as before)."""
+    data = dict(asdict(block), inputs=list(block.inputs))
+    return {k: v for k, v in data.items() if not (k in ("input_dropout", "dropout") and v == 0)}
 
 
 # --- the shipped layouts ----------------------------------------------------------------
@@ -298,14 +312,16 @@ def resnet50_cam_layout(width: float = 1.0) -> NetworkLayout:
     return NetworkLayout("resnet50", (BranchLayout("main", (), output="layer4"),), width)
 
 
-def _inception_head_branch() -> BranchLayout:
+def _inception_head_branch(dropout: float = 0.5) -> BranchLayout:
     """wsolevaluation's ``InceptionCam`` head on ``Mixed_6e``: ``SPG_A3_1b`` (3x3 conv 768 -> 1024
-    + ReLU), ``SPG_A3_2b`` (3x3 conv 1024 -> 1024 + ReLU), stride 16."""
+    + ReLU), ``SPG_A3_2b`` (3x3 conv 1024 -> 1024 + ReLU), stride 16; dropout ``p`` in training
+    on ``Mixed_6e``, after ``SPG_A3_1b`` and after ``SPG_A3_2b`` (its ADL variant has none)."""
     return BranchLayout(
         "main",
         (
-            BlockSpec("SPG_A3_1b", "conv3x3_relu", ("Mixed_6e",), out_channels=1024),
-            BlockSpec("SPG_A3_2b", "conv3x3_relu", ("SPG_A3_1b",), out_channels=1024),
+            BlockSpec("SPG_A3_1b", "conv3x3_relu", ("Mixed_6e",), out_channels=1024,
+                      input_dropout=dropout, dropout=dropout),
+            BlockSpec("SPG_A3_2b", "conv3x3_relu", ("SPG_A3_1b",), out_channels=1024, dropout=dropout),
         ),
     )
 
@@ -318,11 +334,18 @@ def inception_v3_cam_layout(width: float = 1.0) -> NetworkLayout:
     after GAP (the two commute), so the logits are the same function. Its CAM, channel ``y`` of
     ``SPG_A4``'s map, is ``w_y . F + b_y``; ours (``compute_maps(..., "cam")``) is
     ``mean_c(w_y * F) = (w_y . F) / C``: a positive scale and an offset, equal after min-max
-    normalization. Not yet done: ``InceptionCam``'s three dropouts (p=0.5, train mode only) on
-    ``Mixed_6e``, after ``SPG_A3_1b`` and after ``SPG_A3_2b``; and the new layers get He
-    initialization like every layout here, where wsolevaluation uses Xavier for Inception.
+    normalization. ``InceptionCam``'s three dropouts (p=0.5, training only) are the blocks'
+    ``input_dropout`` / ``dropout``; ``inception_v3-cam-no-dropout`` is the head without them
+    (wsolevaluation's ``InceptionAdl``). The new layers get He initialization like every layout
+    here, where wsolevaluation uses Xavier for Inception.
     """
     return NetworkLayout("inception_v3", (_inception_head_branch(),), width)
+
+
+def inception_v3_cam_no_dropout_layout(width: float = 1.0) -> NetworkLayout:
+    """``inception_v3_cam_layout`` without its dropouts: the network of wsolevaluation's
+    ``InceptionAdl`` (ADL replaces them)."""
+    return NetworkLayout("inception_v3", (_inception_head_branch(dropout=0.0),), width)
 
 
 def inception_v3_layout(width: float = 1.0) -> NetworkLayout:
@@ -338,8 +361,8 @@ def inception_v3_layout(width: float = 1.0) -> NetworkLayout:
       backbone tap, as ``conv5_3``) to 64; ``out`` = concat, 1024 ch: the main branch's width,
       for the shared ``Linear(1024, K)``.
 
-    The same channel counts as the released VGG16 branch, on Inception's taps. Dropout: see
-    ``inception_v3_cam_layout`` (not yet done).
+    The same channel counts as the released VGG16 branch, on Inception's taps. The main branch
+    keeps ``inception_v3_cam_layout``'s dropouts; the parallel branch has none.
     """
     parallel = BranchLayout(
         "parallel",
@@ -363,6 +386,7 @@ LAYOUTS = {
     "resnet50-cam": resnet50_cam_layout,
     "resnet50-mnpo": resnet50_layout,
     "inception_v3-cam": inception_v3_cam_layout,
+    "inception_v3-cam-no-dropout": inception_v3_cam_no_dropout_layout,
     "inception_v3-mnpo": inception_v3_layout,
 }
 
@@ -482,7 +506,11 @@ class MultiBranchNet(nn.Module):
                     values[key] = replace[1]
                     continue
                 inputs = _same_rows([get(r) for r in spec.inputs])
+                if spec.input_dropout and self.training:
+                    inputs = [F.dropout(t, spec.input_dropout, training=True) for t in inputs]
                 y = run(_concat, *inputs) if spec.kind == "concat" else run(modules[spec.name], inputs[0])
+                if spec.dropout and self.training:
+                    y = F.dropout(y, spec.dropout, training=True)
                 values[key] = gradient_leaf(y) if key == target else y
             maps[branch.name] = get(branch.output)
         logits = tuple(run(self.classifier, m.mean(dim=(2, 3))) for m in maps.values())
