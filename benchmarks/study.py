@@ -15,8 +15,8 @@ then evaluate on the test split, thresholds calibrated on val and oracle:
   one branch, H off) and DGL with H on;
 
 and, chosen with ``--models``, wsolevaluation's training methods and baselines beside them:
-``vgg16-cam+has`` and ``vgg16-cam+cutmix`` (the one-branch network trained with HaS / CutMix,
-scored by CAM), ``vgg16-cam+fsl`` (the few-shot fully supervised baseline: trained on val's
+``vgg16-cam+has``, ``vgg16-cam+cutmix`` and ``vgg16-cam+adl`` (the one-branch network trained
+with HaS / CutMix / ADL, scored by CAM), ``vgg16-cam+fsl`` (the few-shot fully supervised baseline: trained on val's
 boxes minus one image per class, calibrated on that held-out image) and ``center`` (the
 center baseline: no network, thresholds calibrated on val).
 
@@ -81,6 +81,7 @@ EVALUATIONS = {
 WSOL_MODELS = {
     "vgg16-cam+has": ("vgg16-cam", {"name": "has"}, [("CAM", "cam", {})]),
     "vgg16-cam+cutmix": ("vgg16-cam", {"name": "cutmix"}, [("CAM", "cam", {})]),
+    "vgg16-cam+adl": ("vgg16-cam", {"name": "adl"}, [("CAM", "cam", {})]),
     "vgg16-cam+fsl": ("vgg16-cam", {"name": "fsl"}, [("FSL", "cam", {})]),
     "center": (None, None, [("center baseline", "center", {})]),
 }

@@ -98,9 +98,10 @@ def test_study_scores_the_wsol_methods_and_both_baselines(tmp_path):
     args = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
             "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--fsl-epochs", "2", "--batch", "4",
             "--width", "0.0625", "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "-q",
-            "--models", "vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+fsl,center"]
+            "--models", "vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-cam+fsl,center"]
     out = run("study.py", *args)
-    for model, label in (("vgg16-cam+has", "CAM"), ("vgg16-cam+cutmix", "CAM"), ("vgg16-cam+fsl", "FSL"),
+    for model, label in (("vgg16-cam+has", "CAM"), ("vgg16-cam+cutmix", "CAM"), ("vgg16-cam+adl", "CAM"),
+                         ("vgg16-cam+fsl", "FSL"),
                          ("center", "center baseline")):
         assert f"| parts | {model} | {label} |" in out, model
     fsl = next(line for line in out.splitlines() if "| vgg16-cam+fsl |" in line)
