@@ -32,7 +32,6 @@ def synthetic_results(label: str, images: int, classes: int, gallery: int, seed:
     """A box-split result of the given size (random values of the right shapes and ranges)."""
     rng = np.random.default_rng(seed)
     thresholds = cam_thresholds(0.01)
-    t = len(thresholds)
     ids = tuple(f"val/ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(images))
     labels = np.arange(images, dtype=np.int64) % classes
     bump = np.exp(-((thresholds - rng.uniform(0.2, 0.5)) / 0.15) ** 2)

@@ -17,13 +17,18 @@ SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16),
 def make_model(backbone, classes=6, seed=0):
     name, width = SETUPS[backbone]
     torch.manual_seed(seed)
-    model = build_model(name, classes, width=width)
+    return spread(build_model(name, classes, width=width))
+
+
+def spread(model):
+    """``model`` in eval mode with BatchNorm statistics away from the identity and a classifier
+    whose softmax is not flat (He-init's 0.01 would make it so)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.5, 2.0)
-        model.classifier.weight.normal_(0, 0.5)  # He-init's 0.01 gives near-flat softmax; spread it
+        model.classifier.weight.normal_(0, 0.5)
     return model.eval()
 
 

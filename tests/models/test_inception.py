@@ -354,15 +354,10 @@ def test_mnpo_layout_shapes_at_224():
 
 
 def _maps_model(layout):
+    from maps.test_methods import spread
+
     torch.manual_seed(0)
-    model = build_model(layout, 6, width=0.125)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-        model.classifier.weight.normal_(0, 0.5)  # He-init's 0.01 gives near-flat softmax; spread it
-    return model.double().eval()
+    return spread(build_model(layout, 6, width=0.125)).double()
 
 
 def _naive(model, images, targets, method):

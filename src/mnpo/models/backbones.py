@@ -78,6 +78,29 @@ def gradient_leaf(x: Tensor) -> Tensor:
     return (x.clone() if x.is_inference() else x.detach()).requires_grad_()
 
 
+def run_stages(stages: Sequence[tuple[str, Callable[[Tensor], Tensor]]], x: Tensor, wanted: Sequence[str],
+               grad_from: str | None = None, replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Run named stages in order, up to the last one ``wanted`` names, and return those outputs.
+
+    ``grad_from``: that stage's output becomes a leaf requiring grad; the stages before it run
+    without autograd and those after record it (a truncated backward). ``replace``:
+    ``(name, value)``, the stages after ``name`` continue from ``value``.
+    """
+    names = [name for name, _ in stages]
+    last = max((names.index(t) for t in wanted), default=-1)
+    out: dict[str, Tensor] = {}
+    x = x if grad_from is None else x.detach()
+    for name, stage in stages[: last + 1]:
+        x = stage(x) if grad_from is None else run_tracked(stage, x)
+        if name == grad_from:
+            x = gradient_leaf(x)
+        if replace is not None and name == replace[0]:
+            x = replace[1]
+        if name in wanted:
+            out[name] = x
+    return {t: out[t] for t in wanted}
+
+
 def make_vgg_features(config: Sequence[int | str], width: float = 1.0) -> tuple[nn.Sequential, dict[str, int], dict[str, TapInfo]]:
     """Conv3x3+ReLU per number, 2x2 max-pool per ``"M"``.
 
@@ -168,22 +191,10 @@ class ResNet50Backbone(nn.Module):
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
         wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
-        names = list(self.taps)
-        last = max((names.index(t) for t in wanted), default=-1)
-        out: dict[str, Tensor] = {}
-        if last < 0:
-            return out
-        run = (lambda m, t: m(t)) if grad_from is None else run_tracked
-        x = run(self.stem, x if grad_from is None else x.detach())
-        for name in names[: last + 1]:
-            x = run(getattr(self, name), x)
-            if name == grad_from:
-                x = gradient_leaf(x)
-            if replace is not None and name == replace[0]:
-                x = replace[1]
-            if name in wanted:
-                out[name] = x
-        return {t: out[t] for t in wanted}
+        if not wanted:
+            return {}
+        stages = [("stem", self.stem), *((name, getattr(self, name)) for name in self.taps)]
+        return run_stages(stages, x, wanted, grad_from, replace)
 
     def stem(self, x: Tensor) -> Tensor:
         """conv1, BN, ReLU, max-pool: ``(B, 3, H, W) -> (B, 64, H/4, W/4)``."""

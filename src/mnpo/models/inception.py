@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mnpo.models.backbones import TapInfo, _wanted, gradient_leaf, run_tracked, scale_channels
+from mnpo.models.backbones import TapInfo, _wanted, run_stages, scale_channels
 
 #: BatchNorm epsilon of every Inception conv (torchvision's and wsolevaluation's).
 BN_EPS = 1e-3
@@ -188,16 +188,4 @@ class InceptionV3Backbone(nn.Module):
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
         wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
-        last = max((self.sequence.index(t) for t in wanted), default=-1)
-        out: dict[str, Tensor] = {}
-        x = x if grad_from is None else x.detach()
-        for name in self.sequence[: last + 1]:
-            module = getattr(self, name)
-            x = module(x) if grad_from is None else run_tracked(module, x)
-            if name == grad_from:
-                x = gradient_leaf(x)
-            if replace is not None and name == replace[0]:
-                x = replace[1]
-            if name in wanted:
-                out[name] = x
-        return {t: out[t] for t in wanted}
+        return run_stages([(name, getattr(self, name)) for name in self.sequence], x, wanted, grad_from, replace)
