@@ -1,5 +1,6 @@
-"""Training: SGD (Nesterov) on the sum of the branches' cross-entropies, validation each epoch,
-atomic best/last checkpoints, exact resume.
+"""Training: SGD (Nesterov) on the sum of the branches' cross-entropies (or a WSOL training
+method's loss: HaS, CutMix, ADL, FSL, see :mod:`mnpo.engine.training_methods`), validation each
+epoch, atomic best/last checkpoints, exact resume.
 
 The run folder (``runtime.out``) holds ``config.yaml``, ``metrics.csv`` (one row per epoch),
 ``tensorboard/`` (when the ``tensorboard`` package is installed), ``last.pt`` (written after
@@ -30,9 +31,9 @@ from torchvision.transforms import v2
 
 from mnpo.data.dataset import WSOLDataset, subsample_per_class
 from mnpo.data.foreground import ForegroundDataset
-from mnpo.data.transforms import train_transform
 from mnpo.data.make_metadata import CLASS_NAMES, AnnotationError, read_class_names
 from mnpo.data.metadata import read_split, write_split
+from mnpo.data.transforms import train_transform
 from mnpo.engine.config import ConfigError, TrainConfig
 from mnpo.engine.evaluate import SkipUnreadable, collate_skipping, evaluate_model
 from mnpo.engine.evaluate_maps import build_report
@@ -183,7 +184,7 @@ class Trainer:
         """``data.num_classes``, else the length of the class-name list, else ``None`` (from labels)."""
         return self.cfg.data.num_classes or (len(self.class_names) if self.class_names else None)
 
-    def _datasets(self) -> tuple[WSOLDataset, WSOLDataset]:
+    def _datasets(self) -> tuple[WSOLDataset | ForegroundDataset, WSOLDataset]:
         d = self.cfg.data
         meta = Path(d.metadata)
         if self.cfg.method.name == "fsl":
@@ -286,29 +287,7 @@ class Trainer:
             skipped += len(batch["skipped"])
             if "image" not in batch:
                 continue
-            images = batch["image"].to(self.device, non_blocking=True)
-            if self.cfg.runtime.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"].to(self.device, non_blocking=True)
-            partner_labels, lam = None, 1.0
-            if self.adl_generator is not None:  # the batch's ADL draws, the same on every rank
-                self.adl_generator.manual_seed(int(np.random.SeedSequence(
-                    [self.cfg.runtime.seed, epoch, step]).generate_state(1)[0]))
-            if self.cfg.method.name == "cutmix":
-                m = self.cfg.method
-                rng = np.random.default_rng([self.cfg.runtime.seed, epoch, step])  # the same on every rank
-                images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)
-            with autocast(self.device, self.precision):
-                if self.foreground:
-                    out = self.train_model(images, return_features=True)
-                    pixel_logits = foreground_logits(out.features["head"], self.model.classifier.weight,
-                                                     self.model.classifier.bias, tuple(images.shape[-2:]))
-                    target = batch["target"].to(self.device, non_blocking=True)
-                    loss, pixel_accuracy = foreground_loss(pixel_logits, target)
-                else:
-                    logits = self.train_model(images).logits
-                    loss = (wsol_loss(logits, labels) if partner_labels is None
-                            else mixed_loss(logits, labels, partner_labels, lam))
+            loss, hits = self._batch_loss(batch, epoch, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
@@ -319,9 +298,9 @@ class Trainer:
             if self.cfg.optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
             self.optimizer.step()
-            n = len(labels)
+            n = len(batch["label"])
             total_loss += float(loss.detach()) * n
-            correct += pixel_accuracy * n if self.foreground else int((logits[0].argmax(1) == labels).sum())
+            correct += hits
             seen += n
             if bar is not None and (step % self.cfg.runtime.log_every == 0):
                 elapsed = time.perf_counter() - start
@@ -334,6 +313,33 @@ class Trainer:
             np.array([total_loss, correct, seen, skipped], np.float64), self.ctx).tolist()
         seen, skipped = int(seen), int(skipped)
         return EpochStats(total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, skipped, seconds)
+
+    def _batch_loss(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, float]:
+        """The training method's loss on one batch, and its hits: images classified right, or for
+        ``fsl`` the batch's images times the fraction of pixels classified right."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        m = self.cfg.method
+        partner_labels, lam = None, 1.0
+        if self.adl_generator is not None:  # the batch's ADL draws, the same on every rank
+            self.adl_generator.manual_seed(int(np.random.SeedSequence([self.cfg.runtime.seed, epoch, step])
+                                               .generate_state(1)[0]))
+        if m.name == "cutmix":
+            rng = np.random.default_rng([self.cfg.runtime.seed, epoch, step])  # the same on every rank
+            images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)
+        with autocast(self.device, self.precision):
+            if self.foreground:
+                out = self.train_model(images, return_features=True)
+                pixel_logits = foreground_logits(out.features["head"], self.model.classifier.weight,
+                                                 self.model.classifier.bias, tuple(images.shape[-2:]))
+                loss, accuracy = foreground_loss(pixel_logits, batch["target"].to(self.device, non_blocking=True))
+                return loss, accuracy * len(labels)
+            logits = self.train_model(images).logits
+            loss = (wsol_loss(logits, labels) if partner_labels is None
+                    else mixed_loss(logits, labels, partner_labels, lam))
+        return loss, int((logits[0].argmax(1) == labels).sum())
 
     def validate(self) -> tuple[dict[str, float], dict[str, Any]]:
         """Oracle metrics on val (per-epoch selection) and the classification accuracy."""
