@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader, Sampler
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gt_boxes_in_frame
-from mnpo.engine.results import THUMBNAIL, GalleryItem, SplitDetails, gallery_sample
+from mnpo.engine.results import (
+    THUMBNAIL,
+    EvaluationResults,
+    GalleryItem,
+    SplitDetails,
+    gallery_sample,
+    write_results,
+)
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
@@ -474,8 +481,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                     val_classification=None if foreground else val.classification)
     report = build_report(test.curves, None if val is None else val.curves, info)
     if details and ctx.is_main:
-        from mnpo.engine.results import EvaluationResults, write_results
-
         evaluation = EvaluationResults.build(
             label or method, test.curves, None if val is None else val.curves, test.details,
             datasets["test"].meta, None if val is None else datasets["val"].meta, model.num_classes, info)

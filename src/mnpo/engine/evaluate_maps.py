@@ -98,10 +98,9 @@ def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, m
     None scores the center baseline (:func:`mnpo.maps.center_map`, the same map for every image)."""
     thresholds = cam_thresholds() if thresholds is None else thresholds
     if maps_dir is None:
-        from mnpo.maps import center_map
+        from mnpo.maps import center_map, normalize_maps
 
-        center = center_map(EVAL_SIZE, EVAL_SIZE).numpy()
-        center = (center - center.min()) / (center.max() - center.min())
+        center = normalize_maps(center_map(EVAL_SIZE, EVAL_SIZE)[None])[0].numpy()
 
         def read(image_id: str) -> np.ndarray:
             return center

@@ -116,9 +116,9 @@ def _curves_plot(results: Sequence[EvaluationResults], labels: Sequence[str]) ->
     panels += [(f"MaxBoxAccV2 part: all contours, IoU {iou}", lambda c, i=i: c.accuracy(c.multi[i]))
                for i, iou in enumerate(first.test.iou_thresholds)]
     fig = _figure(4.2 * len(panels), 3.6)
-    axes = fig.subplots(1, len(panels), sharey=True)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
     t = first.thresholds
-    for ax, (title, curve_of) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, curve_of) in zip(axes, panels):
         for k, (r, label) in enumerate(zip(results, labels)):
             color = f"C{k % 10}"
             acc = curve_of(r.test)
@@ -131,8 +131,8 @@ def _curves_plot(results: Sequence[EvaluationResults], labels: Sequence[str]) ->
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("score-map threshold")
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("box accuracy (%)")
-    np.atleast_1d(axes)[0].legend(fontsize=8, title="o oracle, x calibrated", title_fontsize=8)
+    axes[0].set_ylabel("box accuracy (%)")
+    axes[0].legend(fontsize=8, title="o oracle, x calibrated", title_fontsize=8)
     return _svg(fig)
 
 
