@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from mnpo.models.backbones import ResNet50Backbone, TapInfo, VGG16Backbone, build_backbone
 from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from mnpo.models.method_nets import MethodLayout, layout_from_dict, network_kind
 from mnpo.models.multibranch import (
-    LAYOUTS,
     LayoutError,
     MultiBranchNet,
     MultiBranchOutput,
@@ -17,13 +19,15 @@ from mnpo.models.multibranch import (
     resnet50_layout,
     three_branch_vgg16_layout,
 )
+from mnpo.models.networks import LAYOUTS, build_network
 from mnpo.models.release import import_released_checkpoint
 from mnpo.models.weights import WeightsError, load_pretrained
 
 
-def build_model(layout: NetworkLayout | str, num_classes: int, pretrained: str | os.PathLike | None = None,
-                width: float = 1.0) -> MultiBranchNet:
-    """A ``MultiBranchNet`` from a layout (or a name in ``LAYOUTS``, built at ``width``).
+def build_model(layout: NetworkLayout | MethodLayout | str, num_classes: int,
+                pretrained: str | os.PathLike | None = None, width: float = 1.0) -> torch.nn.Module:
+    """A ``MultiBranchNet`` (or ACoL / SPG network) from a layout (or a name in ``LAYOUTS``, built
+    at ``width``).
 
     ``pretrained``: ``None`` (all He-initialized), ``"imagenet"`` (torchvision's weights API)
     or a path to a torchvision ``.pth`` state dict; it fills the backbone only.
@@ -32,14 +36,15 @@ def build_model(layout: NetworkLayout | str, num_classes: int, pretrained: str |
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
         layout = LAYOUTS[layout](width)
-    model = MultiBranchNet(layout, num_classes)
+    model = build_network(layout, num_classes)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
 
 
 __all__ = [
-    "LAYOUTS", "CheckpointError", "InceptionV3Backbone", "LayoutError", "MultiBranchNet", "MultiBranchOutput", "NetworkLayout",
+    "LAYOUTS", "CheckpointError", "InceptionV3Backbone", "LayoutError", "MethodLayout", "MultiBranchNet",
+    "MultiBranchOutput", "NetworkLayout", "build_network", "layout_from_dict", "network_kind",
     "ResNet50Backbone", "TapInfo", "VGG16Backbone", "WeightsError", "build_backbone", "build_model",
     "import_released_checkpoint", "load_model", "load_pretrained", "read_checkpoint",
     "released_vgg16_layout", "resnet50_layout", "save_checkpoint", "three_branch_vgg16_layout",

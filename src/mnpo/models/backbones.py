@@ -15,6 +15,9 @@
   torchvision's modules (``Conv2d_1a_3x3`` ... ``Mixed_6e``).
 
 All three take a ``width`` multiplier for every channel count (``width=1`` is the real network).
+Besides ``taps``, each has ``inner_taps``: outputs that ``forward`` also returns by name but that
+layouts do not fuse (VGG16's pools ``pool1``..``pool4``, ResNet50's ``layer3.0``, InceptionV3's
+``maxpool1``..``maxpool3``): where SPG's side branches read (spec 2.3).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
     (64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 1),
 )
 BACKBONE_NAMES = ("vgg16", "resnet50", "inception_v3")
+#: VGG16 pool kinds (spec 1.1): ``max2`` 2x2 stride 2 (torchvision's, ``M``), ``max3`` 3x3 stride 2
+#: padding 1 (``M1``; ACoL's four pools, SPG's fourth).
+VGG_POOLS = ("max2", "max3")
 
 
 @dataclass(frozen=True)
@@ -101,19 +107,29 @@ def run_stages(stages: Sequence[tuple[str, Callable[[Tensor], Tensor]]], x: Tens
     return {t: out[t] for t in wanted}
 
 
-def make_vgg_features(config: Sequence[int | str], width: float = 1.0) -> tuple[nn.Sequential, dict[str, int], dict[str, TapInfo]]:
-    """Conv3x3+ReLU per number, 2x2 max-pool per ``"M"``.
+def make_vgg_features(config: Sequence[int | str], width: float = 1.0, pools: Sequence[str] = ()
+                      ) -> tuple[nn.Sequential, dict[str, int], dict[str, TapInfo], dict[str, TapInfo]]:
+    """Conv3x3+ReLU per number, a max-pool per ``"M"``: the k-th of kind ``pools[k]`` (``VGG_POOLS``;
+    ``max2`` where ``pools`` has no entry).
 
-    Returns the layers, the index in them of each tap's ReLU, and the taps' info.
+    Returns the layers, the index in them of each tap's ReLU and each pool (``pool{k}``), the
+    conv taps' info and the pools' info.
     """
     layers: list[nn.Module] = []
     tap_index: dict[str, int] = {}
     taps: dict[str, TapInfo] = {}
+    pool_taps: dict[str, TapInfo] = {}
     in_channels, stage, index, stride = 3, 1, 0, 1
     for item in config:
         if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            stage, index, stride = stage + 1, 0, stride * 2
+            kind = pools[stage - 1] if stage - 1 < len(pools) else "max2"
+            if kind not in VGG_POOLS:
+                raise ValueError(f"pool {stage}: unknown kind {kind!r}; choose one of {VGG_POOLS}")
+            layers.append(nn.MaxPool2d(2, 2) if kind == "max2" else nn.MaxPool2d(3, 2, padding=1))
+            stride *= 2
+            tap_index[f"pool{stage}"] = len(layers) - 1
+            pool_taps[f"pool{stage}"] = TapInfo(in_channels, stride)
+            stage, index = stage + 1, 0
             continue
         out_channels = scale_channels(int(item), width)
         layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
@@ -122,18 +138,23 @@ def make_vgg_features(config: Sequence[int | str], width: float = 1.0) -> tuple[
         tap_index[name] = len(layers) - 1
         taps[name] = TapInfo(out_channels, stride)
         in_channels = out_channels
-    return nn.Sequential(*layers), tap_index, taps
+    return nn.Sequential(*layers), tap_index, taps, pool_taps
 
 
 class VGG16Backbone(nn.Module):
-    """VGG16, WSOL layout. ``(B, 3, H, W) -> {tap: (B, C, H/s, W/s)}``; ``conv5_3`` is 512 x H/16."""
+    """VGG16, WSOL layout. ``(B, 3, H, W) -> {tap: (B, C, H/s, W/s)}``; ``conv5_3`` is 512 x H/16.
+
+    ``pools``: the kinds of the four pools (``VGG_POOLS``), torchvision's 2x2 by default;
+    wsolevaluation's ACoL network has four ``max3``, its SPG network a ``max3`` fourth pool.
+    The module indices are torchvision's whatever the kinds.
+    """
 
     name = "vgg16"
 
-    def __init__(self, width: float = 1.0) -> None:
+    def __init__(self, width: float = 1.0, pools: Sequence[str] = ()) -> None:
         super().__init__()
         self.width = width
-        self.features, self._tap_index, self.taps = make_vgg_features(VGG16_CONFIG, width)
+        self.features, self._tap_index, self.taps, self.inner_taps = make_vgg_features(VGG16_CONFIG, width, pools)
 
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -144,7 +165,7 @@ class VGG16Backbone(nn.Module):
         a backward pass truncated at that tap. ``replace``: ``(tap, value)``: the layers after
         the tap continue from ``value`` (any batch size) instead of what they computed.
         """
-        wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
+        wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         index = {self._tap_index[t]: t for t in wanted}
         out: dict[str, Tensor] = {}
         x = x if grad_from is None else x.detach()
@@ -186,14 +207,17 @@ class ResNet50Backbone(nn.Module):
             total_stride *= stride
             self.taps[f"layer{i}"] = TapInfo(out_channels, total_stride)
             in_channels = out_channels
+        #: layer3's first block alone (SPG's B1 tap, wsolevaluation's ``SPG_A1``)
+        self.inner_taps = {"layer3.0": self.taps["layer3"]}
 
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
-        wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
+        wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         if not wanted:
             return {}
-        stages = [("stem", self.stem), *((name, getattr(self, name)) for name in self.taps)]
+        stages = [("stem", self.stem), ("layer1", self.layer1), ("layer2", self.layer2),
+                  ("layer3.0", self.layer3[0]), ("layer3", self.layer3[1:]), ("layer4", self.layer4)]
         return run_stages(stages, x, wanted, grad_from, replace)
 
     def stem(self, x: Tensor) -> Tensor:
@@ -201,10 +225,11 @@ class ResNet50Backbone(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
-def build_backbone(name: str, width: float = 1.0) -> nn.Module:
-    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout."""
+def build_backbone(name: str, width: float = 1.0, vgg_pools: Sequence[str] = ()) -> nn.Module:
+    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout (``vgg_pools``: see
+    ``VGG16Backbone``)."""
     if name == "vgg16":
-        return VGG16Backbone(width)
+        return VGG16Backbone(width, vgg_pools)
     if name == "resnet50":
         return ResNet50Backbone(width)
     if name == "inception_v3":

@@ -69,15 +69,21 @@ def concat(features: Sequence[Tensor]) -> Tensor:
     return torch.cat(list(features), dim=1)
 
 
-def init_he(module: nn.Module) -> None:
-    """He initialization as wsolevaluation's ``initialize_weights(..., 'he')`` (the reference's).
+def init_he(module: nn.Module, mode: str = "he") -> None:
+    """He initialization as wsolevaluation's ``initialize_weights(..., 'he')`` (the reference's),
+    or with ``mode="xavier"`` its ``'xavier'`` variant (conv weights Xavier-uniform instead).
 
     Conv: kaiming normal, fan_out, relu; bias 0. BatchNorm: weight 1, bias 0.
     Linear: normal(0, 0.01), bias 0.
     """
+    if mode not in ("he", "xavier"):
+        raise ValueError(f"init mode {mode!r}: choose 'he' or 'xavier'")
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if mode == "he":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

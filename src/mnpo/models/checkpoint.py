@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from mnpo.io import atomic_path
-from mnpo.models.multibranch import LayoutError, MultiBranchNet, NetworkLayout
+from mnpo.models.method_nets import MethodLayout, layout_from_dict
+from mnpo.models.multibranch import LayoutError, NetworkLayout
+from mnpo.models.networks import build_network
 
 CHECKPOINT_FORMAT = "mnpo.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -57,7 +59,7 @@ def load_plain(path: str | os.PathLike, *, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a readable torch file (truncated or another format): {err}") from None
 
 
-def checkpoint_payload(model: MultiBranchNet, *, meta: Mapping[str, Any] | None = None,
+def checkpoint_payload(model: torch.nn.Module, *, meta: Mapping[str, Any] | None = None,
                        training: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The dict :func:`save_checkpoint` writes (weights copied to the CPU)."""
     payload: dict[str, Any] = {
@@ -73,7 +75,7 @@ def checkpoint_payload(model: MultiBranchNet, *, meta: Mapping[str, Any] | None 
     return payload
 
 
-def save_checkpoint(path: str | os.PathLike, model: MultiBranchNet, *, meta: Mapping[str, Any] | None = None,
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, meta: Mapping[str, Any] | None = None,
                     training: Mapping[str, Any] | None = None) -> None:
     """Write a checkpoint atomically (temporary file + rename): a kill leaves the old file intact."""
     payload = checkpoint_payload(model, meta=meta, training=training)
@@ -107,20 +109,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _describe(layout: Mapping[str, Any]) -> str:
+    if "network" in layout:
+        return ", ".join(f"{k}={v!r}" for k, v in layout.items())
     branches = layout.get("branches", [])
     names = [b.get("name") for b in branches] if isinstance(branches, list) else branches
     return f"backbone={layout.get('backbone')!r} width={layout.get('width')} branches={names}"
 
 
 def model_from_payload(payload: Mapping[str, Any], source: str = "checkpoint", *,
-                       layout: NetworkLayout | None = None, num_classes: int | None = None) -> MultiBranchNet:
+                       layout: NetworkLayout | MethodLayout | None = None,
+                       num_classes: int | None = None) -> torch.nn.Module:
     """Build the network a payload describes and load its weights strictly.
 
     ``layout`` / ``num_classes``, when given, are what the caller expects; a checkpoint of
     another layout or class count is refused with both sides named.
     """
     try:
-        saved_layout = NetworkLayout.from_dict(payload["layout"])
+        saved_layout = layout_from_dict(payload["layout"])
     except LayoutError as err:
         raise CheckpointError(f"{source}: its layout is invalid: {err}") from None
     if layout is not None and layout.to_dict() != saved_layout.to_dict():
@@ -131,7 +136,7 @@ def model_from_payload(payload: Mapping[str, Any], source: str = "checkpoint", *
     k = payload["num_classes"]
     if num_classes is not None and num_classes != k:
         raise CheckpointError(f"{source}: class-count mismatch: the checkpoint has {k} classes, expected {num_classes}")
-    model = MultiBranchNet(saved_layout, k)
+    model = build_network(saved_layout, k)
     load_state_dict_strict(model, payload["state_dict"], source)
     return model
 
@@ -155,8 +160,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tens
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_model(path: str | os.PathLike, *, layout: NetworkLayout | None = None,
-               num_classes: int | None = None) -> tuple[MultiBranchNet, dict[str, Any]]:
+def load_model(path: str | os.PathLike, *, layout: NetworkLayout | MethodLayout | None = None,
+               num_classes: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Read a checkpoint and return ``(model on the CPU in eval mode, payload)``."""
     payload = read_checkpoint(path)
     model = model_from_payload(payload, str(path), layout=layout, num_classes=num_classes)

@@ -183,9 +183,17 @@ class InceptionV3Backbone(nn.Module):
             if isinstance(module, ConvBN):
                 stride *= module.conv.stride[0]
             self.taps[name] = TapInfo(module.out_channels, stride)
+        #: the pools' outputs (``maxpool3``: SPG's B1 tap, ``Mixed_5d`` pooled to stride 16)
+        self.inner_taps: dict[str, TapInfo] = {}
+        previous = None
+        for name in self.sequence:
+            if name.startswith("maxpool"):
+                info = self.taps[previous]
+                self.inner_taps[name] = TapInfo(info.channels, info.stride * getattr(self, name).stride)
+            previous = name
 
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
-        wanted = _wanted(self.taps, taps, grad_from or (replace[0] if replace else None))
+        wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         return run_stages([(name, getattr(self, name)) for name in self.sequence], x, wanted, grad_from, replace)

@@ -1,0 +1,191 @@
+"""What the networks of the WSOL methods that change the architecture (ACoL, SPG) share.
+
+A ``MethodLayout`` names the method's network (``acol`` or ``spg``), the backbone and the width
+(and ACoL's erasing threshold, which acts at test time too). It plays the part of a
+``NetworkLayout``: it is saved in checkpoints (``to_dict`` adds ``"network"``) and read back
+by :func:`layout_from_dict`. The networks (:class:`mnpo.models.acol.AcolNet`,
+:class:`mnpo.models.spg.SpgNet`) answer the calls the engine and the map methods make of a
+``MultiBranchNet``: ``forward(x, return_features, taps, grad_from)`` returning
+``MultiBranchOutput``, ``classifier`` (the main branch's), ``classifier_for(branch)``,
+``feature_names``, ``resolve_feature``; their forward also takes ``labels`` (the class whose
+map steers ACoL's erasing and SPG's masks; ``None``: the predicted one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mnpo.models.backbones import BACKBONE_NAMES, build_backbone, gradient_leaf, run_tracked
+from mnpo.models.multibranch import LayoutError, MultiBranchOutput, NetworkLayout
+
+#: Networks of the training methods that change the architecture (spec 2.2, 2.3).
+METHOD_NETWORKS = ("acol", "spg")
+#: ACoL's ``acol_threshold`` default (wsolevaluation's ``config.py``).
+ACOL_THRESHOLD = 0.7
+
+
+@dataclass(frozen=True)
+class BranchName:
+    """A branch as code iterating ``layout.branches`` sees it (only its name)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class MethodLayout:
+    """The network of ``network`` (``acol``, ``spg``) on ``backbone`` at ``width``.
+
+    acol_threshold: ACoL erases the head's input where the normalized class map of branch A
+    reaches it (training and test); ignored by SPG.
+    """
+
+    network: str
+    backbone: str
+    width: float = 1.0
+    acol_threshold: float = ACOL_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if self.network not in METHOD_NETWORKS:
+            raise LayoutError(f"network {self.network!r}: choose one of {METHOD_NETWORKS}")
+        if self.backbone not in BACKBONE_NAMES:
+            raise LayoutError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONE_NAMES}")
+        if not self.width > 0:
+            raise LayoutError(f"width must be > 0, got {self.width}")
+        if not 0 <= self.acol_threshold <= 1:
+            raise LayoutError(f"acol_threshold must be in [0, 1], got {self.acol_threshold}")
+
+    @property
+    def branches(self) -> tuple[BranchName, ...]:
+        """ACoL: its two classifiers ``A`` (main) and ``B``; SPG: ``main`` (its side branches
+        are not class maps)."""
+        return (BranchName("A"), BranchName("B")) if self.network == "acol" else (BranchName("main"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"network": self.network, "backbone": self.backbone, "width": float(self.width)}
+        if self.network == "acol":
+            data["acol_threshold"] = float(self.acol_threshold)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodLayout":
+        unknown = set(data) - {"network", "backbone", "width", "acol_threshold"}
+        if unknown:
+            raise LayoutError(f"unknown layout keys {sorted(unknown)}")
+        try:
+            return cls(network=data["network"], backbone=data["backbone"], width=float(data.get("width", 1.0)),
+                       acol_threshold=float(data.get("acol_threshold", ACOL_THRESHOLD)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise LayoutError(f"malformed layout: {err!r}") from None
+
+
+def layout_from_dict(data: Mapping[str, Any]) -> NetworkLayout | MethodLayout:
+    """A checkpoint's layout: a ``MethodLayout`` when it names a method network, else a
+    ``NetworkLayout``."""
+    if not isinstance(data, Mapping):
+        raise LayoutError(f"a layout must be a mapping, got {type(data).__name__}")
+    if "network" in data:
+        return MethodLayout.from_dict(data)
+    return NetworkLayout.from_dict(data)
+
+
+def network_kind(layout: NetworkLayout | MethodLayout) -> str:
+    """``"multibranch"``, ``"acol"`` or ``"spg"``."""
+    return layout.network if isinstance(layout, MethodLayout) else "multibranch"
+
+
+class MethodNet(nn.Module):
+    """Backbone + the method's heads. Subclasses build ``heads`` and define ``_heads``.
+
+    ``forward`` runs the backbone for the taps ``_taps`` (and ``taps``), then ``_heads``, which
+    returns the logits and the named features; see ``MultiBranchNet.forward`` for
+    ``return_features``, ``taps`` and ``grad_from`` (a backbone tap or one of the network's
+    features). ``replace`` (ablation) is not supported.
+    """
+
+    _taps: tuple[str, ...] = ()
+    #: feature names the heads return, besides the backbone taps
+    head_features: tuple[str, ...] = ()
+
+    def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: Sequence[str] = ()) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.layout = layout
+        self.num_classes = num_classes
+        self.backbone = build_backbone(layout.backbone, layout.width, vgg_pools)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The main branch's classifier (GAP features -> logits)."""
+        return self.classifier_for(self.layout.branches[0].name)
+
+    def classifier_for(self, branch: str) -> nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return ("head", *self.head_features, *self.backbone.taps)
+
+    def resolve_feature(self, name: str) -> str:
+        if name == "head":
+            return self.layout.branches[0].name
+        if name in self.head_features or name in self.backbone.taps:
+            return name
+        raise KeyError(f"unknown feature {name!r}; this network has {list(self.feature_names)}")
+
+    def forward(self, x: Tensor, return_features: bool = False, taps: Sequence[str] = (),
+                grad_from: str | None = None, replace: tuple[str, Tensor] | None = None,
+                labels: Tensor | None = None) -> MultiBranchOutput:
+        if replace is not None:
+            raise ValueError(f"replace (ablation inside the network) is not supported on the {self.layout.network} "
+                             "network; ablate at 'head' or use another map method")
+        target = None if grad_from is None else self.resolve_feature(grad_from)
+        wanted = (*self._taps, *taps)
+        if target is not None and target not in self.backbone.taps:
+            with torch.inference_mode():
+                values = dict(self.backbone(x, wanted))
+        else:
+            values = dict(self.backbone(x, wanted, grad_from=target))
+        run: Callable[..., Tensor] = (lambda f, *t: f(*t)) if target is None else run_tracked
+
+        def mark(name: str, t: Tensor) -> Tensor:
+            return gradient_leaf(t) if name == target else t
+
+        logits, features = self._heads(values, labels, run, mark)
+        if not return_features:
+            return MultiBranchOutput(logits)
+        out = {"head": features[self.layout.branches[0].name], **features}
+        out.update({t: values[t] for t in taps})
+        if grad_from is not None:
+            out[grad_from] = values[target] if target in values else features[target]
+        return MultiBranchOutput(logits, out)
+
+    def _heads(self, values: dict[str, Tensor], labels: Tensor | None, run, mark
+               ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+def gap(x: Tensor) -> Tensor:
+    """Global average pool: ``(B, C, h, w) -> (B, C)``."""
+    return x.mean(dim=(2, 3))
+
+
+def class_map(classifier: nn.Linear, features: Tensor, classes: Tensor) -> Tensor:
+    """Channel ``classes[b]`` of the 1x1 convolution with the classifier's weights and bias:
+    ``w_y . F + b_y``, ``(B, C, h, w) -> (B, h, w)`` (what ``Conv2d(C, K, 1)`` + pick computes)."""
+    weight = classifier.weight[classes].to(features.dtype)
+    bias = classifier.bias[classes].to(features.dtype)
+    return torch.einsum("bc,bchw->bhw", weight, features) + bias[:, None, None]
+
+
+def minmax(maps: Tensor) -> Tensor:
+    """Per-image min-max over space, ``(B, h, w)``, as wsolevaluation's ``normalize_tensor``: a
+    constant map becomes NaN (0 / 0), which no threshold comparison passes."""
+    flat = maps.flatten(1)
+    low = flat.amin(1)[:, None, None]
+    high = flat.amax(1)[:, None, None]
+    return (maps - low) / (high - low)
