@@ -1,8 +1,8 @@
 """Write the wsolevaluation recipes: ``configs/<data>-<backbone>-<method>.yaml``.
 
 One recipe per data set (CUB, ILSVRC, OpenImages), backbone (VGG16, ResNet50, InceptionV3)
-and method (``cam``, ``has``, ``cutmix``, ``adl``, and ``fsl``, the few-shot fully supervised
-baseline),
+and method (``cam``, ``has``, ``cutmix``, ``adl``, ``acol``, ``spg``, and ``fsl``, the few-shot fully
+supervised baseline),
 from wsolevaluation's ``config.py`` defaults and training recipe (``../shared/docs/
 wsol-methods.md`` sections 2.6 and 3). Its per-set tuned values are in a spreadsheet that is not
 available offline, so every value that is not one of those defaults is ours and says so in the
@@ -43,6 +43,11 @@ METHODS = {
                "CutMix: beta 1, probability 1 (wsolevaluation's defaults)"),
     "adl": ({"name": "adl", "adl_drop_rate": 0.75, "adl_threshold": 0.9},
             "ADL: drop rate 0.75, threshold 0.9 (wsolevaluation's defaults), three layers per backbone"),
+    "acol": ({"name": "acol", "acol_threshold": 0.7},
+             "ACoL: two classifiers, B on the input erased where A's map reaches 0.7 (wsolevaluation's default)"),
+    "spg": ({"name": "spg", "spg_thresholds": [0.7, 0.01, 0.5, 0.05, 0.7, 0.1]},
+            "SPG: side branches trained on ternary masks, thresholds 0.7/0.01, 0.5/0.05, 0.7/0.1 "
+            "(wsolevaluation's defaults)"),
     "fsl": ({"name": "fsl", "fsl_holdout_per_class": 1},
             "FSL: the few-shot fully supervised baseline, a per-pixel foreground head trained on val's "
             "annotations, one image per class held out to choose the epoch and the threshold (ours)"),
@@ -55,9 +60,10 @@ HEADER = """# {title}: {backbone} {method_title}.
 # (the first period one epoch short: milestone 29), resize 256 + random crop 224 + flip.
 # Ours: the data paths and workers, val images per class ({val} here, as wsolevaluation's
 # split holds them), the checkpoint choice on val (wsolevaluation reports its last epoch:
-# evaluate last.pt to follow it), eval.method cam, and what mnpo does differently: every
-# backbone layer at the base lr (wsolevaluation puts ResNet50's layer4 at 10x as well), He
-# initialization of the new layers, no ImageNet fc reused for ILSVRC ResNet50.{fsl}
+# evaluate last.pt to follow it), eval.method cam, and what mnpo does differently: He
+# initialization of the CAM networks' new layers (wsolevaluation: Xavier on ResNet50 and
+# InceptionV3), no ImageNet fc reused for ILSVRC ResNet50, 14x14 maps only (no
+# large_feature_map).{fsl}
 """
 FSL_NOTE = """
 # FSL trains on val minus the held-out images and never sees the train split; evaluate it with
@@ -65,10 +71,12 @@ FSL_NOTE = """
 
 
 def layout(backbone: str, method: str) -> str:
-    """The CAM network of a backbone; InceptionV3 with ADL without the CAM head's dropouts (as
-    wsolevaluation's ``InceptionAdl``)."""
+    """The CAM network of a backbone (InceptionV3 with ADL without the CAM head's dropouts, as
+    wsolevaluation's ``InceptionAdl``), or ACoL's and SPG's own."""
     if backbone == "inception_v3" and method == "adl":
         return "inception_v3-cam-no-dropout"
+    if method in ("acol", "spg"):
+        return f"{backbone}-{method}"
     return f"{backbone}-cam"
 
 

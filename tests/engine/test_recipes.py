@@ -23,7 +23,7 @@ def shapes(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "inception_v3"])
-@pytest.mark.parametrize("method", ["cam", "has", "cutmix", "adl", "fsl"])
+@pytest.mark.parametrize("method", ["cam", "has", "cutmix", "adl", "acol", "spg", "fsl"])
 def test_recipe_trains_and_evaluates(shapes, tmp_path, backbone, method):
     run = tmp_path / "run"
     overrides = [f"data.root={shapes / 'images'}", f"data.metadata={shapes / 'metadata'}", "data.workers=0",

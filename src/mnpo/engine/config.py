@@ -7,7 +7,7 @@ A config file has four sections (every key optional except ``data.root`` and
               resize_size, crop_size, random_resized}
     model:   {layout, width, pretrained}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
-              fsl_holdout_per_class}
+              acol_threshold, spg_thresholds, fsl_holdout_per_class}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
@@ -57,8 +57,10 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     """The WSOL training method (:mod:`mnpo.engine.training_methods`): ``plain`` (CAM, MNPO),
-    ``has``, ``cutmix``, ``adl`` (defaults: wsolevaluation's ``config.py`` values) or ``fsl`` (the few-shot
-    fully supervised baseline; ``fsl_holdout_per_class``: val images per class held out, ours)."""
+    ``has``, ``cutmix``, ``adl``, ``acol``, ``spg`` (defaults: wsolevaluation's ``config.py``
+    values; ``acol`` and ``spg`` need the ``<backbone>-acol`` / ``<backbone>-spg`` layout) or
+    ``fsl`` (the few-shot fully supervised baseline; ``fsl_holdout_per_class``: val images per
+    class held out, ours). ``spg_thresholds``: ``[1h, 1l, 2h, 2l, 3h, 3l]``."""
 
     name: str = "plain"
     has_grid_size: int = 4
@@ -67,6 +69,8 @@ class MethodConfig:
     cutmix_prob: float = 1.0
     adl_drop_rate: float = 0.75
     adl_threshold: float = 0.9
+    acol_threshold: float = 0.7
+    spg_thresholds: list[float] = field(default_factory=lambda: [0.7, 0.01, 0.5, 0.05, 0.7, 0.1])
     fsl_holdout_per_class: int = 1
 
 
@@ -212,9 +216,14 @@ def _validate(cfg: TrainConfig) -> None:
     if m.has_grid_size < 0:
         problems.append(f"method.has_grid_size: must be >= 0 (0: off), got {m.has_grid_size}")
     for key, value in (("has_drop_rate", m.has_drop_rate), ("cutmix_prob", m.cutmix_prob),
-                       ("adl_drop_rate", m.adl_drop_rate), ("adl_threshold", m.adl_threshold)):
+                       ("adl_drop_rate", m.adl_drop_rate), ("adl_threshold", m.adl_threshold),
+                       ("acol_threshold", m.acol_threshold)):
         if not 0 <= value <= 1:
             problems.append(f"method.{key}: must be in [0, 1], got {value}")
+    if len(m.spg_thresholds) != 6 or any(not 0 <= t <= 1 for t in m.spg_thresholds):
+        problems.append(f"method.spg_thresholds: expected 6 values in [0, 1] (1h, 1l, 2h, 2l, 3h, 3l), "
+                        f"got {m.spg_thresholds}")
+    problems += _method_layout_problems(cfg)
     if m.fsl_holdout_per_class < 1:
         problems.append(f"method.fsl_holdout_per_class: must be >= 1, got {m.fsl_holdout_per_class}")
     if m.name == "fsl" and cfg.eval.metric == "top1_cls":
@@ -235,6 +244,21 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"eval.cam_curve_interval: must be in (0, 1), got {cfg.eval.cam_curve_interval}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _method_layout_problems(cfg: TrainConfig) -> list[str]:
+    """ACoL and SPG train their own networks: ``method.name`` and the layout must agree."""
+    from mnpo.models import LAYOUTS, network_kind
+
+    name, layout = cfg.method.name, cfg.model.layout
+    kind = network_kind(LAYOUTS[layout]()) if layout in LAYOUTS else "multibranch"
+    if kind in ("acol", "spg") and name != kind:
+        return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"]
+    if name in ("acol", "spg") and kind != name:
+        backbone = layout.split("-")[0] if layout in LAYOUTS else "vgg16"
+        return [f"model.layout: {layout!r} is not an {name} network; method {name!r} needs "
+                f"'{backbone}-{name}' (or another '<backbone>-{name}')"]
+    return []
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

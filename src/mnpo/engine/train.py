@@ -1,5 +1,5 @@
 """Training: SGD (Nesterov) on the sum of the branches' cross-entropies (or a WSOL training
-method's loss: HaS, CutMix, ADL, FSL, see :mod:`mnpo.engine.training_methods`), validation each
+method's loss: HaS, CutMix, ADL, ACoL, SPG, FSL, see :mod:`mnpo.engine.training_methods`), validation each
 epoch, atomic best/last checkpoints, exact resume.
 
 The run folder (``runtime.out``) holds ``config.yaml``, ``metrics.csv`` (one row per epoch),
@@ -15,6 +15,7 @@ processes see exactly the batches of one process.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import time
@@ -54,26 +55,45 @@ from mnpo.engine.training_methods import (
     foreground_logits,
     foreground_loss,
     mixed_loss,
+    spg_loss,
 )
 from mnpo.io import atomic_path
 from mnpo.metrics.boxes import cam_thresholds
-from mnpo.models import LAYOUTS, MultiBranchNet, NetworkLayout, build_model
+from mnpo.models import LAYOUTS, NetworkLayout, build_model, network_kind
 from mnpo.models.checkpoint import load_plain, model_from_payload, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: MultiBranchNet, cfg: TrainConfig) -> torch.optim.SGD:
-    """Two parameter groups: the (pretrained) backbone at ``lr``, every new layer (head,
-    branches, classifier) at ``lr * new_layer_lr_ratio``, as wsolevaluation groups them.
+#: VGG16's ``features`` index of conv4_1: SPG's 10x group starts there (spec 3).
+VGG16_CONV4_1 = 17
+
+
+def in_new_layer_group(name: str, layout) -> bool:
+    """Whether parameter ``name`` trains at ``lr * new_layer_lr_ratio``, as wsolevaluation groups
+    them (spec 3): every parameter outside the backbone, except ResNet50's ACoL and SPG heads;
+    plus ResNet50's ``layer4`` (every ResNet50 network) and VGG16's conv4 and conv5 in SPG's."""
+    kind = network_kind(layout)
+    outside = not name.startswith("backbone.")
+    if layout.backbone == "resnet50":
+        layer4 = name.startswith("backbone.layer4.")
+        return layer4 if kind in ("acol", "spg") else layer4 or outside
+    if layout.backbone == "vgg16" and kind == "spg" and not outside:
+        return int(name.split(".")[2]) >= VGG16_CONV4_1
+    return outside
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """Two parameter groups: the (pretrained) layers at ``lr``, the new layers at
+    ``lr * new_layer_lr_ratio``, as wsolevaluation groups them (:func:`in_new_layer_group`).
 
     (The release's ``main.py`` sorts parameters by name patterns, ``features.`` and
     ``branch1_layer``, that its ``vgg_MNPO``/``vgg_MNPOs`` architectures do not match as
     written, so its training grouping cannot be read off the code; only inference was released.)
     """
     o = cfg.optim
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    new = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    backbone = [p for n, p in model.named_parameters() if not in_new_layer_group(n, model.layout)]
+    new = [p for n, p in model.named_parameters() if in_new_layer_group(n, model.layout)]
     return torch.optim.SGD(
         [{"params": backbone, "lr": o.lr}, {"params": new, "lr": o.lr * o.new_layer_lr_ratio}],
         lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
@@ -221,9 +241,11 @@ class Trainer:
                               resize_size=d.resize_size, uint8_views=True)
         return train_set, val_set
 
-    def _model(self) -> MultiBranchNet:
+    def _model(self) -> torch.nn.Module:
         m = self.cfg.model
         layout = LAYOUTS[m.layout](m.width) if m.layout in LAYOUTS else NetworkLayout.from_yaml(m.layout)
+        if network_kind(layout) == "acol":
+            layout = dataclasses.replace(layout, acol_threshold=self.cfg.method.acol_threshold)
         return build_model(layout, self.num_classes, pretrained=m.pretrained)
 
     def _resume(self) -> None:
@@ -336,9 +358,18 @@ class Trainer:
                                                  self.model.classifier.bias, tuple(images.shape[-2:]))
                 loss, accuracy = foreground_loss(pixel_logits, batch["target"].to(self.device, non_blocking=True))
                 return loss, accuracy * len(labels)
-            logits = self.train_model(images).logits
-            loss = (wsol_loss(logits, labels) if partner_labels is None
-                    else mixed_loss(logits, labels, partner_labels, lam))
+            if m.name == "spg":
+                out = self.train_model(images, return_features=True, labels=labels)
+                logits = out.logits
+                loss = spg_loss(logits[0], out.features, labels, self.model.classifier, m.spg_thresholds,
+                                tuple(images.shape[-2:]))
+            elif m.name == "acol":  # the labels steer the erasing of branch B's input
+                logits = self.train_model(images, labels=labels).logits
+                loss = wsol_loss(logits, labels)
+            else:
+                logits = self.train_model(images).logits
+                loss = (wsol_loss(logits, labels) if partner_labels is None
+                        else mixed_loss(logits, labels, partner_labels, lam))
         return loss, int((logits[0].argmax(1) == labels).sum())
 
     def validate(self) -> tuple[dict[str, float], dict[str, Any]]:

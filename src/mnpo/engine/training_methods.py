@@ -1,7 +1,8 @@
-"""WSOL training methods that act on the input and the loss (wsolevaluation's HaS and CutMix;
-spec ``wsol-methods.md`` sections 2.1 and 2.5), and the few-shot fully supervised baseline.
-HaS and CutMix train a plain network (any layout) and change training only; at test time the
-network's maps are computed as for any other.
+"""WSOL training methods (wsolevaluation's HaS, CutMix, ADL, ACoL and SPG; spec
+``wsol-methods.md`` section 2) and the few-shot fully supervised baseline. HaS, CutMix and ADL
+train a plain network (any layout) and change training only; ACoL and SPG train their own
+networks (``mnpo.models.acol``, ``mnpo.models.spg``). At test time every network's maps are
+computed as for any other (``compute_maps``).
 
 ``plain``
     the sum over the branches of ``CE(logits, y)`` (CAM, MNPO).
@@ -27,6 +28,13 @@ network's maps are computed as for any other.
     a generator seeded by ``(seed, epoch, step)``. They are attached to the modules' outputs by
     :func:`attach_adl` for the training loop only: the network, its checkpoint and its maps are
     those of the plain layout (in eval mode ADL is the identity).
+``acol`` (adversarial complementary learning, spec 2.2)
+    the ``<backbone>-acol`` network, called with the labels (they steer the erasing):
+    ``CE(A) + CE(B)``, the sum over its two branches. ``acol_threshold`` is stored in the
+    network's layout, as it erases at test time too.
+``spg`` (self-produced guidance, spec 2.3)
+    the ``<backbone>-spg`` network: ``CE(logits, y)`` plus three BCE terms of its side outputs
+    against ternary masks (:func:`spg_loss`, :func:`spg_mask`), thresholds ``spg_thresholds``.
 ``fsl`` (few-shot fully supervised learning, the baseline of wsolevaluation's paper)
     trained on the *val* split's boxes or masks instead of the train split's labels: the
     network is built with one output, and its classifier row ``w`` acts as a per-pixel
@@ -49,9 +57,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", "attach_adl", "cutmix_batch", "draw_cutmix", "foreground_loss",
-           "foreground_logits", "mixed_loss"]
+           "foreground_logits", "mixed_loss", "spg_loss", "spg_mask"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "fsl")
+#: SPG's fallback: an image with fewer foreground pixels than this (at the mask's resolution,
+#: 224 x 224 in wsolevaluation) takes ``SPG_FALLBACK_FRACTION`` of its map's maximum instead.
+SPG_MIN_FOREGROUND = 30
+SPG_FALLBACK_FRACTION = 0.7
+IGNORE = 255
 #: Where ADL acts, as module names of a ``MultiBranchNet`` (wsolevaluation's positions, spec 1.1-1.3):
 #: VGG16 after the third pool, after conv4_3 and after conv5_3; ResNet50 after layer3's first
 #: block, layer4's first block and layer4's last; InceptionV3 after Mixed_5d, after Mixed_6e and
@@ -198,3 +211,60 @@ def attach_adl(model: torch.nn.Module, drop_rate: float, threshold: float,
 
         handles.append(module.register_forward_hook(hook))
     return handles
+
+
+def spg_mask(attention: torch.Tensor, high: float, low: float) -> torch.Tensor:
+    """SPG's ternary mask of ``attention`` ``(B, H, W)``: uint8 ``(B, H, W)``, 1 where the map is
+    above ``high`` (or, for an image with fewer than ``SPG_MIN_FOREGROUND`` such pixels, above
+    ``SPG_FALLBACK_FRACTION`` of its maximum), then 0 where it is below ``low`` (over a 1), and
+    ``IGNORE`` elsewhere. NaN passes no comparison (a NaN map is all ignored)."""
+    foreground = attention > high
+    few = foreground.flatten(1).sum(1) < SPG_MIN_FOREGROUND
+    if few.any():
+        peak = attention.flatten(1).amax(1)[:, None, None]
+        foreground = torch.where(few[:, None, None], attention > SPG_FALLBACK_FRACTION * peak, foreground)
+    mask = torch.full(attention.shape, IGNORE, dtype=torch.uint8, device=attention.device)
+    mask[foreground] = 1
+    mask[attention < low] = 0
+    return mask
+
+
+def _side_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE with logits over the pixels of the batch that the mask does not ignore; 0 when it
+    ignores all (wsolevaluation's mean over none is NaN, which would stop training)."""
+    valid = mask != IGNORE
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[valid], mask[valid].to(logits.dtype))
+
+
+def spg_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: torch.Tensor,
+             classifier: torch.nn.Linear, thresholds: tuple[float, ...] | list[float],
+             size: tuple[int, int]) -> torch.Tensor:
+    """SPG's training loss (spec 2.3), all in float32 at the input size ``size``:
+
+    ``CE(logits, y) + L(B2, mask(attention, 1h, 1l)) + L(B1, mask(sigmoid(B2), 2h, 2l))
+    + L(C, mask((sigmoid(B1) + sigmoid(B2)) / 2, 3h, 3l))``, where every side logit map
+    (``features["spg_b1"]`` ...) is upsampled bilinearly (corners not aligned) to ``size``,
+    ``attention`` is the class map of ``y`` (``classifier`` on ``features["main"]``, bias
+    included) upsampled the same way and min-max normalized per image, and ``L`` is
+    :func:`_side_loss`. The masks carry no gradient.
+    """
+    h1, l1, h2, l2, h3, l3 = thresholds
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    b1, b2, c = (up(features[k]) for k in ("spg_b1", "spg_b2", "spg_c"))
+    with torch.no_grad():
+        head = features["main"].detach().float()
+        weight, bias = classifier.weight[labels].float(), classifier.bias[labels].float()
+        class_map = torch.einsum("bc,bchw->bhw", weight, head) + bias[:, None, None]
+        attention = up(class_map[:, None])
+        flat = attention.flatten(1)
+        low, high = flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
+        attention = (attention - low) / (high - low)
+        b1_prob, b2_prob = torch.sigmoid(b1), torch.sigmoid(b2)
+        masks = (spg_mask(attention, h1, l1), spg_mask(b2_prob, h2, l2), spg_mask((b1_prob + b2_prob) / 2, h3, l3))
+    return (F.cross_entropy(logits.float(), labels) + _side_loss(b2, masks[0]) + _side_loss(b1, masks[1])
+            + _side_loss(c, masks[2]))

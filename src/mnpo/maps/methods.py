@@ -13,6 +13,16 @@ center     a centred Gaussian, the same for every image          1 forward (for 
 ``center`` is wsolevaluation's center baseline: a map that ignores the image (see
 :func:`center_map`); the network only gives the logits.
 
+On the networks of ACoL and SPG (``mnpo.models.acol``, ``mnpo.models.spg``) every method
+applies, with these meanings. ``cam`` is the method's own test map (spec 2.2, 2.3): for ACoL the
+element-wise max of branches A's and B's normalized class maps, for SPG the class map. ``mnpo``
+applies ``H`` to each branch's own classifier row and fuses the branches (ACoL: A and B; SPG:
+its one class branch, as its side branches make no class maps). The gradient methods and the
+CAM family use the main branch (ACoL's A; ``mnpos`` adds B's logits). ACoL's forward erases by
+the class ``targets`` names (the predicted one without targets), as wsolevaluation's test map
+does; Score-CAM's masked copies and other passes of another batch size erase by their own
+prediction. Ablation-CAM works at ``head`` only (the networks take no ``replace``).
+
 (*) under bf16/fp16 autocast: 1 forward + 1 batched backward of 2 products per branch.
 
 The post-hoc CAM family (``gradcam``, ``gradcampp``, ``xgradcam``, ``layercam``,
@@ -35,6 +45,8 @@ import torch
 from torch import Tensor
 
 from mnpo.maps import cam_family
+from mnpo.models.acol import acol_class_maps
+from mnpo.models.method_nets import network_kind
 from mnpo.maps.passes import acc, full_precision, predicted, selector, vjp
 from mnpo.maps.postprocess import (
     FUSIONS,
@@ -133,12 +145,30 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
             raise ValueError(f"targets {targets[bad].tolist()} out of range for {model.num_classes} classes")
     if opts.size is None:
         opts = replace(opts, size=tuple(images.shape[-2:]))
+    if network_kind(model.layout) == "acol":
+        model = _ErasingBy(model, targets)
     # Gradient methods need autograd even when called under inference_mode or no_grad.
     with torch.inference_mode(False), torch.enable_grad():
         raw, logits = _METHOD_FUNCTIONS[method](model, images, targets, opts)
     with torch.no_grad(), full_precision(images):
         maps = normalize_maps(acc(raw))
     return maps, acc(logits.detach())
+
+
+class _ErasingBy:
+    """An ACoL network whose forward passes of the batch's size erase by ``targets`` (its
+    ``labels``); other attributes are the network's."""
+
+    def __init__(self, model: torch.nn.Module, targets: Tensor | None) -> None:
+        self._model, self._targets = model, targets
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, x: Tensor, **kwargs: Any):
+        if self._targets is not None and len(x) == len(self._targets) and "labels" not in kwargs:
+            kwargs["labels"] = self._targets
+        return self._model(x, **kwargs)
 
 
 def center_map(height: int, width: int, sigma: float = CENTER_SIGMA, dtype=torch.float64) -> Tensor:
@@ -167,8 +197,10 @@ def _cam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
         out = model(images, return_features=True)
         targets = predicted(targets, out.logits[0])
         with full_precision(images):
-            weights = acc(model.classifier.weight[targets])
-            raw = channel_weighted_mean(weights, acc(out.features["head"]))
+            if network_kind(model.layout) == "acol":
+                raw = acol_class_maps(model, {b: acc(out.features[b]) for b in ("A", "B")}, targets)
+            else:
+                raw = channel_weighted_mean(acc(model.classifier.weight[targets]), acc(out.features["head"]))
             return resize_maps(raw, opts.size, opts.resize), out.logits[0]
 
 
@@ -179,11 +211,11 @@ def _mnpo(model, images, targets, opts) -> tuple[Tensor, Tensor]:
         targets = predicted(targets, out.logits[0])
         a, b = opts.h_factors("mnpo")
         with full_precision(images):
-            weights = weight_postprocess(acc(model.classifier.weight[targets]), opts.h_mode, a, b)
-            maps = [
-                resize_maps(channel_weighted_mean(weights, acc(out.features[branch.name])), opts.size, opts.resize)
-                for branch in model.layout.branches
-            ]
+            maps = []
+            for branch in model.layout.branches:
+                weights = weight_postprocess(acc(model.classifier_for(branch.name).weight[targets]), opts.h_mode, a, b)
+                raw = channel_weighted_mean(weights, acc(out.features[branch.name]))
+                maps.append(resize_maps(raw, opts.size, opts.resize))
             return fuse_maps(maps, opts.fusion), out.logits[0]
 
 

@@ -444,6 +444,12 @@ class MultiBranchNet(nn.Module):
         self.input_multiple = max(layout.input_shape(b.name, b.output).stride for b in layout.branches)
         init_he(self)
 
+    def classifier_for(self, branch: str) -> nn.Linear:
+        """The classifier of ``branch``: the one shared by every branch."""
+        if all(b.name != branch for b in self.layout.branches):
+            raise KeyError(f"unknown branch {branch!r}; this network has {[b.name for b in self.layout.branches]}")
+        return self.classifier
+
     @property
     def feature_names(self) -> tuple[str, ...]:
         """Every name ``forward`` can return as a feature (or truncate the graph at)."""
