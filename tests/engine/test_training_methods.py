@@ -1,5 +1,6 @@
-"""HaS and CutMix against their definitions (spec wsol-methods.md 2.1, 2.5) on small tensors with
-fixed generators; training with each runs, changes training only, and resumes bit-identically."""
+"""HaS, CutMix, ADL and SPG's loss against their definitions (spec wsol-methods.md 2.1-2.5) on small
+tensors with fixed generators; training with each runs, changes training only, and resumes
+bit-identically."""
 
 import math
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from mnpo.engine.config import ConfigError
 from mnpo.engine.train import Trainer
-from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, draw_cutmix, mixed_loss
+from mnpo.engine.training_methods import HideAndSeek, cutmix_batch, draw_cutmix, mixed_loss, spg_loss, spg_mask
 from mnpo.models import load_model
 
 from engine.test_train import Stop, config, synth  # noqa: F401  (the module's data fixture)
@@ -88,32 +89,47 @@ def test_cutmix_off_and_the_mixed_loss():
     assert torch.allclose(mixed_loss(logits, labels, other, 0.3), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [{"name": "has"}, {"name": "cutmix"}, {"name": "adl"}])
-def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize("method, layout", [
+    ({"name": "has"}, "vgg16-mnpo"), ({"name": "cutmix"}, "vgg16-mnpo"), ({"name": "adl"}, "vgg16-mnpo"),
+    ({"name": "acol"}, "vgg16-acol"), ({"name": "spg"}, "vgg16-spg"), ({"name": "spg"}, "inception_v3-spg"),
+])
+def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method, layout):  # noqa: F811
     """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed
-    ends with the uninterrupted run's weights; and the method does change training."""
+    ends with the uninterrupted run's weights; and the method does change training (against
+    plain training of the same network; ACoL and SPG: of the CAM network of the backbone)."""
     short = {"epochs": 2, "lr_milestones": [1]}
-    Trainer(config(synth, tmp_path / "full", method=method, optim=short), progress=False).fit()
+    model = {"layout": layout}
+    Trainer(config(synth, tmp_path / "full", method=method, optim=short, model=model), progress=False).fit()
 
     def stop(epoch):
         if epoch == 1:
             raise Stop
 
     with pytest.raises(Stop):
-        Trainer(config(synth, tmp_path / "cut", method=method, optim=short), progress=False, on_epoch_end=stop).fit()
-    Trainer(config(synth, tmp_path / "cut", method=method, optim=short), resume=True, progress=False).fit()
-    Trainer(config(synth, tmp_path / "plain", optim=short), progress=False).fit()
+        Trainer(config(synth, tmp_path / "cut", method=method, optim=short, model=model), progress=False,
+                on_epoch_end=stop).fit()
+    Trainer(config(synth, tmp_path / "cut", method=method, optim=short, model=model), resume=True,
+            progress=False).fit()
+    plain_layout = layout if method["name"] not in ("acol", "spg") else layout.split("-")[0] + "-cam"
+    Trainer(config(synth, tmp_path / "plain", optim=short, model={"layout": plain_layout}), progress=False).fit()
     full, payload = load_model(tmp_path / "full" / "last.pt")
     cut, _ = load_model(tmp_path / "cut" / "last.pt")
     plain, _ = load_model(tmp_path / "plain" / "last.pt")
     for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    assert not torch.equal(full.classifier.weight, plain.classifier.weight)
+    assert not torch.equal(full.backbone.state_dict()["Mixed_6e.branch_pool.conv.weight" if "inception" in layout
+                                                      else "features.28.weight"],
+                           plain.backbone.state_dict()["Mixed_6e.branch_pool.conv.weight" if "inception" in layout
+                                                       else "features.28.weight"])
     assert payload["training"]["config"]["method"]["name"] == method["name"]
 
 
 @pytest.mark.parametrize("method, message", [
-    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'fsl'\)"),
+    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'fsl'\)"),
+    ({"name": "acol"}, r"model.layout: 'vgg16-mnpo' is not an acol network; method 'acol' needs 'vgg16-acol'"),
+    ({"acol_threshold": 1.2}, r"method.acol_threshold: must be in \[0, 1\], got 1.2"),
+    ({"spg_thresholds": [0.7, 0.01]}, r"method.spg_thresholds: expected 6 values in \[0, 1\]"),
+    ({"spg_thresholds": [0.7, 0.01, 0.5, 0.05, 0.7, -0.1]}, r"method.spg_thresholds: expected 6 values"),
     ({"adl_threshold": 1.5}, r"method.adl_threshold: must be in \[0, 1\]"),
     ({"adl_drop_rate": -0.5}, r"method.adl_drop_rate: must be in \[0, 1\]"),
     ({"has_grid_size": -2}, "method.has_grid_size: must be >= 0"),
@@ -125,6 +141,14 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method)
 def test_bad_method_settings_are_named(synth, tmp_path, method, message):  # noqa: F811
     with pytest.raises(ConfigError, match=message):
         config(synth, tmp_path, method=method)
+
+
+@pytest.mark.parametrize("layout, method", [("resnet50-acol", "plain"), ("vgg16-spg", "has"), ("inception_v3-spg", "fsl")])
+def test_acol_and_spg_networks_train_only_with_their_method(synth, tmp_path, layout, method):  # noqa: F811
+    kind = layout.split("-")[1]
+    with pytest.raises(ConfigError, match=f"method.name: '{method}', but model.layout '{layout}' is the {kind} "
+                                          f"network; set method.name: {kind}"):
+        config(synth, tmp_path, method={"name": method}, model={"layout": layout})
 
 
 def test_foreground_targets_by_hand(tmp_path):
@@ -254,3 +278,86 @@ def test_adl_picks_the_drop_mask_with_its_rate_and_is_the_identity_in_eval():
     assert ADL_POSITIONS["vgg16"] == tuple(f"backbone.features.{i}" for i in
                                            (tap["conv3_3"] + 1, tap["conv4_3"], tap["conv5_3"]))
     assert isinstance(vgg.features[tap["conv3_3"] + 1], torch.nn.MaxPool2d)  # after the third pool
+
+
+def test_spg_mask_by_hand():
+    """Image 0: 40 pixels above high (0.7) -> 1; those below low (0.1) -> 0; the rest ignored.
+    Image 1: only 3 above high, fewer than 30: the threshold becomes 0.7 x its max (0.6 -> 0.42).
+    Image 2: NaN (a constant map after min-max) passes nothing: all ignored."""
+    attention = torch.full((3, 10, 10), 0.5)
+    attention[0].view(-1)[:40] = 0.8
+    attention[0].view(-1)[40:50] = 0.05
+    attention[1].view(-1)[:3] = 0.6
+    attention[1].view(-1)[3:10] = 0.45
+    attention[1].view(-1)[10:12] = 0.41
+    attention[1].view(-1)[12] = 0.0
+    attention[2] = float("nan")
+    mask = spg_mask(attention, high=0.7, low=0.1)
+    assert mask.dtype == torch.uint8
+    flat = mask.flatten(1)
+    assert flat[0, :40].eq(1).all() and flat[0, 40:50].eq(0).all() and flat[0, 50:].eq(255).all()
+    assert flat[1, :10].eq(1).all() and flat[1, 10:12].eq(255).all() and flat[1, 12] == 0
+    assert flat[1, 13:].eq(1).all()  # 0.5 > 0.42: the fallback threshold takes them too
+    assert flat[2].eq(255).all()
+    # low overrides high where both apply (high < low)
+    assert spg_mask(torch.full((1, 8, 8), 0.5), high=0.4, low=0.6).eq(0).all()
+
+
+def naive_spg_loss(logits, features, labels, classifier, thresholds, size):
+    """wsolevaluation's arithmetic, image by image: the K-channel class maps (1x1 conv), upsampled,
+    channel y, min-max; masks filled with a loop; BCE over the kept pixels of the batch."""
+    up = torch.nn.Upsample(size=size, mode="bilinear", align_corners=False)
+    h1, l1, h2, l2, h3, l3 = thresholds
+    maps = F.conv2d(features["main"], classifier.weight[:, :, None, None], classifier.bias)
+    attention = up(maps)[range(len(labels)), labels][:, None].detach()
+    flat = attention.flatten(2)
+    attention = (attention - flat.min(2).values[..., None, None]) / (flat.max(2).values - flat.min(2).values)[..., None, None]
+
+    def mask(att, high, low):
+        m = torch.full(att.shape, 255.0, dtype=att.dtype)
+        for b in range(len(att)):
+            fg = att[b] > high
+            if fg.sum() < 30:
+                fg = att[b] > att[b].max() * 0.7
+            m[b][fg] = 1.0
+        m[att < low] = 0.0
+        return m
+
+    def side(logit_map, m):
+        x, t = up(logit_map)[:, 0].reshape(-1), m[:, 0].reshape(-1)
+        keep = t < 255
+        return torch.nn.BCEWithLogitsLoss()(x[keep], t[keep])
+
+    b2i = torch.sigmoid(up(features["spg_b2"])).detach()
+    fused = ((torch.sigmoid(up(features["spg_b1"])) + torch.sigmoid(up(features["spg_b2"]))) / 2).detach()
+    return (F.cross_entropy(logits, labels) + side(features["spg_b2"], mask(attention, h1, l1))
+            + side(features["spg_b1"], mask(b2i, h2, l2)) + side(features["spg_c"], mask(fused, h3, l3)))
+
+
+def test_spg_loss_equals_the_naive_per_image_version():
+    """Random side outputs (scaled so every mask has kept pixels of both kinds), float64."""
+    torch.manual_seed(5)
+    classifier = torch.nn.Linear(8, 5).double()
+    features = {"main": torch.randn(3, 8, 7, 7, dtype=torch.float64),
+                **{k: 3 * torch.randn(3, 1, 7, 7, dtype=torch.float64, requires_grad=True)
+                   for k in ("spg_b1", "spg_b2", "spg_c")}}
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    labels = torch.tensor([4, 0, 2])
+    thresholds = [0.7, 0.01, 0.5, 0.05, 0.7, 0.1]
+    ours = spg_loss(logits, features, labels, classifier, thresholds, (56, 56))
+    naive = naive_spg_loss(logits, features, labels, classifier, thresholds, (56, 56))
+    # float64 in both, means of 3 x 56 x 56 terms of size ~1: rounding far below 1e-10
+    assert abs(float(ours.detach()) - float(naive.detach())) < 1e-10
+    (grad,) = torch.autograd.grad(ours, features["spg_c"])
+    assert grad.abs().sum() > 0  # the side outputs learn; the masks carry no gradient
+
+
+def test_spg_loss_of_an_all_ignored_mask_is_zero_not_nan():
+    """A constant class map normalizes to NaN: its mask ignores every pixel. wsolevaluation's mean
+    over no pixels is NaN; ours adds 0 for that term."""
+    classifier = torch.nn.Linear(4, 2)
+    features = {"main": torch.ones(1, 4, 4, 4), **{k: torch.zeros(1, 1, 4, 4, requires_grad=True)
+                                                   for k in ("spg_b1", "spg_b2", "spg_c")}}
+    logits = torch.zeros(1, 2)
+    loss = spg_loss(logits, features, torch.tensor([1]), classifier, [0.7, 0.01, 0.5, 0.05, 0.7, 0.1], (16, 16))
+    assert torch.isfinite(loss)

@@ -241,7 +241,7 @@ def _side_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def spg_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: torch.Tensor,
              classifier: torch.nn.Linear, thresholds: tuple[float, ...] | list[float],
              size: tuple[int, int]) -> torch.Tensor:
-    """SPG's training loss (spec 2.3), all in float32 at the input size ``size``:
+    """SPG's training loss (spec 2.3), in float32 (float64 for float64 inputs) at the input size ``size``:
 
     ``CE(logits, y) + L(B2, mask(attention, 1h, 1l)) + L(B1, mask(sigmoid(B2), 2h, 2l))
     + L(C, mask((sigmoid(B1) + sigmoid(B2)) / 2, 3h, 3l))``, where every side logit map
@@ -252,13 +252,15 @@ def spg_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: to
     """
     h1, l1, h2, l2, h3, l3 = thresholds
 
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+
     def up(t: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        return F.interpolate(t.to(dtype), size=size, mode="bilinear", align_corners=False)[:, 0]
 
     b1, b2, c = (up(features[k]) for k in ("spg_b1", "spg_b2", "spg_c"))
     with torch.no_grad():
-        head = features["main"].detach().float()
-        weight, bias = classifier.weight[labels].float(), classifier.bias[labels].float()
+        head = features["main"].detach().to(dtype)
+        weight, bias = classifier.weight[labels].to(dtype), classifier.bias[labels].to(dtype)
         class_map = torch.einsum("bc,bchw->bhw", weight, head) + bias[:, None, None]
         attention = up(class_map[:, None])
         flat = attention.flatten(1)
@@ -266,5 +268,5 @@ def spg_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: to
         attention = (attention - low) / (high - low)
         b1_prob, b2_prob = torch.sigmoid(b1), torch.sigmoid(b2)
         masks = (spg_mask(attention, h1, l1), spg_mask(b2_prob, h2, l2), spg_mask((b1_prob + b2_prob) / 2, h3, l3))
-    return (F.cross_entropy(logits.float(), labels) + _side_loss(b2, masks[0]) + _side_loss(b1, masks[1])
+    return (F.cross_entropy(logits.to(dtype), labels) + _side_loss(b2, masks[0]) + _side_loss(b1, masks[1])
             + _side_loss(c, masks[2]))
