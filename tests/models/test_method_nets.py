@@ -218,3 +218,30 @@ def test_new_layer_groups_are_wsolevaluations():
     assert [g["lr"] for g in groups] == [cfg.optim.lr, cfg.optim.lr * cfg.optim.new_layer_lr_ratio]
     assert sum(p.numel() for p in groups[1]["params"]) == sum(p.numel() for n, p in res_acol.named_parameters()
                                                                if n in layer4)
+
+
+@pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-acol", "inception_v3-acol",
+                                  "vgg16-spg", "resnet50-spg", "inception_v3-spg"])
+def test_every_map_method_applies(name):
+    """Every ``compute_maps`` method runs on ACoL's and SPG's networks and gives maps in [0, 1]
+    (with a maximum of 1 for every image where no ReLU may zero a map of a random network); on SPG (a GAP + linear head) Grad-CAM at ``head`` without its ReLU is
+    its CAM (float64 rounding apart), as on a CAM network."""
+    from mnpo.maps import METHODS
+
+    torch.manual_seed(0)
+    net = build_model(name, 4, width=0.0625).double().eval()
+    with torch.no_grad():
+        for clf in (net.classifier_for(b.name) for b in net.layout.branches):
+            clf.weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    y = torch.tensor([1, 3])
+    for method in METHODS:
+        maps, logits = compute_maps(net, x, y, method=method)
+        assert maps.shape == (2, 64, 64) and logits.shape == (2, 4), method
+        assert maps.min() >= 0 and maps.max() <= 1, method
+        if method in ("cam", "mnpo", "mnpos", "dgl", "center"):
+            assert (maps.flatten(1).amax(1) == 1).all(), method
+    if name.endswith("-spg"):
+        cam, _ = compute_maps(net, x, y, method="cam")
+        grad, _ = compute_maps(net, x, y, method="gradcam", target_layer="head", relu=False)
+        assert float((cam - grad).abs().max()) <= map_bound(net, torch.float64, passes=2)
