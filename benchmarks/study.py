@@ -16,7 +16,9 @@ then evaluate on the test split, thresholds calibrated on val and oracle:
 
 and, chosen with ``--models``, wsolevaluation's training methods and baselines beside them:
 ``vgg16-cam+has``, ``vgg16-cam+cutmix`` and ``vgg16-cam+adl`` (the one-branch network trained
-with HaS / CutMix / ADL, scored by CAM), ``vgg16-cam+fsl`` (the few-shot fully supervised baseline: trained on val's
+with HaS / CutMix / ADL, scored by CAM), ``vgg16-acol`` and ``vgg16-spg`` (ACoL's and SPG's own
+networks, scored by their own maps; ACoL also by MNPO's fusion of its two branches),
+``vgg16-cam+fsl`` (the few-shot fully supervised baseline: trained on val's
 boxes minus one image per class, calibrated on that held-out image) and ``center`` (the
 center baseline: no network, thresholds calibrated on val).
 
@@ -83,6 +85,8 @@ WSOL_MODELS = {
     "vgg16-cam+cutmix": ("vgg16-cam", {"name": "cutmix"}, [("CAM", "cam", {})]),
     "vgg16-cam+adl": ("vgg16-cam", {"name": "adl"}, [("CAM", "cam", {})]),
     "vgg16-cam+fsl": ("vgg16-cam", {"name": "fsl"}, [("FSL", "cam", {})]),
+    "vgg16-acol": ("vgg16-acol", {"name": "acol"}, [("ACoL", "cam", {}), ("MNPO on A and B", "mnpo", {})]),
+    "vgg16-spg": ("vgg16-spg", {"name": "spg"}, [("SPG", "cam", {})]),
     "center": (None, None, [("center baseline", "center", {})]),
 }
 MODEL_NAMES = (*EVALUATIONS, *WSOL_MODELS)

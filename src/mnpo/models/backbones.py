@@ -216,8 +216,10 @@ class ResNet50Backbone(nn.Module):
         wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         if not wanted:
             return {}
-        stages = [("stem", self.stem), ("layer1", self.layer1), ("layer2", self.layer2),
-                  ("layer3.0", self.layer3[0]), ("layer3", self.layer3[1:]), ("layer4", self.layer4)]
+        stages = [("stem", self.stem), ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3),
+                  ("layer4", self.layer4)]
+        if "layer3.0" in wanted:  # split only then: hooks on ``layer3`` see it run whole otherwise
+            stages[3:4] = [("layer3.0", self.layer3[0]), ("layer3", self.layer3[1:])]
         return run_stages(stages, x, wanted, grad_from, replace)
 
     def stem(self, x: Tensor) -> Tensor:
