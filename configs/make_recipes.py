@@ -60,10 +60,8 @@ HEADER = """# {title}: {backbone} {method_title}.
 # (the first period one epoch short: milestone 29), resize 256 + random crop 224 + flip.
 # Ours: the data paths and workers, val images per class ({val} here, as wsolevaluation's
 # split holds them), the checkpoint choice on val (wsolevaluation reports its last epoch:
-# evaluate last.pt to follow it), eval.method cam, and what mnpo does differently: He
-# initialization of the CAM networks' new layers (wsolevaluation: Xavier on ResNet50 and
-# InceptionV3), no ImageNet fc reused for ILSVRC ResNet50, 14x14 maps only (no
-# large_feature_map).{fsl}
+# evaluate last.pt to follow it), eval.method cam, and what mnpo does differently: 14x14
+# maps only (no large_feature_map).{fsl}
 """
 FSL_NOTE = """
 # FSL trains on val minus the held-out images and never sees the train split; evaluate it with
@@ -80,13 +78,20 @@ def layout(backbone: str, method: str) -> str:
     return f"{backbone}-cam"
 
 
+def imagenet_fc(data: str, backbone: str, method: str) -> bool:
+    """wsolevaluation starts ResNet50's classifier from the ImageNet ``fc`` on ILSVRC for the methods
+    of the plain CAM network (spec 1.3)."""
+    return data == "ilsvrc" and backbone == "resnet50" and method in ("cam", "has", "cutmix", "adl")
+
+
 def recipe(data: str, backbone: str, method: str) -> str:
     """The text of one recipe file."""
     title, data_section, metric = DATA[data]
     method_section, method_title = METHODS[method]
     body = {
         "data": dict(data_section),
-        "model": {"layout": layout(backbone, method), "pretrained": "imagenet"},
+        "model": {"layout": layout(backbone, method), "pretrained": "imagenet",
+                  **({"imagenet_classifier": True} if imagenet_fc(data, backbone, method) else {})},
         "method": dict(method_section),
         "optim": {"epochs": 40, "batch_size": 64, "lr": 0.01, "new_layer_lr_ratio": 10, "momentum": 0.9,
                   "weight_decay": 1.0e-4, "nesterov": True, "lr_milestones": [29], "lr_gamma": 0.1},

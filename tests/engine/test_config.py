@@ -90,3 +90,9 @@ def test_wsol_recipes_on_disk_are_what_their_generator_writes():
         network = method if method in ("acol", "spg") else "cam"
         assert cfg.model.layout.startswith(f"{backbone}-{network}")
         assert cfg.method.name == ("plain" if method == "cam" else method)
+
+
+def test_imagenet_classifier_needs_pretrained_weights():
+    with pytest.raises(ConfigError, match="model.imagenet_classifier: needs model.pretrained"):
+        config_from_dict({"data": {"root": "r", "metadata": "m"},
+                          "model": {"layout": "resnet50-cam", "pretrained": None, "imagenet_classifier": True}})

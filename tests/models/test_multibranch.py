@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -218,3 +220,26 @@ def test_replace_refuses_a_row_count_that_is_not_a_multiple_of_the_batch():
     model = build_model("vgg16-mnpo", 4, width=1 / 16).eval()
     with pytest.raises(ValueError, match="3 rows are not a multiple of the batch 2"):
         model(torch.randn(2, 3, 32, 32), replace=("conv5_2", torch.zeros(3, 32, 2, 2)))
+
+
+def test_init_mode_is_part_of_the_layout():
+    """wsolevaluation initializes its ResNet50 and InceptionV3 CAM networks with Xavier (conv
+    weights uniform within sqrt(6 / (fan_in + fan_out))), its VGG16 CAM with He (normal): the
+    layouts say which, round-trip it, and a He layout's dict is what it was before the field."""
+    import math
+
+    from mnpo.models.multibranch import inception_v3_cam_layout, resnet50_cam_layout, vgg16_cam_layout
+
+    assert resnet50_cam_layout().init == inception_v3_cam_layout().init == "xavier"
+    assert vgg16_cam_layout().init == "he" and "init" not in vgg16_cam_layout().to_dict()
+    layout = inception_v3_cam_layout(0.25)
+    assert NetworkLayout.from_dict(layout.to_dict()) == layout and layout.to_dict()["init"] == "xavier"
+    torch.manual_seed(0)
+    conv = MultiBranchNet(layout, 3).branches["main"]["SPG_A3_1b"].conv.weight
+    fan_in, fan_out = conv.shape[1] * 9, conv.shape[0] * 9
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert float(conv.abs().max()) <= bound and float(conv.abs().max()) > 0.9 * bound
+    he = MultiBranchNet(dataclasses.replace(layout, init="he"), 3).branches["main"]["SPG_A3_1b"].conv.weight
+    assert float(he.abs().max()) > 2 * bound  # He's normal, std sqrt(2 / fan_out), is far wider here
+    with pytest.raises(LayoutError, match="init 'orthogonal': choose one of"):
+        dataclasses.replace(layout, init="orthogonal")

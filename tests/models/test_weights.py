@@ -155,3 +155,26 @@ def test_read_state_dict_rejects_what_is_not_one(tmp_path):
 def test_unknown_layout_name():
     with pytest.raises(ValueError, match="unknown layout 'vgg19-mnpo'"):
         build_model("vgg19-mnpo", 2)
+
+
+def test_imagenet_classifier_of_resnet50(tmp_path, resnet_state):
+    """wsolevaluation's ILSVRC ResNet50 CAM starts from the ImageNet fc: ``imagenet_classifier``
+    copies it; a classifier of another shape, or a file without ``fc``, is refused by name."""
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet_state, path)
+    model = build_model("resnet50-cam", 1000, pretrained=str(path), imagenet_classifier=True)
+    assert torch.equal(model.classifier.weight, resnet_state["fc.weight"])
+    assert torch.equal(model.classifier.bias, resnet_state["fc.bias"])
+    plain = build_model("resnet50-cam", 1000, pretrained=str(path))
+    assert not torch.equal(plain.classifier.weight, resnet_state["fc.weight"])
+    with pytest.raises(WeightsError, match=r"fc.weight is \(1000, 2048\), the network's classifier is \(200, 2048\)"):
+        build_model("resnet50-cam", 200, pretrained=str(path), imagenet_classifier=True)
+    with pytest.raises(ValueError, match="imagenet_classifier needs pretrained weights"):
+        build_model("resnet50-cam", 1000, imagenet_classifier=True)
+
+
+def test_vgg16_has_no_imagenet_classifier_to_start_from(tmp_path, vgg_state):
+    path = tmp_path / "vgg16.pth"
+    torch.save(vgg_state, path)
+    with pytest.raises(WeightsError, match=r"no ImageNet classifier to start from \(\['fc.weight', 'fc.bias'\] missing\)"):
+        build_model("vgg16-cam", 1000, pretrained=str(path), imagenet_classifier=True)

@@ -5,7 +5,7 @@ A config file has four sections (every key optional except ``data.root`` and
 
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
               resize_size, crop_size, random_resized}
-    model:   {layout, width, pretrained}
+    model:   {layout, width, pretrained, imagenet_classifier}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
               acol_threshold, spg_thresholds, fsl_holdout_per_class}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
@@ -49,9 +49,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """``layout``: a shipped layout name or a ``.yaml`` layout file; ``pretrained``: ``imagenet``,
+    a torchvision ``.pth`` or null; ``imagenet_classifier``: start the classifier from that file's
+    ImageNet ``fc`` too (wsolevaluation's ILSVRC ResNet50 CAM, HaS, CutMix and ADL)."""
+
     layout: str = "vgg16-mnpo"
     width: float = 1.0
     pretrained: str | None = "imagenet"
+    imagenet_classifier: bool = False
 
 
 @dataclass
@@ -203,6 +208,8 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"data.workers: must be >= 0, got {cfg.data.workers}")
     if cfg.data.num_classes is not None and cfg.data.num_classes < 1:
         problems.append(f"data.num_classes: must be >= 1, got {cfg.data.num_classes}")
+    if cfg.model.imagenet_classifier and cfg.model.pretrained is None:
+        problems.append("model.imagenet_classifier: needs model.pretrained (the weights its classifier comes from)")
     if cfg.model.width <= 0:
         problems.append(f"model.width: must be > 0, got {cfg.model.width}")
     if cfg.model.layout not in LAYOUTS and not cfg.model.layout.endswith((".yaml", ".yml")):

@@ -25,20 +25,24 @@ from mnpo.models.weights import WeightsError, load_pretrained
 
 
 def build_model(layout: NetworkLayout | MethodLayout | str, num_classes: int,
-                pretrained: str | os.PathLike | None = None, width: float = 1.0) -> torch.nn.Module:
+                pretrained: str | os.PathLike | None = None, width: float = 1.0,
+                imagenet_classifier: bool = False) -> torch.nn.Module:
     """A ``MultiBranchNet`` (or ACoL / SPG network) from a layout (or a name in ``LAYOUTS``, built
     at ``width``).
 
-    ``pretrained``: ``None`` (all He-initialized), ``"imagenet"`` (torchvision's weights API)
-    or a path to a torchvision ``.pth`` state dict; it fills the backbone only.
+    ``pretrained``: ``None`` (all randomly initialized), ``"imagenet"`` (torchvision's weights
+    API) or a path to a torchvision ``.pth`` state dict; it fills the backbone, and with
+    ``imagenet_classifier`` the classifier too (from the file's ``fc``, see ``load_pretrained``).
     """
     if isinstance(layout, str):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
         layout = LAYOUTS[layout](width)
     model = build_network(layout, num_classes)
+    if imagenet_classifier and pretrained is None:
+        raise ValueError("imagenet_classifier needs pretrained weights to take the classifier from")
     if pretrained is not None:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, classifier=imagenet_classifier)
     return model
 
 

@@ -97,10 +97,15 @@ class BranchLayout:
             object.__setattr__(self, "output", blocks[-1].name)
 
 
+INIT_MODES = ("he", "xavier")
+
+
 @dataclass(frozen=True)
 class NetworkLayout:
     """Backbone, width multiplier and branches (the first is the main branch).
 
+    ``init``: how the network's convolutions start (``he`` or ``xavier``, wsolevaluation's
+    ``initialize_weights`` modes; pretrained backbone weights replace it).
     Validated on construction: every input resolves, shapes agree, every branch output
     has the classifier's channel count.
     """
@@ -108,6 +113,7 @@ class NetworkLayout:
     backbone: str
     branches: tuple[BranchLayout, ...]
     width: float = 1.0
+    init: str = "he"
     _shapes: dict[str, TapInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +126,8 @@ class NetworkLayout:
             raise LayoutError(f"duplicate branch names {names}")
         if not self.width > 0:
             raise LayoutError(f"width must be > 0, got {self.width}")
+        if self.init not in INIT_MODES:
+            raise LayoutError(f"init {self.init!r}: choose one of {INIT_MODES}")
         try:
             taps = backbone_taps(self.backbone, self.width)
         except ValueError as err:
@@ -194,7 +202,7 @@ class NetworkLayout:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (str, int, float, list, dict, None): safe for JSON, YAML, weights_only."""
-        return {
+        data = {
             "backbone": self.backbone,
             "width": float(self.width),
             "branches": [
@@ -206,10 +214,13 @@ class NetworkLayout:
                 for b in self.branches
             ],
         }
+        if self.init != "he":  # layouts with the default read as before
+            data["init"] = self.init
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "NetworkLayout":
-        unknown = set(data) - {"backbone", "branches", "width"}
+        unknown = set(data) - {"backbone", "branches", "width", "init"}
         if unknown:
             raise LayoutError(f"unknown layout keys {sorted(unknown)}")
         try:
@@ -221,7 +232,8 @@ class NetworkLayout:
                 )
                 for b in data["branches"]
             )
-            return cls(backbone=data["backbone"], branches=branches, width=float(data.get("width", 1.0)))
+            return cls(backbone=data["backbone"], branches=branches, width=float(data.get("width", 1.0)),
+                       init=data.get("init", "he"))
         except (KeyError, TypeError) as err:
             raise LayoutError(f"malformed layout: {err!r}") from None
 
@@ -308,8 +320,8 @@ def vgg16_cam_layout(width: float = 1.0) -> NetworkLayout:
 
 def resnet50_cam_layout(width: float = 1.0) -> NetworkLayout:
     """ResNet50 CAM (wsolevaluation's ``ResNetCam``): ``layer4`` (2048 ch, stride 16) + GAP + FC,
-    the main branch of ``resnet50_layout`` alone."""
-    return NetworkLayout("resnet50", (BranchLayout("main", (), output="layer4"),), width)
+    the main branch of ``resnet50_layout`` alone; Xavier initialization, as wsolevaluation's."""
+    return NetworkLayout("resnet50", (BranchLayout("main", (), output="layer4"),), width, init="xavier")
 
 
 def _inception_head_branch(dropout: float = 0.5) -> BranchLayout:
@@ -336,16 +348,15 @@ def inception_v3_cam_layout(width: float = 1.0) -> NetworkLayout:
     ``mean_c(w_y * F) = (w_y . F) / C``: a positive scale and an offset, equal after min-max
     normalization. ``InceptionCam``'s three dropouts (p=0.5, training only) are the blocks'
     ``input_dropout`` / ``dropout``; ``inception_v3-cam-no-dropout`` is the head without them
-    (wsolevaluation's ``InceptionAdl``). The new layers get He initialization like every layout
-    here, where wsolevaluation uses Xavier for Inception.
+    (wsolevaluation's ``InceptionAdl``). Xavier initialization, as wsolevaluation's.
     """
-    return NetworkLayout("inception_v3", (_inception_head_branch(),), width)
+    return NetworkLayout("inception_v3", (_inception_head_branch(),), width, init="xavier")
 
 
 def inception_v3_cam_no_dropout_layout(width: float = 1.0) -> NetworkLayout:
     """``inception_v3_cam_layout`` without its dropouts: the network of wsolevaluation's
     ``InceptionAdl`` (ADL replaces them)."""
-    return NetworkLayout("inception_v3", (_inception_head_branch(dropout=0.0),), width)
+    return NetworkLayout("inception_v3", (_inception_head_branch(dropout=0.0),), width, init="xavier")
 
 
 def inception_v3_layout(width: float = 1.0) -> NetworkLayout:
@@ -442,7 +453,7 @@ class MultiBranchNet(nn.Module):
             self.branches[branch.name] = blocks
         self.classifier = nn.Linear(layout.feature_channels, num_classes)
         self.input_multiple = max(layout.input_shape(b.name, b.output).stride for b in layout.branches)
-        init_he(self)
+        init_he(self, layout.init)
 
     def classifier_for(self, branch: str) -> nn.Linear:
         """The classifier of ``branch``: the one shared by every branch."""

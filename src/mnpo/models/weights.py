@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from mnpo.models.checkpoint import CheckpointError, load_plain, load_state_dict_strict
@@ -90,10 +91,14 @@ def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor],
         raise WeightsError(f"{err} (expected a torchvision {backbone.name} state dict at width 1)") from None
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool = True) -> None:
+def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool = True,
+                    classifier: bool = False) -> None:
     """Load ImageNet weights into ``model.backbone``: ``source`` is ``"imagenet"`` or a file path.
 
-    The new layers (branches, head, classifier) keep their He initialization.
+    The new layers (branches, head, classifier) keep their initialization, except with
+    ``classifier``: the main classifier then takes the source's ImageNet classifier (``fc``),
+    which must have its shape: wsolevaluation starts its ILSVRC ResNet50 CAM, HaS, CutMix and
+    ADL networks from it (``Linear(2048, 1000)``).
     """
     backbone = model.backbone
     if str(source) == IMAGENET:
@@ -101,3 +106,22 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool 
     else:
         state, name = read_state_dict(source), str(Path(source))
     load_backbone_weights(backbone, state, name)
+    if classifier:
+        load_imagenet_classifier(model, state, name)
+
+
+def load_imagenet_classifier(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Copy ``fc.weight`` / ``fc.bias`` of a torchvision state dict into ``model.classifier``."""
+    target = model.classifier
+    missing = [k for k in ("fc.weight", "fc.bias") if k not in state_dict]
+    if missing:
+        raise WeightsError(f"{source}: no ImageNet classifier to start from ({missing} missing); only "
+                           "torchvision ResNet50 and InceptionV3 files have an 'fc'")
+    shapes = (tuple(state_dict["fc.weight"].shape), tuple(target.weight.shape))
+    if shapes[0] != shapes[1]:
+        raise WeightsError(f"{source}: its ImageNet classifier fc.weight is {shapes[0]}, the network's classifier "
+                           f"is {shapes[1]}; only a network with a Linear({shapes[0][1]}, {shapes[0][0]}) "
+                           "classifier (ResNet50 CAM on 1000 classes) can start from it")
+    with torch.no_grad():
+        target.weight.copy_(state_dict["fc.weight"])
+        target.bias.copy_(state_dict["fc.bias"])
