@@ -15,6 +15,7 @@
 #   figure-parts.png, figure-shapes.png   the study's overlays
 #   precision.md   check_precision.py on the study's `parts` network (exit 1 if default maps drift)
 #   log.txt        versions, every step's stderr and exit status, the study's printed tables
+#                  (the methods of issue 14 on `parts` among them)
 #
 # The device image (Python 3.12, torch 2.11, torchvision 0.26) holds OpenCV, numba, pyyaml, tqdm
 # and tensorboard, as read on 2026-11-17 (device KINDS.md); mnpo runs from src/ via PYTHONPATH. If
@@ -98,5 +99,15 @@ step precision 45 /dev/null python3 benchmarks/check_precision.py --checkpoint "
   --workers "$WORKERS" --out "$OUT/precision.md"
 
 study study-both 150 parts,shapes 0
+
+# (5) wsolevaluation's methods and baselines on `parts` beside it (issue 14), one seed: HaS, CutMix
+# and ADL on the one-branch network, ACoL's and SPG's networks, FSL and the center baseline. Its
+# table goes to log.txt only ($OUT is at its 8 files), the study's printout.
+step study-methods 180 "$LOG" python3 benchmarks/study.py --presets parts --train-seeds 0 --image-size "$SIZE" \
+  --classes 8 --train-per-class "$PER_CLASS" --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" \
+  --fsl-epochs $((EPOCHS * 5)) --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" \
+  --models center,vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-acol,vgg16-spg,vgg16-cam+fsl \
+  --out "$STUDY-methods" -q --resume
+
 study study-seeds012 600 parts,shapes 0,1,2
 echo "== done" >>"$LOG"
