@@ -60,8 +60,8 @@ HEADER = """# {title}: {backbone} {method_title}.
 # (the first period one epoch short: milestone 29), resize 256 + random crop 224 + flip.
 # Ours: the data paths and workers, val images per class ({val} here, as wsolevaluation's
 # split holds them), the checkpoint choice on val (wsolevaluation reports its last epoch:
-# evaluate last.pt to follow it), eval.method cam, and what mnpo does differently: 14x14
-# maps only (no large_feature_map).{fsl}
+# evaluate last.pt to follow it) and eval.method cam. 14x14 maps (large_feature_map off, the
+# default; model.large_feature_map=true gives 28x28).{fsl}
 """
 FSL_NOTE = """
 # FSL trains on val minus the held-out images and never sees the train split; evaluate it with

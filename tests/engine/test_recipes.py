@@ -42,3 +42,24 @@ def test_recipe_trains_and_evaluates(shapes, tmp_path, backbone, method):
     for protocol in ("oracle", "calibrated"):
         assert 0 <= report[protocol]["max_box_acc_v2"]["value"] <= 100
     assert (report["info"]["classification"] is None) == (method == "fsl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["cub-resnet50-acol", "cub-vgg16-spg", "cub-inception_v3-cam"])
+def test_recipe_trains_with_the_large_feature_map(shapes, tmp_path, recipe):
+    """``model.large_feature_map=true``: the network's maps at stride 8; it trains, and its
+    checkpoint says so."""
+    from mnpo.models import load_model
+
+    run = tmp_path / "run"
+    overrides = [f"data.root={shapes / 'images'}", f"data.metadata={shapes / 'metadata'}", "data.workers=0",
+                 "data.val_per_class=null", "data.resize_size=73", "data.crop_size=64", "model.width=0.0625",
+                 "model.pretrained=null", "model.large_feature_map=true", "optim.epochs=1", "optim.batch_size=2",
+                 f"runtime.out={run}", "runtime.device=cpu", "runtime.channels_last=false"]
+    assert main(["train", "-q", "--config", str(CONFIGS / f"{recipe}.yaml"), *overrides]) == 0
+    model, payload = load_model(run / "last.pt")
+    assert payload["layout"]["large_feature_map"] is True
+    import torch
+
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64), return_features=True).features["head"].shape[-2:] == (8, 8)

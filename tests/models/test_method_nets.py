@@ -245,3 +245,36 @@ def test_every_map_method_applies(name):
         cam, _ = compute_maps(net, x, y, method="cam")
         grad, _ = compute_maps(net, x, y, method="gradcam", target_layer="head", relu=False)
         assert float((cam - grad).abs().max()) <= map_bound(net, torch.float64, passes=2)
+
+
+LARGE = ["vgg16-cam", "resnet50-cam", "inception_v3-cam", "vgg16-acol", "resnet50-acol", "inception_v3-acol",
+         "vgg16-spg", "resnet50-spg", "inception_v3-spg"]
+
+
+@pytest.mark.parametrize("name", LARGE)
+def test_large_feature_map_gives_28x28_maps_with_the_same_parameters(name):
+    """wsolevaluation's ``large_feature_map``: 28x28 at 224 instead of 14x14, the parameter count
+    unchanged (spec 1.4), the layout saying so in its dict (and back)."""
+    import dataclasses
+
+    layout = LAYOUTS[name]()
+    large = dataclasses.replace(layout, large_feature_map=True)
+    assert layout_from_dict(large.to_dict()) == large and large.to_dict()["large_feature_map"] is True
+    assert "large_feature_map" not in layout.to_dict()
+    with torch.device("meta"):
+        small_net, large_net = build_model(layout, 200).eval(), build_model(large, 200).eval()
+        x = torch.empty(1, 3, 224, 224)
+        small_out, large_out = small_net(x, return_features=True), large_net(x, return_features=True)
+    assert n_params(small_net) == n_params(large_net)
+    assert small_out.features["head"].shape[-2:] == (14, 14) and large_out.features["head"].shape[-2:] == (28, 28)
+    if layout.backbone == "vgg16":  # the fourth pool keeps its index: torchvision's weights still map
+        pool = large_net.backbone.features[23]
+        expected = (3, 1, 1) if name.endswith("acol") else None
+        assert (None if isinstance(pool, torch.nn.Identity) else (pool.kernel_size, pool.stride, pool.padding)) == expected
+
+
+def test_mnpo_layouts_refuse_the_large_feature_map():
+    import dataclasses
+
+    with pytest.raises(LayoutError, match="inputs at different strides"):
+        dataclasses.replace(LAYOUTS["vgg16-mnpo"](), large_feature_map=True)

@@ -5,7 +5,7 @@ A config file has four sections (every key optional except ``data.root`` and
 
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
               resize_size, crop_size, random_resized}
-    model:   {layout, width, pretrained, imagenet_classifier}
+    model:   {layout, width, pretrained, imagenet_classifier, large_feature_map}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
               acol_threshold, spg_thresholds, fsl_holdout_per_class}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
@@ -51,12 +51,15 @@ class DataConfig:
 class ModelConfig:
     """``layout``: a shipped layout name or a ``.yaml`` layout file; ``pretrained``: ``imagenet``,
     a torchvision ``.pth`` or null; ``imagenet_classifier``: start the classifier from that file's
-    ImageNet ``fc`` too (wsolevaluation's ILSVRC ResNet50 CAM, HaS, CutMix and ADL)."""
+    ImageNet ``fc`` too (wsolevaluation's ILSVRC ResNet50 CAM, HaS, CutMix and ADL);
+    ``large_feature_map``: the backbone's last stage at stride 8, 28x28 maps at 224
+    (wsolevaluation's option; the CAM, ACoL and SPG layouts)."""
 
     layout: str = "vgg16-mnpo"
     width: float = 1.0
     pretrained: str | None = "imagenet"
     imagenet_classifier: bool = False
+    large_feature_map: bool = False
 
 
 @dataclass
@@ -231,6 +234,13 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"method.spg_thresholds: expected 6 values in [0, 1] (1h, 1l, 2h, 2l, 3h, 3l), "
                         f"got {m.spg_thresholds}")
     problems += _method_layout_problems(cfg)
+    if cfg.model.large_feature_map and cfg.model.layout in LAYOUTS and cfg.model.width > 0:
+        from mnpo.models import LayoutError
+
+        try:
+            dataclasses.replace(LAYOUTS[cfg.model.layout](cfg.model.width), large_feature_map=True)
+        except LayoutError as err:
+            problems.append(f"model.large_feature_map: the {cfg.model.layout} layout cannot have it ({err})")
     if m.fsl_holdout_per_class < 1:
         problems.append(f"method.fsl_holdout_per_class: must be >= 1, got {m.fsl_holdout_per_class}")
     if m.name == "fsl" and cfg.eval.metric == "top1_cls":

@@ -246,6 +246,8 @@ class Trainer:
         layout = LAYOUTS[m.layout](m.width) if m.layout in LAYOUTS else NetworkLayout.from_yaml(m.layout)
         if network_kind(layout) == "acol":
             layout = dataclasses.replace(layout, acol_threshold=self.cfg.method.acol_threshold)
+        if m.large_feature_map:
+            layout = dataclasses.replace(layout, large_feature_map=True)
         return build_model(layout, self.num_classes, pretrained=m.pretrained, imagenet_classifier=m.imagenet_classifier)
 
     def _resume(self) -> None:

@@ -39,8 +39,12 @@ RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
 )
 BACKBONE_NAMES = ("vgg16", "resnet50", "inception_v3")
 #: VGG16 pool kinds (spec 1.1): ``max2`` 2x2 stride 2 (torchvision's, ``M``), ``max3`` 3x3 stride 2
-#: padding 1 (``M1``; ACoL's four pools, SPG's fourth).
-VGG_POOLS = ("max2", "max3")
+#: padding 1 (``M1``; ACoL's four pools, SPG's fourth), ``max3s1`` 3x3 stride 1 padding 1 (``M2``;
+#: ACoL's fourth with the large feature map), ``none`` (an identity where the pool was: the
+#: large feature map of the CAM and SPG networks; module indices stay torchvision's).
+VGG_POOLS = ("max2", "max3", "max3s1", "none")
+#: The fourth VGG16 pool under ``large_feature_map``, by the kind it replaces.
+VGG_LARGE_FEATURE_POOL = {"max2": "none", "max3": "max3s1"}
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,9 @@ def make_vgg_features(config: Sequence[int | str], width: float = 1.0, pools: Se
             kind = pools[stage - 1] if stage - 1 < len(pools) else "max2"
             if kind not in VGG_POOLS:
                 raise ValueError(f"pool {stage}: unknown kind {kind!r}; choose one of {VGG_POOLS}")
-            layers.append(nn.MaxPool2d(2, 2) if kind == "max2" else nn.MaxPool2d(3, 2, padding=1))
-            stride *= 2
+            layers.append({"max2": lambda: nn.MaxPool2d(2, 2), "max3": lambda: nn.MaxPool2d(3, 2, padding=1),
+                           "max3s1": lambda: nn.MaxPool2d(3, 1, padding=1), "none": nn.Identity}[kind]())
+            stride *= 2 if kind in ("max2", "max3") else 1
             tap_index[f"pool{stage}"] = len(layers) - 1
             pool_taps[f"pool{stage}"] = TapInfo(in_channels, stride)
             stage, index = stage + 1, 0
@@ -146,14 +151,18 @@ class VGG16Backbone(nn.Module):
 
     ``pools``: the kinds of the four pools (``VGG_POOLS``), torchvision's 2x2 by default;
     wsolevaluation's ACoL network has four ``max3``, its SPG network a ``max3`` fourth pool.
+    ``large_feature_map``: the fourth pool does not downsample (``VGG_LARGE_FEATURE_POOL``), so
+    ``conv5_*`` is at stride 8 (28x28 at 224), as wsolevaluation's ``large_feature_map``.
     The module indices are torchvision's whatever the kinds.
     """
 
     name = "vgg16"
 
-    def __init__(self, width: float = 1.0, pools: Sequence[str] = ()) -> None:
+    def __init__(self, width: float = 1.0, pools: Sequence[str] = (), large_feature_map: bool = False) -> None:
         super().__init__()
         self.width = width
+        if large_feature_map:
+            pools = (*(list(pools) + ["max2"] * 4)[:3], VGG_LARGE_FEATURE_POOL[(list(pools) + ["max2"] * 4)[3]])
         self.features, self._tap_index, self.taps, self.inner_taps = make_vgg_features(VGG16_CONFIG, width, pools)
 
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
@@ -188,7 +197,7 @@ class ResNet50Backbone(nn.Module):
 
     name = "resnet50"
 
-    def __init__(self, width: float = 1.0) -> None:
+    def __init__(self, width: float = 1.0, large_feature_map: bool = False) -> None:
         super().__init__()
         self.width = width
         stem = scale_channels(64, width)
@@ -199,6 +208,8 @@ class ResNet50Backbone(nn.Module):
         self.taps: dict[str, TapInfo] = {}
         in_channels, total_stride = stem, 4
         for i, (block_width, blocks, stride) in enumerate(RESNET50_STAGES, start=1):
+            if i == 3 and large_feature_map:  # wsolevaluation's large feature map: layer3 at stride 1
+                stride = 1
             inner = scale_channels(block_width, width)
             out_channels = scale_channels(4 * block_width, width)
             layer = [Bottleneck(in_channels, inner, out_channels, stride)]
@@ -227,22 +238,24 @@ class ResNet50Backbone(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
-def build_backbone(name: str, width: float = 1.0, vgg_pools: Sequence[str] = ()) -> nn.Module:
+def build_backbone(name: str, width: float = 1.0, vgg_pools: Sequence[str] = (),
+                   large_feature_map: bool = False) -> nn.Module:
     """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout (``vgg_pools``: see
-    ``VGG16Backbone``)."""
+    ``VGG16Backbone``). ``large_feature_map``: the last stage at stride 8 instead of 16 (28x28
+    maps at 224), as wsolevaluation's option of that name."""
     if name == "vgg16":
-        return VGG16Backbone(width, vgg_pools)
+        return VGG16Backbone(width, vgg_pools, large_feature_map)
     if name == "resnet50":
-        return ResNet50Backbone(width)
+        return ResNet50Backbone(width, large_feature_map)
     if name == "inception_v3":
         from mnpo.models.inception import InceptionV3Backbone  # it builds on this module's helpers
 
-        return InceptionV3Backbone(width)
+        return InceptionV3Backbone(width, large_feature_map)
     raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES}")
 
 
-def backbone_taps(name: str, width: float = 1.0) -> dict[str, TapInfo]:
+def backbone_taps(name: str, width: float = 1.0, large_feature_map: bool = False) -> dict[str, TapInfo]:
     """The taps of a backbone without allocating its weights (built on the meta device)."""
     with torch.device("meta"):
-        return dict(build_backbone(name, width).taps)
+        return dict(build_backbone(name, width, large_feature_map=large_feature_map).taps)
 

@@ -147,7 +147,7 @@ class InceptionV3Backbone(nn.Module):
 
     name = "inception_v3"
 
-    def __init__(self, width: float = 1.0) -> None:
+    def __init__(self, width: float = 1.0, large_feature_map: bool = False) -> None:
         super().__init__()
         self.width = width
         c = partial(scale_channels, width=width)
@@ -161,7 +161,9 @@ class InceptionV3Backbone(nn.Module):
         self.Mixed_5b = MixedA(c(192), 32, width)
         self.Mixed_5c = MixedA(self.Mixed_5b.out_channels, 64, width)
         self.Mixed_5d = MixedA(self.Mixed_5c.out_channels, 64, width)
-        self.maxpool3 = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        # skipped (an identity) with wsolevaluation's large feature map: Mixed_6* at stride 8
+        self.maxpool3 = (nn.Identity() if large_feature_map
+                         else nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True))
         self.Mixed_6a = MixedB(self.Mixed_5d.out_channels, width)
         self.Mixed_6b = MixedC(self.Mixed_6a.out_channels, 128, width)
         self.Mixed_6c = MixedC(self.Mixed_6b.out_channels, 160, width)
@@ -177,8 +179,8 @@ class InceptionV3Backbone(nn.Module):
         stride = 1
         for name in self.sequence:
             module = getattr(self, name)
-            if isinstance(module, nn.MaxPool2d):
-                stride *= module.stride
+            if isinstance(module, (nn.MaxPool2d, nn.Identity)):
+                stride *= getattr(module, "stride", 1)
                 continue
             if isinstance(module, ConvBN):
                 stride *= module.conv.stride[0]
@@ -189,7 +191,7 @@ class InceptionV3Backbone(nn.Module):
         for name in self.sequence:
             if name.startswith("maxpool"):
                 info = self.taps[previous]
-                self.inner_taps[name] = TapInfo(info.channels, info.stride * getattr(self, name).stride)
+                self.inner_taps[name] = TapInfo(info.channels, info.stride * getattr(getattr(self, name), "stride", 1))
             previous = name
 
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,

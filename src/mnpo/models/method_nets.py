@@ -41,12 +41,15 @@ class MethodLayout:
 
     acol_threshold: ACoL erases the head's input where the normalized class map of branch A
     reaches it (training and test); ignored by SPG.
+    large_feature_map: the backbone's last stage at stride 8 (28x28 maps at 224), as
+    wsolevaluation's option.
     """
 
     network: str
     backbone: str
     width: float = 1.0
     acol_threshold: float = ACOL_THRESHOLD
+    large_feature_map: bool = False
 
     def __post_init__(self) -> None:
         if self.network not in METHOD_NETWORKS:
@@ -68,16 +71,19 @@ class MethodLayout:
         data: dict[str, Any] = {"network": self.network, "backbone": self.backbone, "width": float(self.width)}
         if self.network == "acol":
             data["acol_threshold"] = float(self.acol_threshold)
+        if self.large_feature_map:
+            data["large_feature_map"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodLayout":
-        unknown = set(data) - {"network", "backbone", "width", "acol_threshold"}
+        unknown = set(data) - {"network", "backbone", "width", "acol_threshold", "large_feature_map"}
         if unknown:
             raise LayoutError(f"unknown layout keys {sorted(unknown)}")
         try:
             return cls(network=data["network"], backbone=data["backbone"], width=float(data.get("width", 1.0)),
-                       acol_threshold=float(data.get("acol_threshold", ACOL_THRESHOLD)))
+                       acol_threshold=float(data.get("acol_threshold", ACOL_THRESHOLD)),
+                       large_feature_map=bool(data.get("large_feature_map", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise LayoutError(f"malformed layout: {err!r}") from None
 
@@ -111,12 +117,14 @@ class MethodNet(nn.Module):
     head_features: tuple[str, ...] = ()
 
     def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: Sequence[str] = ()) -> None:
+        """``vgg_pools``: the four VGG16 pool kinds, the large feature map's included."""
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.layout = layout
         self.num_classes = num_classes
-        self.backbone = build_backbone(layout.backbone, layout.width, vgg_pools)
+        large = layout.large_feature_map and layout.backbone != "vgg16"
+        self.backbone = build_backbone(layout.backbone, layout.width, vgg_pools, large_feature_map=large)
 
     @property
     def classifier(self) -> nn.Linear:

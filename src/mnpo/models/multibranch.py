@@ -106,6 +106,8 @@ class NetworkLayout:
 
     ``init``: how the network's convolutions start (``he`` or ``xavier``, wsolevaluation's
     ``initialize_weights`` modes; pretrained backbone weights replace it).
+    ``large_feature_map``: the backbone's last stage at stride 8, not 16 (28x28 maps at 224;
+    wsolevaluation's option): for layouts whose branches all read that stage (the CAM ones).
     Validated on construction: every input resolves, shapes agree, every branch output
     has the classifier's channel count.
     """
@@ -114,6 +116,7 @@ class NetworkLayout:
     branches: tuple[BranchLayout, ...]
     width: float = 1.0
     init: str = "he"
+    large_feature_map: bool = False
     _shapes: dict[str, TapInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,7 +132,7 @@ class NetworkLayout:
         if self.init not in INIT_MODES:
             raise LayoutError(f"init {self.init!r}: choose one of {INIT_MODES}")
         try:
-            taps = backbone_taps(self.backbone, self.width)
+            taps = backbone_taps(self.backbone, self.width, self.large_feature_map)
         except ValueError as err:
             raise LayoutError(str(err)) from None
         self._shapes.update(taps)
@@ -194,7 +197,7 @@ class NetworkLayout:
 
     def required_taps(self) -> tuple[str, ...]:
         """Backbone taps any branch reads, in backbone order."""
-        taps = backbone_taps(self.backbone, self.width)
+        taps = backbone_taps(self.backbone, self.width, self.large_feature_map)
         used = {r for b in self.branches for blk in b.blocks for r in blk.inputs} | {
             b.output for b in self.branches
         }
@@ -214,13 +217,15 @@ class NetworkLayout:
                 for b in self.branches
             ],
         }
-        if self.init != "he":  # layouts with the default read as before
+        if self.init != "he":  # layouts with the defaults read as before
             data["init"] = self.init
+        if self.large_feature_map:
+            data["large_feature_map"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "NetworkLayout":
-        unknown = set(data) - {"backbone", "branches", "width", "init"}
+        unknown = set(data) - {"backbone", "branches", "width", "init", "large_feature_map"}
         if unknown:
             raise LayoutError(f"unknown layout keys {sorted(unknown)}")
         try:
@@ -233,7 +238,7 @@ class NetworkLayout:
                 for b in data["branches"]
             )
             return cls(backbone=data["backbone"], branches=branches, width=float(data.get("width", 1.0)),
-                       init=data.get("init", "he"))
+                       init=data.get("init", "he"), large_feature_map=bool(data.get("large_feature_map", False)))
         except (KeyError, TypeError) as err:
             raise LayoutError(f"malformed layout: {err!r}") from None
 
@@ -434,7 +439,7 @@ class MultiBranchNet(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.layout = layout
         self.num_classes = num_classes
-        self.backbone = build_backbone(layout.backbone, layout.width)
+        self.backbone = build_backbone(layout.backbone, layout.width, large_feature_map=layout.large_feature_map)
         self._taps = layout.required_taps()
         self.branches = nn.ModuleDict()
         for branch in layout.branches:

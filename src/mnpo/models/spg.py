@@ -11,7 +11,8 @@ resnet50       none (``layer4``)                         ``layer3.0``    ``layer
 inception_v3   InceptionCam's head with its 3 dropouts   ``maxpool3``    ``Mixed_6d``     512
 =============  ========================================  ==============  ===============  ============
 
-(VGG16's fourth pool is a 3x3 stride-2 max-pool, padding 1, as wsolevaluation's ``VggSpg``.)
+(VGG16's fourth pool is a 3x3 stride-2 max-pool, padding 1, as wsolevaluation's ``VggSpg``;
+none with the large feature map.)
 Side outputs, in training only, each a one-channel logit map at stride 16: B1 =
 ``shared(b1(tap1))``, B2 = ``shared(b2(tap2))`` (``b1``, ``b2``: 3x3 conv to D + ReLU;
 ``shared``: 3x3 conv D -> D + ReLU, 1x1 conv to 1), C = ``c(main head map)`` (3x3 conv to 512
@@ -52,7 +53,8 @@ class SpgNet(MethodNet):
     def __init__(self, layout: MethodLayout, num_classes: int) -> None:
         if layout.network != "spg":
             raise ValueError(f"SpgNet needs an spg layout, got network {layout.network!r}")
-        super().__init__(layout, num_classes, SPG_VGG_POOLS if layout.backbone == "vgg16" else ())
+        pools = SPG_VGG_POOLS[:3] + (("none",) if layout.large_feature_map else SPG_VGG_POOLS[3:])
+        super().__init__(layout, num_classes, pools if layout.backbone == "vgg16" else ())
         backbone = layout.backbone
         taps = {**self.backbone.taps, **self.backbone.inner_taps}
         self._taps = tuple(dict.fromkeys(SPG_TAPS[backbone]))
