@@ -20,8 +20,7 @@ applies ``H`` to each branch's own classifier row and fuses the branches (ACoL: 
 its one class branch, as its side branches make no class maps). The gradient methods and the
 CAM family use the main branch (ACoL's A; ``mnpos`` adds B's logits). ACoL's forward erases by
 the class ``targets`` names (the predicted one without targets), as wsolevaluation's test map
-does; Score-CAM's masked copies and other passes of another batch size erase by their own
-prediction. Ablation-CAM works at ``head`` only (the networks take no ``replace``).
+does; passes on other inputs (Score-CAM's masked copies) erase by their own prediction. Ablation-CAM works at ``head`` only (the networks take no ``replace``).
 
 (*) under bf16/fp16 autocast: 1 forward + 1 batched backward of 2 products per branch.
 
@@ -45,8 +44,6 @@ import torch
 from torch import Tensor
 
 from mnpo.maps import cam_family
-from mnpo.models.acol import acol_class_maps
-from mnpo.models.method_nets import network_kind
 from mnpo.maps.passes import acc, full_precision, predicted, selector, vjp
 from mnpo.maps.postprocess import (
     FUSIONS,
@@ -58,6 +55,8 @@ from mnpo.maps.postprocess import (
     resize_maps,
     weight_postprocess,
 )
+from mnpo.models.acol import acol_class_maps
+from mnpo.models.method_nets import network_kind
 
 METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
            "scorecam", "ablationcam", "eigencam", "center")
@@ -146,7 +145,7 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
     if opts.size is None:
         opts = replace(opts, size=tuple(images.shape[-2:]))
     if network_kind(model.layout) == "acol":
-        model = _ErasingBy(model, targets)
+        model = _ErasingBy(model, images, targets)
     # Gradient methods need autograd even when called under inference_mode or no_grad.
     with torch.inference_mode(False), torch.enable_grad():
         raw, logits = _METHOD_FUNCTIONS[method](model, images, targets, opts)
@@ -156,17 +155,18 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
 
 
 class _ErasingBy:
-    """An ACoL network whose forward passes of the batch's size erase by ``targets`` (its
-    ``labels``); other attributes are the network's."""
+    """An ACoL network whose forward passes on ``images`` themselves erase by ``targets`` (its
+    ``labels``); passes on other tensors (Score-CAM's masked copies) by their own prediction.
+    Other attributes are the network's."""
 
-    def __init__(self, model: torch.nn.Module, targets: Tensor | None) -> None:
-        self._model, self._targets = model, targets
+    def __init__(self, model: torch.nn.Module, images: Tensor, targets: Tensor | None) -> None:
+        self._model, self._images, self._targets = model, images, targets
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def __call__(self, x: Tensor, **kwargs: Any):
-        if self._targets is not None and len(x) == len(self._targets) and "labels" not in kwargs:
+        if self._targets is not None and x is self._images and "labels" not in kwargs:
             kwargs["labels"] = self._targets
         return self._model(x, **kwargs)
 
