@@ -235,11 +235,11 @@ def test_init_mode_is_part_of_the_layout():
     layout = inception_v3_cam_layout(0.25)
     assert NetworkLayout.from_dict(layout.to_dict()) == layout and layout.to_dict()["init"] == "xavier"
     torch.manual_seed(0)
-    conv = MultiBranchNet(layout, 3).branches["main"]["SPG_A3_1b"].conv.weight
+    conv = MultiBranchNet(layout, 3).branches["main"]["SPG_A3_1b"].conv.weight.detach()
     fan_in, fan_out = conv.shape[1] * 9, conv.shape[0] * 9
     bound = math.sqrt(6 / (fan_in + fan_out))
     assert float(conv.abs().max()) <= bound and float(conv.abs().max()) > 0.9 * bound
-    he = MultiBranchNet(dataclasses.replace(layout, init="he"), 3).branches["main"]["SPG_A3_1b"].conv.weight
+    he = MultiBranchNet(dataclasses.replace(layout, init="he"), 3).branches["main"]["SPG_A3_1b"].conv.weight.detach()
     assert float(he.abs().max()) > 2 * bound  # He's normal, std sqrt(2 / fan_out), is far wider here
     with pytest.raises(LayoutError, match="init 'orthogonal': choose one of"):
         dataclasses.replace(layout, init="orthogonal")
