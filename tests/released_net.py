@@ -11,6 +11,7 @@ from torch import nn
 from mnpo.models.backbones import scale_channels
 from mnpo.models.blocks import Bottleneck
 from mnpo.models.release import RELEASED_CONV_NAMES
+from tiny_models import spread_batchnorm
 
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 POOL_AFTER = {1, 3, 6, 9}  # max-pool after conv1_2, conv2_2, conv3_3, conv4_3 (0-based conv index)
@@ -53,11 +54,4 @@ class ReleasedLayoutNet(nn.Module):
 
 def randomized(net, seed=0):
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    return spread_batchnorm(net, affine=True).eval()

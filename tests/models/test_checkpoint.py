@@ -14,6 +14,7 @@ from mnpo.models.checkpoint import (
     save_checkpoint,
 )
 from mnpo.models.multibranch import released_vgg16_layout, three_branch_vgg16_layout
+from tiny_models import spread_batchnorm
 
 
 def small(layout=three_branch_vgg16_layout, classes=5):
@@ -33,11 +34,7 @@ class RunsCode:
 
 def test_round_trip_keeps_layout_classes_weights_and_outputs(tmp_path):
     model = small()
-    with torch.no_grad():  # non-trivial BN statistics, so buffers matter too
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
+    spread_batchnorm(model, mean_range=1.0)  # non-trivial BN statistics, so buffers matter too
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, model, meta={"class_names": ["a", "b", "c", "d", "e"]})
     raw = torch.load(path, weights_only=True)  # plain data only

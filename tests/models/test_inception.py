@@ -19,6 +19,7 @@ from mnpo.models.backbones import BACKBONE_NAMES, TapInfo, backbone_taps, build_
 from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.multibranch import LAYOUTS, MultiBranchNet
 from mnpo.models.weights import DROPPED_PREFIXES, WeightsError, load_backbone_weights, load_pretrained
+from tiny_models import spread_batchnorm
 
 TAPS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]
@@ -36,14 +37,7 @@ def tv_state():
     BatchNorm statistics and affine parameters away from the identity."""
     torch.manual_seed(5)
     tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return tv.state_dict()
+    return spread_batchnorm(tv, affine=True).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +188,7 @@ def test_unknown_tap_names_the_known_ones():
 
 def _double_backbone(width=1 / 8):
     torch.manual_seed(3)
-    net = InceptionV3Backbone(width)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.double().eval()
+    return spread_batchnorm(InceptionV3Backbone(width), mean_range=0.3).double().eval()
 
 
 def test_grad_from_truncates_the_graph_with_the_full_graphs_gradient():

@@ -10,6 +10,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from mnpo.models import build_model
 from mnpo.models.weights import WeightsError, load_backbone_weights, load_pretrained, read_state_dict
+from tiny_models import spread_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +27,7 @@ def vgg_state():
 @pytest.fixture(scope="module")
 def resnet_state():
     torch.manual_seed(2)
-    tv = torchvision.models.resnet50(weights=None)
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-    return tv.state_dict()
+    return spread_batchnorm(torchvision.models.resnet50(weights=None), affine=True).state_dict()
 
 
 def test_vgg16_every_backbone_tensor_from_a_local_file(tmp_path, vgg_state):
