@@ -1,4 +1,4 @@
-"""Small networks shared by the engine tests."""
+"""Small networks and their set-up, shared by the tests."""
 
 import torch
 
@@ -29,3 +29,12 @@ def spread_batchnorm(module: torch.nn.Module, mean_range: float = 0.5, affine: b
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.2, 0.2)
     return module
+
+
+def spread_for_maps(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with BatchNorm statistics away from the identity and a classifier
+    whose softmax is not flat (He-init's 0.01 would make it so)."""
+    spread_batchnorm(model, mean_range=0.3)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+    return model.eval()

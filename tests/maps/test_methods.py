@@ -9,7 +9,7 @@ from reference import naive_maps
 from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
 from mnpo.models.multibranch import NetworkLayout, released_vgg16_layout
-from tiny_models import spread_batchnorm
+from tiny_models import spread_for_maps
 
 SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16),
           "inception_v3": ("inception_v3-mnpo", 1 / 16)}
@@ -18,16 +18,7 @@ SETUPS = {"vgg16": ("vgg16-mnpo", 1 / 8), "resnet50": ("resnet50-mnpo", 1 / 16),
 def make_model(backbone, classes=6, seed=0):
     name, width = SETUPS[backbone]
     torch.manual_seed(seed)
-    return spread(build_model(name, classes, width=width))
-
-
-def spread(model):
-    """``model`` in eval mode with BatchNorm statistics away from the identity and a classifier
-    whose softmax is not flat (He-init's 0.01 would make it so)."""
-    spread_batchnorm(model, mean_range=0.3)
-    with torch.no_grad():
-        model.classifier.weight.normal_(0, 0.5)
-    return model.eval()
+    return spread_for_maps(build_model(name, classes, width=width))
 
 
 @pytest.fixture(scope="module", params=list(SETUPS))

@@ -7,6 +7,7 @@ from mnpo.models.backbones import (
     ResNet50Backbone,
     TapInfo,
     VGG16Backbone,
+    VggPools,
     backbone_taps,
     build_backbone,
 )
@@ -99,6 +100,28 @@ def test_unknown_tap_and_backbone_are_clear_errors():
         VGG16Backbone(1 / 16)(torch.randn(1, 3, 32, 32), ["conv6_1"])
     with pytest.raises(ValueError, match="inception"):
         build_backbone("inception")
+
+
+def test_vgg_pools_choose_the_fourth_pool_by_feature_map_size():
+    """The CAM network's pools: torchvision's 2x2, the fourth an identity with the large feature
+    map (conv5 at stride 8); the module indices stay torchvision's either way."""
+    small, large = (build_backbone("vgg16", 1 / 16, large_feature_map=flag) for flag in (False, True))
+    assert small.taps["conv5_3"].stride == 16 and large.taps["conv5_3"].stride == 8
+    assert isinstance(small.features[23], torch.nn.MaxPool2d) and isinstance(large.features[23], torch.nn.Identity)
+    assert list(small.state_dict()) == list(large.state_dict())
+    acol = VggPools(("max3",) * 4, ("max3",) * 3 + ("max3s1",))
+    assert build_backbone("vgg16", 1 / 16, True, acol).taps["conv5_3"].stride == 8
+    assert build_backbone("vgg16", 1 / 16, False, acol).taps["conv5_3"].stride == 16
+
+
+@pytest.mark.parametrize("default, large, match", [
+    (("max2",) * 3, ("max2",) * 3 + ("none",), "default: four kinds"),
+    (("max2",) * 4, ("max2",) * 3 + ("avg2",), "large: four kinds"),
+    (("max2",) * 4, ("max2",) * 4, "must keep the stride.*'max2'"),
+])
+def test_bad_vgg_pools_are_named(default, large, match):
+    with pytest.raises(ValueError, match=match):
+        VggPools(default, large)
 
 
 def test_backbone_taps_without_weights():

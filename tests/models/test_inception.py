@@ -19,7 +19,7 @@ from mnpo.models.backbones import BACKBONE_NAMES, TapInfo, backbone_taps, build_
 from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.multibranch import LAYOUTS, MultiBranchNet
 from mnpo.models.weights import DROPPED_PREFIXES, WeightsError, load_backbone_weights, load_pretrained
-from tiny_models import spread_batchnorm
+from tiny_models import spread_batchnorm, spread_for_maps
 
 TAPS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]
@@ -342,10 +342,8 @@ def test_mnpo_layout_shapes_at_224():
 
 
 def _maps_model(layout):
-    from maps.test_methods import spread
-
     torch.manual_seed(0)
-    return spread(build_model(layout, 6, width=0.125)).double()
+    return spread_for_maps(build_model(layout, 6, width=0.125)).double()
 
 
 def _naive(model, images, targets, method):

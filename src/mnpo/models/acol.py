@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnpo.models.backbones import scale_channels
+from mnpo.models.backbones import VggPools, scale_channels
 from mnpo.models.blocks import Conv3x3ReLU, init_he
 from mnpo.models.method_nets import MethodLayout, MethodNet, class_map, gap, minmax
 
 #: wsolevaluation's ACoL VGG16 pools (``M1``: 3x3, stride 2, padding 1) in place of the 2x2 ones
 #: (with the large feature map the fourth is ``M2``, 3x3 stride 1).
-ACOL_VGG_POOLS = ("max3", "max3", "max3", "max3")
+ACOL_VGG_POOLS = VggPools(default=("max3", "max3", "max3", "max3"), large=("max3", "max3", "max3", "max3s1"))
 #: The heads' input per backbone.
 ACOL_INPUT = {"vgg16": "conv5_3", "resnet50": "layer4", "inception_v3": "Mixed_6e"}
 ACOL_INIT = {"vgg16": "xavier", "resnet50": "he", "inception_v3": "xavier"}
@@ -41,8 +41,7 @@ class AcolNet(MethodNet):
     def __init__(self, layout: MethodLayout, num_classes: int) -> None:
         if layout.network != "acol":
             raise ValueError(f"AcolNet needs an acol layout, got network {layout.network!r}")
-        pools = ACOL_VGG_POOLS[:3] + (("max3s1",) if layout.large_feature_map else ACOL_VGG_POOLS[3:])
-        super().__init__(layout, num_classes, pools if layout.backbone == "vgg16" else ())
+        super().__init__(layout, num_classes, ACOL_VGG_POOLS)
         self._taps = (ACOL_INPUT[layout.backbone],)
         in_ch = self.backbone.taps[self._taps[0]].channels
         hidden = scale_channels(1024, layout.width)

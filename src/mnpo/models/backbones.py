@@ -43,8 +43,28 @@ BACKBONE_NAMES = ("vgg16", "resnet50", "inception_v3")
 #: ACoL's fourth with the large feature map), ``none`` (an identity where the pool was: the
 #: large feature map of the CAM and SPG networks; module indices stay torchvision's).
 VGG_POOLS = ("max2", "max3", "max3s1", "none")
-#: The fourth VGG16 pool under ``large_feature_map``, by the kind it replaces.
-VGG_LARGE_FEATURE_POOL = {"max2": "none", "max3": "max3s1"}
+
+
+@dataclass(frozen=True)
+class VggPools:
+    """A network's four VGG16 pool kinds (``VGG_POOLS``): ``default`` at the usual stride 16,
+    ``large`` under ``large_feature_map`` (stride 8: the fourth pool does not downsample).
+    The defaults are the CAM network's: torchvision's 2x2 pools, the fourth an identity when large.
+    """
+
+    default: tuple[str, ...] = ("max2", "max2", "max2", "max2")
+    large: tuple[str, ...] = ("max2", "max2", "max2", "none")
+
+    def __post_init__(self) -> None:
+        for field, kinds in (("default", self.default), ("large", self.large)):
+            if len(kinds) != 4 or any(kind not in VGG_POOLS for kind in kinds):
+                raise ValueError(f"VggPools.{field}: four kinds from {VGG_POOLS} needed, got {kinds!r}")
+        if self.large[3] not in ("max3s1", "none"):
+            raise ValueError(f"VggPools.large: the fourth pool must keep the stride (max3s1 or none), "
+                             f"got {self.large[3]!r}")
+
+    def kinds(self, large_feature_map: bool = False) -> tuple[str, ...]:
+        return self.large if large_feature_map else self.default
 
 
 @dataclass(frozen=True)
@@ -150,19 +170,17 @@ class VGG16Backbone(nn.Module):
     """VGG16, WSOL layout. ``(B, 3, H, W) -> {tap: (B, C, H/s, W/s)}``; ``conv5_3`` is 512 x H/16.
 
     ``pools``: the kinds of the four pools (``VGG_POOLS``), torchvision's 2x2 by default;
-    wsolevaluation's ACoL network has four ``max3``, its SPG network a ``max3`` fourth pool.
-    ``large_feature_map``: the fourth pool does not downsample (``VGG_LARGE_FEATURE_POOL``), so
-    ``conv5_*`` is at stride 8 (28x28 at 224), as wsolevaluation's ``large_feature_map``.
-    The module indices are torchvision's whatever the kinds.
+    wsolevaluation's ACoL network has four ``max3``, its SPG network a ``max3`` fourth pool, and
+    its ``large_feature_map`` a fourth pool that does not downsample (``VggPools.large``), so
+    ``conv5_*`` is at stride 8 (28x28 at 224). The module indices are torchvision's whatever
+    the kinds.
     """
 
     name = "vgg16"
 
-    def __init__(self, width: float = 1.0, pools: Sequence[str] = (), large_feature_map: bool = False) -> None:
+    def __init__(self, width: float = 1.0, pools: Sequence[str] = ()) -> None:
         super().__init__()
         self.width = width
-        if large_feature_map:
-            pools = (*(list(pools) + ["max2"] * 4)[:3], VGG_LARGE_FEATURE_POOL[(list(pools) + ["max2"] * 4)[3]])
         self.features, self._tap_index, self.taps, self.inner_taps = make_vgg_features(VGG16_CONFIG, width, pools)
 
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
@@ -238,13 +256,13 @@ class ResNet50Backbone(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
-def build_backbone(name: str, width: float = 1.0, vgg_pools: Sequence[str] = (),
-                   large_feature_map: bool = False) -> nn.Module:
-    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout (``vgg_pools``: see
-    ``VGG16Backbone``). ``large_feature_map``: the last stage at stride 8 instead of 16 (28x28
-    maps at 224), as wsolevaluation's option of that name."""
+def build_backbone(name: str, width: float = 1.0, large_feature_map: bool = False,
+                   vgg_pools: VggPools = VggPools()) -> nn.Module:
+    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout. ``large_feature_map``:
+    the last stage at stride 8 instead of 16 (28x28 maps at 224), as wsolevaluation's option of
+    that name. ``vgg_pools``: the network's VGG16 pools, both ways (the CAM network's by default)."""
     if name == "vgg16":
-        return VGG16Backbone(width, vgg_pools, large_feature_map)
+        return VGG16Backbone(width, vgg_pools.kinds(large_feature_map))
     if name == "resnet50":
         return ResNet50Backbone(width, large_feature_map)
     if name == "inception_v3":

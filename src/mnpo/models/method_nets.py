@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mnpo.models.backbones import BACKBONE_NAMES, build_backbone, gradient_leaf, run_tracked
+from mnpo.models.backbones import BACKBONE_NAMES, VggPools, build_backbone, gradient_leaf, run_tracked
 from mnpo.models.multibranch import LayoutError, MultiBranchOutput, NetworkLayout
 
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3).
@@ -116,15 +116,14 @@ class MethodNet(nn.Module):
     #: feature names the heads return, besides the backbone taps
     head_features: tuple[str, ...] = ()
 
-    def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: Sequence[str] = ()) -> None:
-        """``vgg_pools``: the four VGG16 pool kinds, the large feature map's included."""
+    def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: VggPools = VggPools()) -> None:
+        """``vgg_pools``: the network's VGG16 pools, with and without the large feature map."""
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.layout = layout
         self.num_classes = num_classes
-        large = layout.large_feature_map and layout.backbone != "vgg16"
-        self.backbone = build_backbone(layout.backbone, layout.width, vgg_pools, large_feature_map=large)
+        self.backbone = build_backbone(layout.backbone, layout.width, layout.large_feature_map, vgg_pools)
 
     @property
     def classifier(self) -> nn.Linear:

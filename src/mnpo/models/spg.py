@@ -28,11 +28,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnpo.models.backbones import scale_channels
+from mnpo.models.backbones import VggPools, scale_channels
 from mnpo.models.blocks import Conv3x3ReLU, init_he
 from mnpo.models.method_nets import MethodLayout, MethodNet, gap
 
-SPG_VGG_POOLS = ("max2", "max2", "max2", "max3")
+#: wsolevaluation's SPG VGG16 pools: a 3x3 fourth pool (``M1``), an identity with the large feature map
+SPG_VGG_POOLS = VggPools(default=("max2", "max2", "max2", "max3"), large=("max2", "max2", "max2", "none"))
 #: (B1 tap, B2 tap, main head input) per backbone
 SPG_TAPS = {"vgg16": ("pool4", "conv5_3", "conv5_3"), "resnet50": ("layer3.0", "layer3", "layer4"),
             "inception_v3": ("maxpool3", "Mixed_6d", "Mixed_6e")}
@@ -53,8 +54,7 @@ class SpgNet(MethodNet):
     def __init__(self, layout: MethodLayout, num_classes: int) -> None:
         if layout.network != "spg":
             raise ValueError(f"SpgNet needs an spg layout, got network {layout.network!r}")
-        pools = SPG_VGG_POOLS[:3] + (("none",) if layout.large_feature_map else SPG_VGG_POOLS[3:])
-        super().__init__(layout, num_classes, pools if layout.backbone == "vgg16" else ())
+        super().__init__(layout, num_classes, SPG_VGG_POOLS)
         backbone = layout.backbone
         taps = {**self.backbone.taps, **self.backbone.inner_taps}
         self._taps = tuple(dict.fromkeys(SPG_TAPS[backbone]))
