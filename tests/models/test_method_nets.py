@@ -192,6 +192,8 @@ def test_checkpoint_round_trip(tmp_path, name):
     ({"network": "acol", "backbone": "vgg16", "acol_threshold": 2}, r"acol_threshold must be in \[0, 1\]"),
     ({"network": "spg", "backbone": "vgg16", "depth": 3}, r"unknown layout keys \['depth'\]"),
     ({"network": "spg"}, "malformed layout"),
+    ({"network": "spg", "backbone": "vgg16", "large_feature_map": "false"},
+     "large_feature_map must be true or false, got 'false'"),
 ])
 def test_bad_method_layouts_are_named(data, message):
     with pytest.raises(LayoutError, match=message):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mnpo.models.backbones import BACKBONE_NAMES, VggPools, build_backbone, gradient_leaf, run_tracked
-from mnpo.models.multibranch import LayoutError, MultiBranchOutput, NetworkLayout
+from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchOutput, NetworkLayout
 
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3).
 METHOD_NETWORKS = ("acol", "spg")
@@ -77,13 +77,11 @@ class MethodLayout:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodLayout":
-        unknown = set(data) - {"network", "backbone", "width", "acol_threshold", "large_feature_map"}
-        if unknown:
-            raise LayoutError(f"unknown layout keys {sorted(unknown)}")
+        check_layout_keys(data, {"network", "backbone", "width", "acol_threshold", "large_feature_map"})
         try:
             return cls(network=data["network"], backbone=data["backbone"], width=float(data.get("width", 1.0)),
                        acol_threshold=float(data.get("acol_threshold", ACOL_THRESHOLD)),
-                       large_feature_map=bool(data.get("large_feature_map", False)))
+                       large_feature_map=data.get("large_feature_map", False))
         except (KeyError, TypeError, ValueError) as err:
             raise LayoutError(f"malformed layout: {err!r}") from None
 

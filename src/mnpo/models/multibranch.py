@@ -30,6 +30,16 @@ class LayoutError(ValueError):
     """A layout that cannot be built; the message names the branch and block."""
 
 
+def check_layout_keys(data: Mapping[str, Any], allowed: set[str]) -> None:
+    """Refuse a layout dict with keys outside ``allowed``, or a ``large_feature_map`` that is not
+    a bool (``bool("false")`` is true)."""
+    unknown = set(data) - allowed
+    if unknown:
+        raise LayoutError(f"unknown layout keys {sorted(unknown)}; known: {sorted(allowed)}")
+    if not isinstance(data.get("large_feature_map", False), bool):
+        raise LayoutError(f"large_feature_map must be true or false, got {data['large_feature_map']!r}")
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """One fusion block.
@@ -225,9 +235,7 @@ class NetworkLayout:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "NetworkLayout":
-        unknown = set(data) - {"backbone", "branches", "width", "init", "large_feature_map"}
-        if unknown:
-            raise LayoutError(f"unknown layout keys {sorted(unknown)}")
+        check_layout_keys(data, {"backbone", "branches", "width", "init", "large_feature_map"})
         try:
             branches = tuple(
                 BranchLayout(
@@ -238,7 +246,7 @@ class NetworkLayout:
                 for b in data["branches"]
             )
             return cls(backbone=data["backbone"], branches=branches, width=float(data.get("width", 1.0)),
-                       init=data.get("init", "he"), large_feature_map=bool(data.get("large_feature_map", False)))
+                       init=data.get("init", "he"), large_feature_map=data.get("large_feature_map", False))
         except (KeyError, TypeError) as err:
             raise LayoutError(f"malformed layout: {err!r}") from None
 
