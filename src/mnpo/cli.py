@@ -80,6 +80,8 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
         mask_root=args.mask_root, cam_curve_interval=args.cam_curve_interval,
         threshold_grid=args.threshold_grid, logits=args.logits,
         val_logits=args.val_logits, workers=args.workers, progress=not args.quiet, center=args.center,
+        data=args.data, results=args.results, report_html=args.report, label=args.label,
+        gallery_size=args.gallery_size,
     )
     print(report.table())
     if report.calibrated is None and report.info["kind"] == "box":
@@ -258,6 +260,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_threshold_args(ev)
     ev.add_argument("--workers", type=int, default=None, help="threads (default: available cores, at most 8)")
     ev.add_argument("--json", help="write the report as JSON to this file")
+    ev.add_argument("--results", help="also write the per-image results (.npz, read by mnpo report) to this file")
+    ev.add_argument("--report", help="also write the HTML report of this result to this file")
+    ev.add_argument("--data", help="image root (needed by --results and --report for their gallery)")
+    ev.add_argument("--label", help="the result's name in reports (default: center, or the maps folder's name)")
+    ev.add_argument("--gallery-size", type=int, default=128,
+                    help="images sampled for the report's gallery (default 128)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evaluate_maps)
 

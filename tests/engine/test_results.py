@@ -11,7 +11,8 @@ from tiny_models import tiny_vgg_mnpo
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.evaluate import evaluate_model
-from mnpo.engine.evaluate_maps import build_report, gt_boxes_in_frame
+from mnpo.engine.evaluate_maps import build_report, evaluate_map_folders, gt_boxes_in_frame
+from mnpo.engine.report import _per_class
 from mnpo.engine.results import (
     THUMBNAIL,
     EvaluationResults,
@@ -48,6 +49,14 @@ def evaluated(data, tmp_path_factory):
                           details=True, gallery_size=5, save_maps=maps)
     val = evaluate_model(tiny_vgg_mnpo(), _dataset(data, "val"), thresholds=T, method="mnpo", batch_size=5)
     return test, val, maps
+
+
+@pytest.fixture(scope="module")
+def val_maps(data, tmp_path_factory):
+    """The val split's maps, as ``evaluated`` saved the test split's."""
+    maps = tmp_path_factory.mktemp("val-maps")
+    evaluate_model(tiny_vgg_mnpo(), _dataset(data, "val"), thresholds=T, method="mnpo", batch_size=5, save_maps=maps)
+    return maps
 
 
 def _build(data, test, val, label="mnpo"):
@@ -191,3 +200,75 @@ def test_bad_results_files_are_named(data, evaluated, tmp_path):
     with pytest.raises(ResultsFileError, match="text.npz: not a readable results file"):
         read_results(not_zip)
     assert zipfile.is_zipfile(good)  # the format is a plain zip of .npy arrays
+
+
+def test_saved_maps_give_the_results_file_of_the_evaluation_that_saved_them(data, evaluated, val_maps, tmp_path):
+    """``evaluate-maps --results`` on the maps ``evaluate_model`` saved: the same curves under
+    both protocols, per-image IoUs, labels, gallery sample, maps and boxes; no classification
+    without logits (top-5 rows of -1, the report shows "-")."""
+    test, val, maps = evaluated
+    expected = _build(data, test, val)
+    out, page = tmp_path / "maps.npz", tmp_path / "maps.html"
+    evaluate_map_folders(maps, data / "metadata" / "test", val_maps=val_maps, val_metadata=data / "metadata" / "val",
+                         cam_curve_interval=0.05, data=data / "images", results=out, report_html=page,
+                         gallery_size=5, label="saved")
+    back = read_results(out)
+    assert back.label == "saved" and back.info["method"] == "saved maps" and back.calibrated
+    for protocol, metrics in back.metrics().items():  # no logits: no Top-1/5 Loc, the rest equal
+        assert set(metrics) == set(expected.metrics()[protocol]) - {"top1_loc", "top5_loc"}
+        assert {k: m.to_json() for k, m in metrics.items()} == \
+            {k: expected.metrics()[protocol][k].to_json() for k in metrics}
+    assert back.image_ids == expected.image_ids and np.array_equal(back.labels, expected.labels)
+    for name in ("iou_oracle", "iou_calibrated"):
+        assert np.array_equal(back.per_image[name], expected.per_image[name])
+    assert back.gallery_ids == expected.gallery_ids and np.array_equal(back.gallery_map, expected.gallery_map)
+    for protocol in ("oracle", "calibrated"):
+        assert np.array_equal(back.gallery_boxes[protocol], expected.gallery_boxes[protocol])
+    assert all(np.array_equal(a, b) for a, b in zip(back.gallery_gt, expected.gallery_gt))
+    assert back.gallery_image.shape == (5, THUMBNAIL, THUMBNAIL, 3) and back.gallery_image.std() > 0
+    assert (back.top5 == -1).all() and np.isnan(_per_class(back)[2]).all()  # per-class top-1 cls: "-"
+    assert "<td>saved</td>" in page.read_text()
+
+
+def test_saved_maps_with_logits_give_top5_and_the_center_baseline_has_results(data, evaluated, tmp_path):
+    _, _, maps = evaluated
+    logits = np.random.default_rng(0).normal(size=(12, 3))
+    np.save(tmp_path / "logits.npy", logits)
+    out = evaluate_map_folders(maps, data / "metadata" / "test", cam_curve_interval=0.05,
+                               logits=tmp_path / "logits.npy", data=data / "images", results=tmp_path / "m.npz",
+                               gallery_size=3)
+    back = read_results(tmp_path / "m.npz")
+    order = np.argsort(-logits, axis=1, kind="stable")  # rows in image_ids.txt order, as the file's
+    assert np.array_equal(back.top5[:, :3], order) and (back.top5[:, 3:] == -1).all()
+    assert back.metrics()["oracle"]["top1_loc"].value == out.oracle["top1_loc"].value
+    assert back.label == maps.name and back.num_classes == 3
+    center = evaluate_map_folders(None, data / "metadata" / "test", center=True, cam_curve_interval=0.05,
+                                  data=data / "images", results=tmp_path / "c.npz", gallery_size=3)
+    back = read_results(tmp_path / "c.npz")
+    assert back.label == "center" and back.info["method"] == "center"
+    assert back.metrics()["oracle"]["max_box_acc"].value == center.oracle["max_box_acc"].value
+    assert (back.gallery_map == back.gallery_map[0]).all()  # one map for every image
+
+
+def test_results_of_saved_maps_need_the_images(data, evaluated, tmp_path):
+    with pytest.raises(ValueError, match="--results and --report need --data, the image root"):
+        evaluate_map_folders(evaluated[2], data / "metadata" / "test", results=tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_center_baseline_beside_a_checkpoint_in_one_report_from_the_cli(data, evaluated, tmp_path, capsys):
+    from mnpo.cli import main
+
+    model = write_results(tmp_path / "model.npz", _build(data, evaluated[0], evaluated[1]))
+    center = tmp_path / "center.npz"
+    assert main(["evaluate-maps", "-q", "--center", "--metadata", str(data / "metadata" / "test"),
+                 "--val-metadata", str(data / "metadata" / "val"), "--data", str(data / "images"),
+                 "--results", str(center), "--gallery-size", "5", "--cam-curve-interval", "0.05"]) == 0
+    page = tmp_path / "both.html"
+    assert main(["report", str(model), str(center), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "<td>center</td>" in text and "<td>mnpo</td>" in text and 'id="gallery-' in text
+    capsys.readouterr()
+    assert main(["evaluate-maps", "-q", "--center", "--metadata", str(data / "metadata" / "test"),
+                 "--report", str(tmp_path / "x.html")]) == 2
+    assert "need --data" in capsys.readouterr().err

@@ -24,19 +24,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
-from mnpo.engine.evaluate_maps import EVAL_SIZE, gt_boxes_in_frame
-from mnpo.engine.results import (
-    THUMBNAIL,
-    EvaluationResults,
-    GalleryItem,
-    SplitDetails,
-    gallery_sample,
-    write_results,
-)
+from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, gt_boxes_in_frame
+from mnpo.engine.results import EvaluationResults, SplitDetails, gallery_sample, write_results
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
-from mnpo.metrics.boxes import box_ious
 from mnpo.metrics.localization import BoxCurves, BoxEvaluator, MaskCurves, MaskEvaluator, PerImage
 from mnpo.metrics.masks import load_gt_mask
 
@@ -361,8 +353,6 @@ def _save_maps(folder: Path, image_ids, maps: np.ndarray) -> None:
 def _keep_details(details: SplitDetails, batch: Mapping[str, Any], maps: np.ndarray, logits: np.ndarray,
                   evaluator, sample: set[str]) -> None:
     """A batch's five best classes per image, and the gallery thumbnails of its sampled images."""
-    import cv2
-
     top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
     for k, image_id in enumerate(batch["image_id"]):
         details.top5[image_id] = top5[k]
@@ -372,16 +362,7 @@ def _keep_details(details: SplitDetails, batch: Mapping[str, Any], maps: np.ndar
         if view.dtype != torch.uint8:  # a normalized float view
             mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
             view = ((view.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-        image = cv2.resize(view.permute(1, 2, 0).cpu().numpy(), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
-        scoremap = cv2.resize(maps[k].astype(np.float32), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
-        scoremap = np.clip(np.round(scoremap * 255), 0, 255).astype(np.uint8)
-        if isinstance(evaluator, BoxEvaluator):
-            gt = evaluator.gt_boxes[image_id]
-            boxes = box_ious(maps[k], evaluator.thresholds, gt, multi=False).largest_boxes
-        else:
-            boxes = None
-            gt = cv2.resize(evaluator.load_mask(image_id), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_NEAREST)
-        details.gallery[image_id] = GalleryItem(image_id, image, scoremap, boxes, np.asarray(gt))
+        details.gallery[image_id] = gallery_item(image_id, view.permute(1, 2, 0).cpu().numpy(), maps[k], evaluator)
 
 
 def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: DistContext,

@@ -7,6 +7,9 @@ under a folder (the image id keeps its sub-folders and extension, so
 logits, Top-1 / Top-5 Loc; mask splits give PxAP. The report holds the
 oracle protocol (best threshold on the split itself) and, when val maps are
 given, the calibrated one (thresholds chosen on val, applied to the split).
+With ``results`` / ``report_html`` it also writes the per-image results file and the HTML
+report of :mod:`mnpo.engine.results` / :mod:`mnpo.engine.report`, as ``mnpo evaluate`` does, so
+saved maps (another codebase's, the center baseline) sit in one report beside checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 
 from mnpo.data.dataset import resize_boxes
 from mnpo.data.metadata import SplitMetadata, read_split
-from mnpo.metrics.boxes import cam_thresholds, check_scoremap
+from mnpo.engine.results import THUMBNAIL, EvaluationResults, GalleryItem, SplitDetails, gallery_sample
+from mnpo.metrics.boxes import box_ious, cam_thresholds, check_scoremap
 from mnpo.metrics.boxes import threshold_grid as make_grid
 from mnpo.metrics.localization import (
     BoxCurves,
@@ -86,6 +90,24 @@ def gt_boxes_in_frame(meta: SplitMetadata, size: int = EVAL_SIZE) -> dict[str, n
     return {i: resize_boxes(meta.boxes[i], meta.sizes[i], size) for i in meta.image_ids}
 
 
+def gallery_item(image_id: str, image: np.ndarray, scoremap: np.ndarray,
+                 evaluator: BoxEvaluator | MaskEvaluator) -> GalleryItem:
+    """One gallery entry: ``image`` uint8 (224, 224, 3), the evaluated view, and ``scoremap``
+    float (224, 224) in [0, 1], both resized to ``THUMBNAIL``; on a box split the largest-contour
+    box per threshold and the ground-truth boxes, on a mask split the ground-truth mask."""
+    import cv2
+
+    thumb = cv2.resize(np.ascontiguousarray(image), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(scoremap.astype(np.float32), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    small = np.clip(np.round(small * 255), 0, 255).astype(np.uint8)
+    if isinstance(evaluator, BoxEvaluator):
+        gt = evaluator.gt_boxes[image_id]
+        boxes = box_ious(scoremap, evaluator.thresholds, gt, multi=False).largest_boxes
+        return GalleryItem(image_id, thumb, small, boxes, np.asarray(gt))
+    mask = cv2.resize(evaluator.load_mask(image_id), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_NEAREST)
+    return GalleryItem(image_id, thumb, small, None, np.asarray(mask))
+
+
 def _batches(ids: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(ids), size):
         yield list(ids[start:start + size])
@@ -96,6 +118,16 @@ def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, m
                    batch_size: int = 64, progress: bool = False) -> BoxCurves | MaskCurves:
     """Curves of one split from its saved maps (every image id must have a map); ``maps_dir``
     None scores the center baseline (:func:`mnpo.maps.center_map`, the same map for every image)."""
+    return _score_split(maps_dir, meta, mask_root=mask_root, thresholds=thresholds, logits=logits, workers=workers,
+                        batch_size=batch_size, progress=progress)[0]
+
+
+def _score_split(maps_dir, meta: SplitMetadata, *, mask_root=None, thresholds=None, logits=None, workers=None,
+                 batch_size: int = 64, progress: bool = False, images=None, gallery_size: int = 0
+                 ) -> tuple[BoxCurves | MaskCurves, SplitDetails | None]:
+    """``evaluate_split``; with ``images`` (an ``evaluate``-mode ``WSOLDataset`` of the split with
+    ``uint8_views``) also the split's ``SplitDetails``: every image's values, its five best
+    classes from ``logits`` (none without) and the gallery of ``gallery_size`` sampled images."""
     thresholds = cam_thresholds() if thresholds is None else thresholds
     if maps_dir is None:
         from mnpo.maps import center_map, normalize_maps
@@ -111,6 +143,7 @@ def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, m
 
         def read(image_id: str) -> np.ndarray:
             return load_map(maps_dir / f"{image_id}.npy")
+    keep = images is not None
     if meta.kind == "mask":
         if mask_root is None:
             raise ValueError("a mask split needs --mask-root, the folder its mask paths are relative to")
@@ -119,13 +152,17 @@ def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, m
         def load_mask(image_id: str) -> np.ndarray:
             return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
 
-        evaluator = MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers)
+        evaluator = MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers, per_image=keep)
     elif meta.kind == "box":
         evaluator = BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE,
-                                 workers=workers)
+                                 workers=workers, per_image=keep)
     else:
         raise ValueError("the split has no localization.txt: nothing to evaluate against")
     row = {image_id: k for k, image_id in enumerate(meta.image_ids)}
+    sample = gallery_sample(meta.image_ids, gallery_size) if keep else set()
+    position = {image_id: k for k, image_id in enumerate(images.image_ids)} if keep else {}
+    top5: dict[str, np.ndarray] = {}
+    gallery: dict[str, GalleryItem] = {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -135,11 +172,21 @@ def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, m
             maps = np.stack([read(i) for i in ids])
             batch_logits = None if logits is None else logits[[row[i] for i in ids]]
             evaluator.update(maps, ids, batch_logits)
+            if keep and batch_logits is not None:
+                top5.update(zip(ids, np.argsort(-batch_logits, axis=1, kind="stable")[:, :5]))
+            for k, image_id in enumerate(ids):
+                if image_id in sample:
+                    view = images[position[image_id]]["image"]
+                    gallery[image_id] = gallery_item(image_id, view.permute(1, 2, 0).numpy(), maps[k], evaluator)
             if bar is not None:
                 bar.update(len(ids))
     if bar is not None:
         bar.close()
-    return evaluator.compute()
+    curves = evaluator.compute()
+    if not keep:
+        return curves, None
+    return curves, SplitDetails(evaluator.records(), {i: top5.get(i, np.zeros(0, np.int64)) for i in meta.image_ids},
+                                gallery)
 
 
 @dataclass(frozen=True)
@@ -178,10 +225,15 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
                          val_metadata=None, mask_root=None, cam_curve_interval: float = 0.01,
                          threshold_grid: str = "full",
                          logits=None, val_logits=None, workers: int | None = None,
-                         progress: bool = False, center: bool = False) -> Report:
+                         progress: bool = False, center: bool = False, data: str | os.PathLike | None = None,
+                         results: str | os.PathLike | None = None, report_html: str | os.PathLike | None = None,
+                         label: str | None = None, gallery_size: int = 128) -> Report:
     """The ``mnpo evaluate-maps`` job: read, evaluate, report (see module doc). ``center``:
     score the center baseline instead of saved maps (``maps`` and ``val_maps`` must be None;
-    val is then scored when ``val_metadata`` is given)."""
+    val is then scored when ``val_metadata`` is given). ``results`` / ``report_html``: also write
+    the results file / the HTML report of the evaluated split; both need ``data``, the image
+    root, for the gallery's ``gallery_size`` images; ``label``: the result's name there (default
+    ``center`` or the maps folder's name)."""
     if center:
         if maps is not None or val_maps is not None:
             raise ValueError("the center baseline needs no maps: give --center or --maps, not both")
@@ -189,12 +241,20 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
         raise ValueError("give --maps (a folder of score maps) or --center (the center baseline)")
     elif (val_maps is None) != (val_metadata is None):
         raise ValueError("give both --val-maps and --val-metadata, or neither")
+    details = results is not None or report_html is not None
+    if details and data is None:
+        raise ValueError("--results and --report need --data, the image root (the report shows a gallery of images)")
     thresholds = make_grid(threshold_grid, cam_curve_interval)
     meta = read_split(metadata)
     test_logits = None if logits is None else load_logits(logits, meta)
-    test = evaluate_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
-                          workers=workers, progress=progress)
-    val = None
+    images = None
+    if details:
+        from mnpo.data.dataset import WSOLDataset
+
+        images = WSOLDataset(data, meta, "evaluate", mask_root=mask_root, uint8_views=True)
+    test, test_details = _score_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
+                                      workers=workers, progress=progress, images=images, gallery_size=gallery_size)
+    val = vmeta = None
     if val_metadata is not None:
         vmeta = read_split(val_metadata)
         if vmeta.kind != meta.kind:
@@ -205,6 +265,7 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
     info = {
         "metadata": str(metadata),
         "maps": "center baseline" if center else str(maps),
+        "method": "center" if center else "saved maps",
         "kind": meta.kind,
         "num_images": test.num_images,
         "cam_curve_interval": cam_curve_interval,
@@ -218,4 +279,19 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
     if val is not None:
         info.update(val_metadata=str(val_metadata), val_maps="center baseline" if center else str(val_maps),
                     val_num_images=val.num_images)
-    return build_report(test, val, info)
+    report = build_report(test, val, info)
+    if details:
+        num_classes = meta.num_classes if test_logits is None else max(meta.num_classes, test_logits.shape[1])
+        evaluation = EvaluationResults.build(label or ("center" if center else Path(maps).name), test, val,
+                                             test_details, meta, vmeta, num_classes, info)
+        if results is not None:
+            from mnpo.engine.results import write_results
+
+            write_results(results, evaluation)
+            log.info("wrote %s", results)
+        if report_html is not None:
+            from mnpo.engine.report import write_report
+
+            write_report([evaluation], report_html)
+            log.info("wrote %s", report_html)
+    return report

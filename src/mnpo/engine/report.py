@@ -166,6 +166,8 @@ def _per_class(r: EvaluationResults) -> tuple[np.ndarray, np.ndarray, np.ndarray
         hits = np.bincount(r.labels[valid], weights=score[valid], minlength=k) / 100
         denominator = np.bincount(r.labels[valid], minlength=k).astype(np.float64)
     cls = np.bincount(r.labels, weights=(r.top5[:, 0] == r.labels).astype(np.float64), minlength=k)
+    if len(r.top5) and (r.top5[:, 0] < 0).all():  # saved maps without class scores: no classification
+        cls = np.full(k, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         return count, 100 * hits / denominator, 100 * cls / count
 
@@ -266,7 +268,8 @@ def _gallery_plot(results: Sequence[EvaluationResults], labels: Sequence[str], i
                 text = f"IoU {score:.2f}"
             else:
                 text = "PxAP -" if np.isnan(score) else f"PxAP {score:.0f}"
-            ax.set_title(f"{labels[col - 1]}\n{text}, pred {int(r.top5[n, 0])}", fontsize=7)
+            predicted = "-" if r.top5[n, 0] < 0 else int(r.top5[n, 0])
+            ax.set_title(f"{labels[col - 1]}\n{text}, pred {predicted}", fontsize=7)
     return _jpeg(fig)
 
 
@@ -317,7 +320,7 @@ def _per_class_table(per_class: Sequence[tuple], labels: Sequence[str], kind: st
     for c in np.flatnonzero(count > 0):
         cells = [str(c), str(int(count[c]))]
         cells += ["-" if np.isnan(p[1][c]) else f"{p[1][c]:.1f}" for p in per_class]
-        cells += [f"{p[2][c]:.1f}" for p in per_class]
+        cells += ["-" if np.isnan(p[2][c]) else f"{p[2][c]:.1f}" for p in per_class]
         rows.append(cells)
     return _table(header, rows, "per-class", sortable=True)
 
