@@ -182,6 +182,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_args(parser: argparse.ArgumentParser, default_label: str) -> None:
+    """What an evaluation writes besides its printed table, shared by evaluate and evaluate-maps."""
+    parser.add_argument("--json", help="write the report as JSON to this file")
+    parser.add_argument("--results", help="also write the per-image results (.npz, read by mnpo report) to this file")
+    parser.add_argument("--report", help="also write the HTML report of this result to this file")
+    parser.add_argument("--label", help=f"the result's name in reports (default: {default_label})")
+    parser.add_argument("--gallery-size", type=int, default=128,
+                        help="images sampled for the report's gallery (default 128)")
+
+
 def _add_threshold_args(parser: argparse.ArgumentParser) -> None:
     """The score-map threshold grid, shared by evaluate and evaluate-maps."""
     parser.add_argument("--cam-curve-interval", type=float, default=0.01,
@@ -259,13 +269,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--val-logits", help=".npy (N, C) class scores of the val split")
     _add_threshold_args(ev)
     ev.add_argument("--workers", type=int, default=None, help="threads (default: available cores, at most 8)")
-    ev.add_argument("--json", help="write the report as JSON to this file")
-    ev.add_argument("--results", help="also write the per-image results (.npz, read by mnpo report) to this file")
-    ev.add_argument("--report", help="also write the HTML report of this result to this file")
+    _add_output_args(ev, "center, or the maps folder's name")
     ev.add_argument("--data", help="image root (needed by --results and --report for their gallery)")
-    ev.add_argument("--label", help="the result's name in reports (default: center, or the maps folder's name)")
-    ev.add_argument("--gallery-size", type=int, default=128,
-                    help="images sampled for the report's gallery (default 128)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evaluate_maps)
 
@@ -343,12 +348,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="network input side (default 224, the protocol; ten crops from 256/224 of it)")
     ev2.add_argument("--save-maps", help="write each 224x224 map as DIR/<image_id>.npy")
     ev2.add_argument("--save-overlays", help="write DIR/<image_id>.png: map, predicted and true boxes")
-    ev2.add_argument("--json", help="write the report as JSON to this file")
-    ev2.add_argument("--results", help="also write the per-image results (.npz, read by mnpo report) to this file")
-    ev2.add_argument("--report", help="also write the HTML report of this result to this file")
-    ev2.add_argument("--label", help="the result's name in reports (default: the method)")
-    ev2.add_argument("--gallery-size", type=int, default=128,
-                     help="images sampled for the report's gallery (default 128)")
+    _add_output_args(ev2, "the method")
     ev2.add_argument("--state-dir", metavar="DIR",
                      help="keep the progress in DIR (a JSON per split, saved every minute): the same command, "
                           "run again after an interruption, continues where it stopped")

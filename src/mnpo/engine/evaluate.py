@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, gt_boxes_in_frame
-from mnpo.engine.results import EvaluationResults, SplitDetails, gallery_sample, write_results
+from mnpo.engine.results import EvaluationResults, SplitDetails, gallery_sample
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
@@ -405,7 +405,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     ``Report`` of the evaluated split; its ``info`` holds the classification accuracy
     (ten-crop), the skipped images and what was evaluated.
     """
-    from mnpo.engine.evaluate_maps import build_report
+    from mnpo.engine.evaluate_maps import build_report, write_evaluation
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
     from mnpo.metrics.boxes import threshold_grid as make_grid
     from mnpo.models import load_model
@@ -465,14 +465,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         evaluation = EvaluationResults.build(
             label or method, test.curves, None if val is None else val.curves, test.details,
             datasets["test"].meta, None if val is None else datasets["val"].meta, model.num_classes, info)
-        if results is not None:
-            write_results(results, evaluation)
-            log.info("wrote %s", results)
-        if report_html is not None:
-            from mnpo.engine.report import write_report
-
-            write_report([evaluation], report_html)
-            log.info("wrote %s", report_html)
+        write_evaluation(evaluation, results, report_html)
     if save_overlays and ctx.is_main:
         protocol = report.calibrated or report.oracle
         threshold = protocol["max_box_acc"].threshold if "max_box_acc" in protocol else 0.5

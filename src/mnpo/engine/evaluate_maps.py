@@ -284,14 +284,20 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
         num_classes = meta.num_classes if test_logits is None else max(meta.num_classes, test_logits.shape[1])
         evaluation = EvaluationResults.build(label or ("center" if center else Path(maps).name), test, val,
                                              test_details, meta, vmeta, num_classes, info)
-        if results is not None:
-            from mnpo.engine.results import write_results
-
-            write_results(results, evaluation)
-            log.info("wrote %s", results)
-        if report_html is not None:
-            from mnpo.engine.report import write_report
-
-            write_report([evaluation], report_html)
-            log.info("wrote %s", report_html)
+        write_evaluation(evaluation, results, report_html)
     return report
+
+
+def write_evaluation(evaluation: EvaluationResults, results: str | os.PathLike | None,
+                     report_html: str | os.PathLike | None) -> None:
+    """Write one evaluation's results file and / or its one-result HTML report (each when given)."""
+    if results is not None:
+        from mnpo.engine.results import write_results
+
+        write_results(results, evaluation)
+        log.info("wrote %s", results)
+    if report_html is not None:
+        from mnpo.engine.report import write_report
+
+        write_report([evaluation], report_html)
+        log.info("wrote %s", report_html)
