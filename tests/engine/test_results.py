@@ -272,3 +272,17 @@ def test_center_baseline_beside_a_checkpoint_in_one_report_from_the_cli(data, ev
     assert main(["evaluate-maps", "-q", "--center", "--metadata", str(data / "metadata" / "test"),
                  "--report", str(tmp_path / "x.html")]) == 2
     assert "need --data" in capsys.readouterr().err
+
+
+def test_saved_maps_of_a_mask_split_give_the_same_results_file(data, tmp_path):
+    ds = _dataset(data, masks=True)
+    run = evaluate_model(tiny_vgg_mnpo(), ds, thresholds=T, method="cam", batch_size=6, details=True, gallery_size=3,
+                         save_maps=tmp_path / "maps")
+    expected = EvaluationResults.build("cam", run.curves, None, run.details, ds.meta, None, 3, {"method": "cam"})
+    evaluate_map_folders(tmp_path / "maps", data / "metadata-masks" / "test", mask_root=data / "masks",
+                         cam_curve_interval=0.05, data=data / "images", results=tmp_path / "m.npz", gallery_size=3)
+    back = read_results(tmp_path / "m.npz")
+    assert back.kind == "mask" and back.metrics()["oracle"]["pxap"].value == run.curves.pxap
+    assert np.array_equal(back.per_image["pxap"], expected.per_image["pxap"], equal_nan=True)
+    assert back.gallery_ids == expected.gallery_ids and np.array_equal(back.gallery_map, expected.gallery_map)
+    assert all(np.array_equal(a, b) for a, b in zip(back.gallery_gt, expected.gallery_gt))
