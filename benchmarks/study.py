@@ -253,13 +253,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="epochs of vgg16-cam+fsl, which trains on val only (default: --epochs)")
     parser.add_argument("--models", default="vgg16-mnpo,vgg16-cam",
                         help=f"comma-separated, from {', '.join(MODEL_NAMES)} (default vgg16-mnpo,vgg16-cam)")
+    parser.add_argument("--merge", nargs="+", metavar="STUDY_JSON",
+                        help="write one table (OUT/study.md, study.json) from these runs' study.json files, "
+                             "each (preset, model) pooled over the training seeds they hold; trains nothing")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        print(merge(args.merge, out))
+        return
     seeds = [int(x) for x in args.train_seeds.split(",")]
     start = time.perf_counter()
     all_results: dict[tuple[str, str], list[list[dict]]] = {}
+    run_seeds: dict[tuple[str, str], list[int] | None] = {}  # the training seeds of each key's runs
     diverged: list[str] = []
     for preset in args.presets.split(","):
         data = out / preset
@@ -274,9 +281,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows = rows + CAM_FAMILY_ROWS
             if layout is None:  # the center baseline: nothing to train, the same for every seed
                 all_results[(preset, name)] = [evaluate_center(data, rows)]
-                text = write_results(out, all_results, diverged, args, seeds, time.perf_counter() - start)
+                run_seeds[(preset, name)] = None
+                text = write_results(out, all_results, diverged, args, time.perf_counter() - start, run_seeds)
                 continue
-            runs = []
+            runs, trained = [], []
             for seed in seeds:
                 try:
                     checkpoint = train(data, out / f"{preset}-{name}-seed{seed}", layout, args, seed, method)
@@ -286,25 +294,30 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 kept = {} if name == "vgg16-mnpo" and not runs else None  # the first seed that trained
                 runs.append(evaluate(checkpoint, data, rows, args, shown, kept))
+                trained.append(seed)
                 if kept is not None:
                     thresholds = kept.pop("thresholds")
                     method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
             if runs:
-                all_results[(preset, name)] = runs
+                all_results[(preset, name)], run_seeds[(preset, name)] = runs, trained
             # rewritten after every (preset, layout): a run cut short keeps the rows it finished
-            text = write_results(out, all_results, diverged, args, seeds, time.perf_counter() - start)
+            text = write_results(out, all_results, diverged, args, time.perf_counter() - start, run_seeds)
     print(text)
 
 
-def write_results(out: Path, all_results: dict, diverged: list[str], args, seeds: list[int], seconds: float) -> str:
+def write_results(out: Path, all_results: dict, diverged: list[str], args, seconds: float,
+                  run_seeds: dict) -> str:
     """``OUT/study.md`` and ``OUT/study.json`` for the (preset, layout) pairs finished so far
-    (atomic writes); returns the markdown. Runs that diverged are listed under the table and
-    left out of its means."""
-    device = resolve_device(args.device)
-    header = (f"device: {device_summary(device)}; "
+    (atomic writes); returns the markdown. ``run_seeds``: the training seeds of each pair's runs
+    (None for the center baseline, which trains nothing). Runs that diverged are listed under
+    the table and left out of its means."""
+    device = resolve_device(args.device) if args.device != "merged" else None
+    seeds = sorted({seed for value in run_seeds.values() for seed in value or ()})
+    took = f"{seconds:.0f} s" if device is not None else f"merged from {len(args.merged)} study.json files"
+    header = (f"device: {device_summary(device) if device is not None else args.device_summary}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
               f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
-              f"training seeds {seeds}; {seconds:.0f} s")
+              f"training seeds {seeds}; {took}")
     summary = {key: summarize(runs) for key, runs in all_results.items()}
     text = f"{header}\n\n{table(summary)}\n"
     if diverged:
@@ -312,8 +325,65 @@ def write_results(out: Path, all_results: dict, diverged: list[str], args, seeds
     with atomic_path(out / "study.md") as tmp:
         tmp.write_text(text)
     write_json_atomic(out / "study.json", {"settings": vars(args), "header": header, "diverged": diverged, "results": {
-        f"{p}/{l}": {"per_seed": r, "summary": summary[(p, l)]} for (p, l), r in all_results.items()}})
+        f"{p}/{l}": {"per_seed": r, "seeds": run_seeds[(p, l)], "summary": summary[(p, l)]}
+        for (p, l), r in all_results.items()}})
     return text
+
+
+#: settings that must agree between the studies ``--merge`` combines (the data and the training)
+MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
+                  "lr", "clip_grad_norm", "width", "seed", "fp32_maps")
+
+
+def merge(paths: list[str], out: Path) -> str:
+    """One table from several runs' ``study.json`` (the same settings, other training seeds or
+    models): each (preset, model)'s runs pooled over the files, a seed given twice refused."""
+    import json
+    from argparse import Namespace
+
+    first: tuple[str, dict] | None = None
+    all_results: dict[tuple[str, str], list[list[dict]]] = {}
+    run_seeds: dict[tuple[str, str], list[int] | None] = {}
+    diverged: list[str] = []
+    devices: list[str] = []
+    for path in paths:
+        try:
+            study = json.loads(Path(path).read_text())
+            settings, results = study["settings"], study["results"]
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"{path}: not a study.json written by study.py ({type(err).__name__}: {err})") from None
+        if first is None:
+            first = (path, settings)
+        for key in MERGE_SETTINGS:
+            if settings.get(key) != first[1].get(key):
+                raise SystemExit(f"{path}: {key} is {settings.get(key)!r} but {first[0]} has {first[1].get(key)!r}; "
+                                 "only runs of the same settings can be merged")
+        devices.append(study["header"].split(";")[0].removeprefix("device: "))
+        diverged += study["diverged"]
+        for name, entry in results.items():
+            key = tuple(name.split("/", 1))
+            seeds = entry.get("seeds", "unknown")
+            if seeds == "unknown":  # a study.json from before seeds were stored: its runs, if none diverged
+                listed = [int(x) for x in settings["train_seeds"].split(",")]
+                seeds = None if key[1] == "center" else listed if len(listed) == len(entry["per_seed"]) else "unknown"
+            if seeds == "unknown":
+                raise SystemExit(f"{path}: cannot tell which training seeds {name}'s runs are")
+            if seeds is None:  # the center baseline: the same whichever run computed it
+                all_results.setdefault(key, entry["per_seed"])
+                run_seeds[key] = None
+                continue
+            twice = sorted(set(seeds) & set(run_seeds.get(key) or ()))
+            if twice:
+                raise SystemExit(f"{path}: {name}, training seed(s) {twice} are already in an earlier file")
+            all_results.setdefault(key, []).extend(entry["per_seed"])
+            run_seeds[key] = [*(run_seeds.get(key) or ()), *seeds]
+    seeds = sorted({seed for value in run_seeds.values() for seed in value or ()})
+    args = Namespace(**{**first[1], "device": "merged", "device_summary": " + ".join(dict.fromkeys(devices)),
+                        "merged": list(paths), "train_seeds": ",".join(map(str, seeds)), "models": None,
+                        "presets": ",".join(dict.fromkeys(p for p, _ in all_results))})
+    out.mkdir(parents=True, exist_ok=True)
+    return write_results(out, all_results, diverged, args, 0.0, run_seeds)
+
 
 if __name__ == "__main__":
     main()

@@ -228,3 +228,37 @@ def test_study_reports_a_diverged_run_and_leaves_it_out_of_the_means(tmp_path, m
     assert len(cam_rows) == 4 and all("±" in row for row in cam_rows)  # two seeds
     assert (tmp_path / "figure-parts.png").is_file()  # drawn from the seed that trained
     assert json.loads((tmp_path / "study.json").read_text())["diverged"] == [text.splitlines()[-1][2:]]
+
+
+def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_path):
+    """Seed 0 with the center baseline in one run, seed 1 in another, merged: the same table as
+    one run of seeds 0 and 1 (CPU training is deterministic); a seed given twice, other settings,
+    a file that is no study are refused by name."""
+    study = script_module("study")
+    common = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "2",
+              "--val-per-class", "1", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+              "--workers", "0", "--device", "cpu", "--figure-images", "2", "-q"]
+    study.main([*common, "--models", "vgg16-cam,center", "--train-seeds", "0", "--out", str(tmp_path / "a")])
+    study.main([*common, "--models", "vgg16-cam", "--train-seeds", "1", "--out", str(tmp_path / "b")])
+    study.main([*common, "--models", "vgg16-cam,center", "--train-seeds", "0,1", "--out", str(tmp_path / "both")])
+    files = [str(tmp_path / d / "study.json") for d in ("a", "b")]
+    study.main(["--merge", *files, "--out", str(tmp_path / "merged")])
+    merged, both = ((tmp_path / d / "study.md").read_text() for d in ("merged", "both"))
+    assert merged.split("\n", 1)[1] == both.split("\n", 1)[1]  # all but the header line
+    assert "training seeds [0, 1]; merged from 2 study.json files" in merged.splitlines()[0]
+    assert merged.count("±") == 4 * 7  # vgg16-cam's four rows x seven columns; the center baseline has none
+    pooled = json.loads((tmp_path / "merged" / "study.json").read_text())["results"]
+    assert pooled["parts/vgg16-cam"]["seeds"] == [0, 1] and pooled["parts/center"]["seeds"] is None
+
+    def refused(*paths):
+        with pytest.raises(SystemExit) as err:
+            study.main(["--merge", *map(str, paths), "--out", str(tmp_path / "x")])
+        return str(err.value)
+
+    assert "vgg16-cam, training seed(s) [0] are already in an earlier file" in refused(files[0], tmp_path / "both" / "study.json")
+    other = json.loads(Path(files[1]).read_text())
+    other["settings"]["epochs"] = 3
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "other.json: epochs is 3 but" in refused(files[0], tmp_path / "other.json")
+    (tmp_path / "junk.json").write_text("{}")
+    assert "junk.json: not a study.json written by study.py" in refused(tmp_path / "junk.json")
