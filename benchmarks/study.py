@@ -30,7 +30,8 @@ Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training
 synthetic data set), ``OUT/study.json`` (every seed's numbers too) and ``OUT/figure-PRESET.png``
 (overlays of CAM, DGL, MNPO and MNPOs on a few test images: the two-branch network of the first
 training seed, boxes at the thresholds calibrated on val). The table is rewritten after each
-preset and layout, so a run cut short keeps what it finished. Meant for a GPU at 224 px; on a
+preset and layout, so a run cut short keeps what it finished. ``--merge A/study.json B/study.json
+--out OUT`` writes one table from runs made apart (other seeds or models, the same settings). Meant for a GPU at 224 px; on a
 CPU, shrink it (``--image-size 64 --width 0.125 --train-per-class 40 --epochs 5``) to check it.
 """
 

@@ -249,6 +249,11 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     assert merged.count("±") == 4 * 7  # vgg16-cam's four rows x seven columns; the center baseline has none
     pooled = json.loads((tmp_path / "merged" / "study.json").read_text())["results"]
     assert pooled["parts/vgg16-cam"]["seeds"] == [0, 1] and pooled["parts/center"]["seeds"] is None
+    old = json.loads(Path(files[1]).read_text())  # written before study.json kept the seeds
+    del old["results"]["parts/vgg16-cam"]["seeds"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    study.main(["--merge", files[0], str(tmp_path / "old.json"), "--out", str(tmp_path / "merged-old")])
+    assert (tmp_path / "merged-old" / "study.md").read_text() == merged
 
     def refused(*paths):
         with pytest.raises(SystemExit) as err:
