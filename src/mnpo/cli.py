@@ -94,11 +94,26 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from mnpo.models.release import import_released_checkpoint
+    if args.source == "release":
+        from mnpo.models.release import import_released_checkpoint
 
-    summary = import_released_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle)
-    print(f"imported {args.src} -> {args.dst}: released two-branch VGG16 layout, "
-          f"{summary['num_classes']} classes, {summary['tensors']} tensors, "
+        if args.large_feature_map is not None or args.acol_threshold is not None:
+            raise ValueError("--large-feature-map and --acol-threshold are for --from wsolevaluation")
+        summary = import_released_checkpoint(args.src, args.dst, trust_pickle=args.trust_pickle)
+        print(f"imported {args.src} -> {args.dst}: released two-branch VGG16 layout, "
+              f"{summary['num_classes']} classes, {summary['tensors']} tensors, "
+              f"{summary['parameters'] / 1e6:.2f} M parameters")
+        return 0
+    from mnpo.models.method_nets import ACOL_THRESHOLD
+    from mnpo.models.wsolevaluation import import_checkpoint
+
+    summary = import_checkpoint(args.src, args.dst, large_feature_map=args.large_feature_map,
+                                acol_threshold=ACOL_THRESHOLD if args.acol_threshold is None else args.acol_threshold,
+                                trust_pickle=args.trust_pickle)
+    print(f"imported {args.src} -> {args.dst}: wsolevaluation's {summary['layout']}"
+          + (" (ADL)" if summary["variant"] == "adl" else "")
+          + (", large feature map" if summary["large_feature_map"] else "")
+          + f", {summary['num_classes']} classes, {summary['tensors']} tensors, "
           f"{summary['parameters'] / 1e6:.2f} M parameters")
     return 0
 
@@ -276,14 +291,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser(
         "import-checkpoint",
-        help="convert an authors' released MNPO/MNPOs checkpoint into an mnpo checkpoint",
+        help="convert the MNPO authors' released checkpoint, or one wsolevaluation trained, into an mnpo checkpoint",
         description="Convert a checkpoint of the authors' release (a torch.save dict whose "
-        "'state_dict' names the VGG16 convs conv1..conv13, the head conv6, fc and branch1_layer) "
+        "'state_dict' names the VGG16 convs conv1..conv13, the head conv6, fc and branch1_layer), or with "
+        "--from wsolevaluation one of clovaai/wsolevaluation's (its main.py's {last,best}_checkpoint.pth.tar), "
         "into an mnpo checkpoint holding the layout, the class count (read from the file) and the "
         "weights. Every tensor must map; otherwise nothing is written.",
     )
-    imp.add_argument("src", help="the released .pth / .pth.tar file")
+    imp.add_argument("src", help="the .pth / .pth.tar file")
     imp.add_argument("dst", help="the mnpo checkpoint to write (atomically)")
+    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation"), default="release",
+                     help="'release': the MNPO authors' release (default); 'wsolevaluation': a checkpoint that "
+                          "clovaai/wsolevaluation's main.py trained (CAM, HaS, CutMix, ADL, ACoL or SPG on VGG16, "
+                          "ResNet50 or InceptionV3; the network is read from the names)")
+    imp.add_argument("--large-feature-map", action="store_true", default=None,
+                     help="(wsolevaluation) it was trained with --large_feature_map True (seen by itself in "
+                          "VGG16 CAM and ADL files)")
+    imp.add_argument("--acol-threshold", type=float, default=None,
+                     help="(wsolevaluation, ACoL) its --acol_threshold (default 0.7)")
     imp.add_argument("--trust-pickle", action="store_true",
                      help="load SRC with full pickle (runs code stored in the file); only for files you trust "
                      "that weights_only loading refuses")
