@@ -316,7 +316,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train an MNPO network from a YAML config",
+        help="train a network (MNPO, CAM, HaS, CutMix, ADL, ACoL, SPG or the FSL baseline) from a YAML config",
         description="Train from a YAML config (see configs/). KEY=VALUE overrides replace config "
         "entries by dotted key, e.g. optim.lr=0.001 runtime.out=runs/x. Writes config.yaml, "
         "metrics.csv, tensorboard/, last.pt (every epoch, resumable) and best.pt into runtime.out. "
