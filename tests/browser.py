@@ -97,12 +97,12 @@ def render(html_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *
     command, return code and stderr tail) if Chromium fails, writes no screenshot or
     prints no DOM, or runs past ``timeout`` seconds.
     """
-    exe = find_chromium()
-    if exe is None:
-        raise RuntimeError(_SKIP_REASON)
     html = Path(html_path).resolve()
     if not html.is_file():
         raise FileNotFoundError(html)
+    exe = find_chromium()
+    if exe is None:
+        raise RuntimeError(_SKIP_REASON)
     png = Path(out_png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
