@@ -18,7 +18,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -139,6 +139,24 @@ def model_from_payload(payload: Mapping[str, Any], source: str = "checkpoint", *
     model = build_network(saved_layout, k)
     load_state_dict_strict(model, payload["state_dict"], source)
     return model
+
+
+def rename_by_prefix(state: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]], source: str,
+                     what: str) -> dict[str, Tensor]:
+    """``state`` with each name's first matching ``(old prefix, new prefix)`` replaced; a name no
+    pair matches is an error naming ``source`` and ``what`` the names were to fit."""
+    renamed: dict[str, Tensor] = {}
+    unmapped = []
+    for key, value in state.items():
+        match = next(((old, new) for old, new in pairs if key.startswith(old)), None)
+        if match is None:
+            unmapped.append(key)
+        else:
+            renamed[match[1] + key[len(match[0]):]] = value
+    if unmapped:
+        raise CheckpointError(f"{source}: tensors {what} does not have: {unmapped[:8]}"
+                              + (f" ({len(unmapped)} in all)" if len(unmapped) > 8 else ""))
+    return renamed
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:

@@ -27,7 +27,13 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from mnpo.models.checkpoint import CheckpointError, load_plain, load_state_dict_strict, save_checkpoint
+from mnpo.models.checkpoint import (
+    CheckpointError,
+    load_plain,
+    load_state_dict_strict,
+    rename_by_prefix,
+    save_checkpoint,
+)
 from mnpo.models.multibranch import MultiBranchNet, released_vgg16_layout
 
 RELEASED_CONV_NAMES = (
@@ -70,18 +76,8 @@ def convert_released_state_dict(state: Mapping[str, Tensor], source: str = "rele
         state = {("conv6_.0." + k[len("conv6.0."):] if k.startswith("conv6.0.") else k): v for k, v in state.items()}
     width = _released_width(state, source)
     model = MultiBranchNet(released_vgg16_layout(width), num_classes=state["fc.weight"].shape[0])
-    pairs = released_prefixes(model)
-    ours: dict[str, Tensor] = {}
-    unmapped = []
-    for key, value in state.items():
-        match = next(((o, t) for o, t in pairs if key.startswith(t)), None)
-        if match is None:
-            unmapped.append(key)
-            continue
-        ours[match[0] + key[len(match[1]):]] = value
-    if unmapped:
-        raise CheckpointError(f"{source}: tensors the released layout does not have: {unmapped[:8]}"
-                              + (f" ({len(unmapped)} in all)" if len(unmapped) > 8 else ""))
+    ours = rename_by_prefix(state, [(theirs, o) for o, theirs in released_prefixes(model)], source,
+                            "the released layout")
     for name, value in model.state_dict().items():  # counters missing from old files stay 0
         if name.endswith("num_batches_tracked") and name not in ours:
             ours[name] = value

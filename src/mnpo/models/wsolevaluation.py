@@ -41,7 +41,13 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from mnpo.models.checkpoint import CheckpointError, load_plain, load_state_dict_strict, save_checkpoint
+from mnpo.models.checkpoint import (
+    CheckpointError,
+    load_plain,
+    load_state_dict_strict,
+    rename_by_prefix,
+    save_checkpoint,
+)
 from mnpo.models.method_nets import ACOL_THRESHOLD
 from mnpo.models.networks import LAYOUTS, build_network
 
@@ -187,20 +193,10 @@ def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint", 
     if net.network == "acol":
         changes["acol_threshold"] = acol_threshold
     model = build_network(dataclasses.replace(layout, **changes), net.num_classes)
-    pairs = name_pairs(net, large_feature_map)
-    linear = _linear_targets(model)
-    ours: dict[str, Tensor] = {}
-    unmapped = []
-    for key, value in state.items():
-        match = next(((t, o) for t, o in pairs if key.startswith(t)), None)
-        if match is None:
-            unmapped.append(key)
-            continue
-        name = match[1] + key[len(match[0]):]
-        ours[name] = value.flatten(1) if name in linear and value.ndim == 4 else value
-    if unmapped:
-        raise CheckpointError(f"{source}: tensors wsolevaluation's {net.backbone} {net.network} network does not "
-                              f"have: {unmapped[:8]}" + (f" ({len(unmapped)} in all)" if len(unmapped) > 8 else ""))
+    ours = rename_by_prefix(state, name_pairs(net, large_feature_map), source,
+                            f"wsolevaluation's {net.backbone} {net.network} network")
+    linear = _linear_targets(model)  # their 1x1 convs: (K, C, 1, 1) -> (K, C)
+    ours = {k: v.flatten(1) if k in linear and v.ndim == 4 else v for k, v in ours.items()}
     load_state_dict_strict(model, ours, source)
     return model.eval(), net
 
