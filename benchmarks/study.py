@@ -347,6 +347,7 @@ def merge(paths: list[str], out: Path) -> str:
     run_seeds: dict[tuple[str, str], list[int] | None] = {}
     diverged: list[str] = []
     devices: list[str] = []
+    fsl_epochs: tuple[str, int] | None = None  # the first FSL run's file and epochs: the others' must agree
     for path in paths:
         try:
             study = json.loads(Path(path).read_text())
@@ -363,6 +364,12 @@ def merge(paths: list[str], out: Path) -> str:
         diverged += study["diverged"]
         for name, entry in results.items():
             key = tuple(name.split("/", 1))
+            if key[1].endswith("+fsl"):
+                epochs = settings.get("fsl_epochs") or settings["epochs"]
+                fsl_epochs = fsl_epochs or (path, epochs)
+                if epochs != fsl_epochs[1]:
+                    raise SystemExit(f"{path}: FSL trained {epochs} epochs but {fsl_epochs[1]} in {fsl_epochs[0]}; "
+                                     "only runs of the same settings can be merged")
             seeds = entry.get("seeds", "unknown")
             if seeds == "unknown":  # a study.json from before seeds were stored: its runs, if none diverged
                 listed = [int(x) for x in settings["train_seeds"].split(",")]
