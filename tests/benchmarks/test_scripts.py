@@ -267,3 +267,19 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     assert "other.json: epochs is 3 but" in refused(files[0], tmp_path / "other.json")
     (tmp_path / "junk.json").write_text("{}")
     assert "junk.json: not a study.json written by study.py" in refused(tmp_path / "junk.json")
+
+
+def test_study_merge_refuses_fsl_runs_of_other_epochs(tmp_path):
+    study = script_module("study")
+    row = {"label": "FSL", **{k: 50.0 for k in study.METRICS}}
+    settings = {"image_size": 32, "classes": 2, "train_per_class": 2, "val_per_class": 1, "test_per_class": 2,
+                "epochs": 1, "batch": 4, "lr": 0.01, "clip_grad_norm": None, "width": 0.0625, "seed": 0,
+                "fp32_maps": False, "train_seeds": "0"}
+    for seed, fsl_epochs in ((0, None), (1, 1), (2, 3)):  # None: --epochs (1)
+        (tmp_path / f"{seed}.json").write_text(json.dumps({
+            "settings": {**settings, "fsl_epochs": fsl_epochs}, "header": "device: test; x", "diverged": [],
+            "results": {"parts/vgg16-cam+fsl": {"per_seed": [[row]], "seeds": [seed]}}}))
+    study.main(["--merge", str(tmp_path / "0.json"), str(tmp_path / "1.json"), "--out", str(tmp_path / "ok")])
+    assert "| parts | vgg16-cam+fsl | FSL | 50.0 ± 0.0 |" in (tmp_path / "ok" / "study.md").read_text()
+    with pytest.raises(SystemExit, match=r"2.json: FSL trained 3 epochs but 1 in .*0.json"):
+        study.main(["--merge", str(tmp_path / "0.json"), str(tmp_path / "2.json"), "--out", str(tmp_path / "x")])
