@@ -104,12 +104,10 @@ def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
               f"{summary['num_classes']} classes, {summary['tensors']} tensors, "
               f"{summary['parameters'] / 1e6:.2f} M parameters")
         return 0
-    from mnpo.models.method_nets import ACOL_THRESHOLD
     from mnpo.models.wsolevaluation import import_checkpoint
 
     summary = import_checkpoint(args.src, args.dst, large_feature_map=args.large_feature_map,
-                                acol_threshold=ACOL_THRESHOLD if args.acol_threshold is None else args.acol_threshold,
-                                trust_pickle=args.trust_pickle)
+                                acol_threshold=args.acol_threshold, trust_pickle=args.trust_pickle)
     print(f"imported {args.src} -> {args.dst}: wsolevaluation's {summary['layout']}"
           + (" (ADL)" if summary["variant"] == "adl" else "")
           + (", large feature map" if summary["large_feature_map"] else "")

@@ -109,6 +109,12 @@ def test_the_large_feature_map_is_read_where_the_names_show_it_and_asked_for_els
     assert convert_state_dict(resnet, large_feature_map=True)[0].layout == tiny("resnet50-spg", large_feature_map=True).layout
     acol = convert_state_dict(export_state_dict(tiny("vgg16-acol")), acol_threshold=0.5)[0]
     assert acol.layout.acol_threshold == 0.5
+    assert convert_state_dict(export_state_dict(tiny("vgg16-acol")))[0].layout.acol_threshold == 0.7
+    with pytest.raises(CheckpointError, match="f.pth: an ACoL threshold was given, but this is wsolevaluation's "
+                                              "resnet50 spg network"):
+        convert_state_dict(resnet, "f.pth", acol_threshold=0.5)
+    with pytest.raises(ValueError, match=r"acol_threshold must be in \[0, 1\]"):
+        convert_state_dict(export_state_dict(tiny("vgg16-acol")), acol_threshold=2.0)
 
 
 def test_an_imported_1x1_conv_classifier_gives_their_class_map():

@@ -176,10 +176,11 @@ def _linear_targets(model: nn.Module) -> set[str]:
 
 def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint", *,
                        large_feature_map: bool | None = None,
-                       acol_threshold: float = ACOL_THRESHOLD) -> tuple[nn.Module, TheirNetwork]:
+                       acol_threshold: float | None = None) -> tuple[nn.Module, TheirNetwork]:
     """Our network, filled strictly from a wsolevaluation state dict. ``large_feature_map``:
     None takes what the names show (False where they cannot tell); a value the names contradict
-    is refused."""
+    is refused. ``acol_threshold``: an ACoL network's (None: 0.7, wsolevaluation's default);
+    refused for the other networks."""
     state = _strip_module(state)
     net = identify(state, source)
     if large_feature_map is None:
@@ -191,7 +192,10 @@ def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint", 
     layout = LAYOUTS[f"{net.backbone}-{net.network}"](net.width)
     changes: dict[str, Any] = {"large_feature_map": large_feature_map} if large_feature_map else {}
     if net.network == "acol":
-        changes["acol_threshold"] = acol_threshold
+        changes["acol_threshold"] = ACOL_THRESHOLD if acol_threshold is None else acol_threshold
+    elif acol_threshold is not None:
+        raise CheckpointError(f"{source}: an ACoL threshold was given, but this is wsolevaluation's "
+                              f"{net.backbone} {net.network} network, not an ACoL one")
     model = build_network(dataclasses.replace(layout, **changes), net.num_classes)
     ours = rename_by_prefix(state, name_pairs(net, large_feature_map), source,
                             f"wsolevaluation's {net.backbone} {net.network} network")
@@ -226,7 +230,7 @@ def export_state_dict(model: nn.Module, variant: str = "cam") -> dict[str, Tenso
 
 
 def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, large_feature_map: bool | None = None,
-                      acol_threshold: float = ACOL_THRESHOLD, trust_pickle: bool = False) -> dict[str, Any]:
+                      acol_threshold: float | None = None, trust_pickle: bool = False) -> dict[str, Any]:
     """Convert wsolevaluation's ``.pth.tar`` at ``src`` into our checkpoint at ``dst`` (atomic).
     Returns a summary: layout, classes, width, tensors and parameters imported."""
     src = Path(src)
