@@ -360,7 +360,7 @@ def merge(paths: list[str], out: Path) -> str:
             if settings.get(key) != first[1].get(key):
                 raise SystemExit(f"{path}: {key} is {settings.get(key)!r} but {first[0]} has {first[1].get(key)!r}; "
                                  "only runs of the same settings can be merged")
-        devices.append(study["header"].split(";")[0].removeprefix("device: "))
+        devices.append(study["header"].removeprefix("device: ").split(f"; {settings['image_size']} px")[0])
         diverged += study["diverged"]
         for name, entry in results.items():
             key = tuple(name.split("/", 1))
