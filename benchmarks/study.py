@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         print(merge(args.merge, out))
         return
     seeds = [int(x) for x in args.train_seeds.split(",")]
+    device = device_summary(resolve_device(args.device))
     start = time.perf_counter()
     all_results: dict[tuple[str, str], list[list[dict]]] = {}
     run_seeds: dict[tuple[str, str], list[int] | None] = {}  # the training seeds of each key's runs
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             if layout is None:  # the center baseline: nothing to train, the same for every seed
                 all_results[(preset, name)] = [evaluate_center(data, rows)]
                 run_seeds[(preset, name)] = None
-                text = write_results(out, all_results, diverged, args, time.perf_counter() - start, run_seeds)
+                text = write_results(out, all_results, diverged, args, run_seeds, device,
+                                     f"{time.perf_counter() - start:.0f} s")
                 continue
             runs, trained = [], []
             for seed in seeds:
@@ -302,20 +304,19 @@ def main(argv: list[str] | None = None) -> None:
             if runs:
                 all_results[(preset, name)], run_seeds[(preset, name)] = runs, trained
             # rewritten after every (preset, layout): a run cut short keeps the rows it finished
-            text = write_results(out, all_results, diverged, args, time.perf_counter() - start, run_seeds)
+            text = write_results(out, all_results, diverged, args, run_seeds, device,
+                                 f"{time.perf_counter() - start:.0f} s")
     print(text)
 
 
-def write_results(out: Path, all_results: dict, diverged: list[str], args, seconds: float,
-                  run_seeds: dict) -> str:
+def write_results(out: Path, all_results: dict, diverged: list[str], args, run_seeds: dict, device: str,
+                  took: str) -> str:
     """``OUT/study.md`` and ``OUT/study.json`` for the (preset, layout) pairs finished so far
     (atomic writes); returns the markdown. ``run_seeds``: the training seeds of each pair's runs
-    (None for the center baseline, which trains nothing). Runs that diverged are listed under
-    the table and left out of its means."""
-    device = resolve_device(args.device) if args.device != "merged" else None
+    (None for the center baseline, which trains nothing); ``device`` and ``took``: the header's
+    machine and time. Runs that diverged are listed under the table and left out of its means."""
     seeds = sorted({seed for value in run_seeds.values() for seed in value or ()})
-    took = f"{seconds:.0f} s" if device is not None else f"merged from {len(args.merged)} study.json files"
-    header = (f"device: {device_summary(device) if device is not None else args.device_summary}; "
+    header = (f"device: {device}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
               f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
               f"training seeds {seeds}; {took}")
@@ -370,12 +371,14 @@ def merge(paths: list[str], out: Path) -> str:
                 if epochs != fsl_epochs[1]:
                     raise SystemExit(f"{path}: FSL trained {epochs} epochs but {fsl_epochs[1]} in {fsl_epochs[0]}; "
                                      "only runs of the same settings can be merged")
-            seeds = entry.get("seeds", "unknown")
-            if seeds == "unknown":  # a study.json from before seeds were stored: its runs, if none diverged
-                listed = [int(x) for x in settings["train_seeds"].split(",")]
-                seeds = None if key[1] == "center" else listed if len(listed) == len(entry["per_seed"]) else "unknown"
-            if seeds == "unknown":
-                raise SystemExit(f"{path}: cannot tell which training seeds {name}'s runs are")
+            if "seeds" in entry:
+                seeds = entry["seeds"]
+            elif key[1] == "center":  # a study.json from before seeds were stored
+                seeds = None
+            else:  # likewise: its runs are the listed seeds, if none diverged
+                seeds = [int(x) for x in settings["train_seeds"].split(",")]
+                if len(seeds) != len(entry["per_seed"]):
+                    raise SystemExit(f"{path}: cannot tell which training seeds {name}'s runs are")
             if seeds is None:  # the center baseline: the same whichever run computed it
                 all_results.setdefault(key, entry["per_seed"])
                 run_seeds[key] = None
@@ -386,11 +389,11 @@ def merge(paths: list[str], out: Path) -> str:
             all_results.setdefault(key, []).extend(entry["per_seed"])
             run_seeds[key] = [*(run_seeds.get(key) or ()), *seeds]
     seeds = sorted({seed for value in run_seeds.values() for seed in value or ()})
-    args = Namespace(**{**first[1], "device": "merged", "device_summary": " + ".join(dict.fromkeys(devices)),
-                        "merged": list(paths), "train_seeds": ",".join(map(str, seeds)), "models": None,
+    args = Namespace(**{**first[1], "merged": list(paths), "train_seeds": ",".join(map(str, seeds)), "models": None,
                         "presets": ",".join(dict.fromkeys(p for p, _ in all_results))})
     out.mkdir(parents=True, exist_ok=True)
-    return write_results(out, all_results, diverged, args, 0.0, run_seeds)
+    return write_results(out, all_results, diverged, args, run_seeds, " + ".join(dict.fromkeys(devices)),
+                         f"merged from {len(paths)} study.json files")
 
 
 if __name__ == "__main__":
