@@ -24,13 +24,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
-from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, gt_boxes_in_frame
+from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, split_evaluator
 from mnpo.engine.results import EvaluationResults, SplitDetails, gallery_sample
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
-from mnpo.metrics.localization import BoxCurves, BoxEvaluator, MaskCurves, MaskEvaluator, PerImage
-from mnpo.metrics.masks import load_gt_mask
+from mnpo.metrics.localization import BoxCurves, MaskCurves, PerImage
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +105,6 @@ class SplitResult:
     def classification(self) -> dict[str, float]:
         n = max(self.num_images, 1)
         return {"top1_cls": 100.0 * self.top1_correct / n, "top5_cls": 100.0 * self.top5_correct / n}
-
-
-def _evaluator(dataset: WSOLDataset, thresholds: np.ndarray, workers: int | None, per_image: bool = False):
-    meta = dataset.meta
-    if meta.kind == "box":
-        return BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE, workers=workers,
-                            per_image=per_image)
-    if meta.kind == "mask":
-        if dataset.mask_root is None:
-            raise ValueError("a mask split needs a mask root (the folder its mask paths are relative to)")
-        root = dataset.mask_root
-
-        def load_mask(image_id: str) -> np.ndarray:
-            return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
-
-        return MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers, per_image)
-    raise ValueError("the split has no localization.txt: nothing to evaluate against")
 
 
 def _sum_curves(curves: BoxCurves | MaskCurves, ctx: DistContext) -> BoxCurves | MaskCurves:
@@ -242,7 +224,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
     if dataset.mode != "evaluate":
         raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
     model.eval()
-    evaluator = _evaluator(dataset, settings.thresholds, settings.metric_workers, settings.details)
+    evaluator = split_evaluator(dataset.meta, settings.thresholds, dataset.mask_root, settings.metric_workers,
+                                settings.details)
     counts = {"top1": 0, "top5": 0, "skipped": []}
     details = SplitDetails(PerImage((), np.zeros(0))) if settings.details else None
     sample = gallery_sample(dataset.image_ids, settings.gallery_size) if settings.details else set()

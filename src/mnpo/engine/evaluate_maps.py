@@ -108,6 +108,25 @@ def gallery_item(image_id: str, image: np.ndarray, scoremap: np.ndarray,
     return GalleryItem(image_id, thumb, small, None, np.asarray(mask))
 
 
+def split_evaluator(meta: SplitMetadata, thresholds: np.ndarray, mask_root=None, workers: int | None = None,
+                    per_image: bool = False) -> BoxEvaluator | MaskEvaluator:
+    """The streaming evaluator of a box split (boxes in the 224 frame) or a mask split (its masks
+    read under ``mask_root``); ``per_image``: it keeps every image's values too."""
+    if meta.kind == "box":
+        return BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE, workers=workers,
+                            per_image=per_image)
+    if meta.kind == "mask":
+        if mask_root is None:
+            raise ValueError("a mask split needs a mask root (--mask-root: the folder its mask paths are relative to)")
+        root = Path(mask_root)
+
+        def load_mask(image_id: str) -> np.ndarray:
+            return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
+
+        return MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers, per_image)
+    raise ValueError("the split has no localization.txt: nothing to evaluate against")
+
+
 def _batches(ids: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(ids), size):
         yield list(ids[start:start + size])
@@ -144,20 +163,7 @@ def _score_split(maps_dir, meta: SplitMetadata, *, mask_root=None, thresholds=No
         def read(image_id: str) -> np.ndarray:
             return load_map(maps_dir / f"{image_id}.npy")
     keep = images is not None
-    if meta.kind == "mask":
-        if mask_root is None:
-            raise ValueError("a mask split needs --mask-root, the folder its mask paths are relative to")
-        root = Path(mask_root)
-
-        def load_mask(image_id: str) -> np.ndarray:
-            return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
-
-        evaluator = MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers, per_image=keep)
-    elif meta.kind == "box":
-        evaluator = BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE,
-                                 workers=workers, per_image=keep)
-    else:
-        raise ValueError("the split has no localization.txt: nothing to evaluate against")
+    evaluator = split_evaluator(meta, thresholds, mask_root, workers, per_image=keep)
     row = {image_id: k for k, image_id in enumerate(meta.image_ids)}
     sample = gallery_sample(meta.image_ids, gallery_size) if keep else set()
     position = {image_id: k for k, image_id in enumerate(images.image_ids)} if keep else {}
