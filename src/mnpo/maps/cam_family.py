@@ -43,31 +43,26 @@ from mnpo.maps.passes import (
     independent_of,
     predicted,
 )
-from mnpo.maps.postprocess import resize_maps
+from mnpo.maps.postprocess import channel_weighted_sum, resize_maps
 
 #: Grad-CAM++'s and XGrad-CAM's stabilizers, Score-CAM's mask normalization (pytorch-grad-cam 1.5.7).
 GRADCAMPP_EPS, XGRADCAM_EPS, SCORECAM_EPS = 1e-6, 1e-7, 1e-8
-
-
-def _weighted_sum(weights: Tensor, A: Tensor) -> Tensor:
-    """``sum_c weights[b, c] A[b, c]``: ``(B, C)``, ``(B, C, h, w)`` -> ``(B, h, w)``."""
-    return torch.einsum("bc,bchw->bhw", weights, A)
 
 
 def _gradcampp(A: Tensor, G: Tensor) -> Tensor:
     g2 = G * G
     alpha = g2 / (2 * g2 + A.sum((2, 3), keepdim=True) * g2 * G + GRADCAMPP_EPS)
     # alpha is 0 where G = 0; only G > 0 counts after the ReLU, which also keeps a 0 * inf out
-    return _weighted_sum((torch.where(G > 0, G * alpha, torch.zeros_like(G))).sum((2, 3)), A)
+    return channel_weighted_sum((torch.where(G > 0, G * alpha, torch.zeros_like(G))).sum((2, 3)), A)
 
 
 def _xgradcam(A: Tensor, G: Tensor) -> Tensor:
-    return _weighted_sum((G * A).sum((2, 3)) / (A.sum((2, 3)) + XGRADCAM_EPS), A)
+    return channel_weighted_sum((G * A).sum((2, 3)) / (A.sum((2, 3)) + XGRADCAM_EPS), A)
 
 
 #: Raw map from ``(A, G)``, both ``(B, C, h, w)`` -> ``(B, h, w)``.
 GRADIENT_RULES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gradcam": lambda A, G: _weighted_sum(G.mean((2, 3)), A),
+    "gradcam": lambda A, G: channel_weighted_sum(G.mean((2, 3)), A),
     "gradcampp": _gradcampp,
     "xgradcam": _xgradcam,
     "layercam": lambda A, G: (G.clamp_min(0) * A).sum(1),
@@ -111,7 +106,7 @@ def scorecam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tenso
             out = model(masked.contiguous(memory_format=torch.channels_last)).logits[0]
             scores[rows] = acc(out.gather(1, targets[image, None])[:, 0])
     with torch.no_grad(), full_precision(images):
-        return _finish(_weighted_sum(scores.view(B, C).softmax(1), acc(A)), opts), logits
+        return _finish(channel_weighted_sum(scores.view(B, C).softmax(1), acc(A)), opts), logits
 
 
 def ablationcam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
@@ -126,7 +121,7 @@ def ablationcam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Te
         else:
             drop = y[:, None] - _ablated_logits(model, images, A, targets, layer, opts.chunk_size)
         weights = drop / torch.where(y == 0, torch.ones_like(y), y)[:, None]
-        return _finish(_weighted_sum(weights, acc(A)), opts), logits
+        return _finish(channel_weighted_sum(weights, acc(A)), opts), logits
 
 
 def _ablated_logits(model, images: Tensor, A: Tensor, targets: Tensor, layer: str, chunk_size: int) -> Tensor:
