@@ -6,8 +6,13 @@ a ReLU (or a max-pool) after the target layer differently: a pre-activation with
 
 * every decision float64 would have taken otherwise lies within float32's rounding of the
   pre-activation: ``margin / scale <= chain_bound`` (one forward pass);
-* with the same decisions, the normalized maps agree within ``chain_map_bound`` (forward and
-  backward for the gradient methods, forward for ``mnpo``).
+* with the same decisions, the normalized maps agree within ``kappa * chain_map_bound``
+  (forward and backward for the gradient methods, forward for ``mnpo``), where ``kappa`` is
+  the channel sum's conditioning, ``max_pixel sum_c |w_c F_c| / range(sum_c w_c F_c)``,
+  measured on the float64 run: the terms carry the network's relative error, the map's range
+  is what normalization divides by. CAM-like sums of non-negative features with mixed-sign
+  weights cancel (``kappa`` 3 to 12 on the issue's case); MNPOs's ``A/||A|| - D/||D||`` terms
+  hardly do (about 1.3).
 
 Networks: the issue's own case (released VGG16, seed 0, fourth batch: on this repository's CPU
 two of its images are decided apart) and seeded full-width networks of the three MNPO layouts.
@@ -20,6 +25,8 @@ import torch
 from numerics import chain_bound, chain_map_bound
 
 from mnpo.maps import compute_maps
+from mnpo.maps.methods import DEFAULT_GRADIENT_LAYER, DEFAULT_H
+from mnpo.maps.postprocess import weight_postprocess
 from mnpo.maps.precision import Decisions
 from mnpo.models import build_model, released_vgg16_layout, resnet50_layout, three_branch_vgg16_layout
 
@@ -60,6 +67,42 @@ CASES = {
 }
 
 
+def conditioning(terms: list[torch.Tensor], relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, ``max_pixel sum_c |terms| / range(map)`` for the map ``max_i sum_c terms[i]``
+    (the branches' channel sums fused by their maximum; one sum, one branch), each ``terms[i]``
+    ``(B, C, h, w)``: ``(B,)``. Infinite where the map (after the CAM family's ReLU) is constant,
+    which normalization turns into zeros. Second, ``(B,)``: the raw map's largest value over
+    that magnitude; where it is within rounding of 0, rounding alone can make the map non-constant."""
+    raw = torch.stack([t.sum(1) for t in terms]).amax(0)
+    flat = (raw.clamp_min(0) if relu else raw).flatten(1)
+    magnitude = torch.stack([t.abs().sum(1).flatten(1).amax(1) for t in terms]).amax(0)
+    return magnitude / (flat.amax(1) - flat.amin(1)), raw.flatten(1).amax(1) / magnitude
+
+
+def channel_terms(model64, images, targets, method):
+    """The terms ``w_c F_c`` of the channel sums the method's map is made of (float64, one per
+    branch for ``mnpo``), and whether the CAM family's ReLU follows."""
+    if method == "mnpo":
+        with torch.no_grad():
+            out = model64(images, return_features=True)
+        weights = weight_postprocess(model64.classifier.weight.detach()[targets], "scale", *DEFAULT_H["mnpo"])
+        return [weights[:, :, None, None] * out.features[b.name] for b in model64.layout.branches], False
+    if method == "gradcam":  # at head: d logit_y / d head = w_y / (h w) everywhere
+        with torch.no_grad():
+            head = model64(images, return_features=True).features["head"]
+        return [model64.classifier.weight.detach()[targets][:, :, None, None] * head], True
+    layer = DEFAULT_GRADIENT_LAYER[model64.layout.backbone]
+    out = model64(images, return_features=True, grad_from=layer)
+    A = out.features[layer]
+    logits = out.logits if method == "mnpos" else out.logits[:1]
+    pick = torch.zeros_like(logits[0]).scatter_(1, targets[:, None], 1.0)
+    G = torch.autograd.grad(list(logits), A, [pick] * len(logits), retain_graph=True)[0]
+    D = torch.autograd.grad(list(logits), A, [(l.detach().softmax(1) - 10 * pick) for l in logits])[0]
+    alpha = weight_postprocess(G.sum((2, 3)), "scale", *DEFAULT_H[method])
+    enhanced = A / A.flatten(1).norm(dim=1)[:, None, None, None] - D / D.flatten(1).norm(dim=1)[:, None, None, None]
+    return [alpha[:, :, None, None] * enhanced.detach()], False
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
     model, images, targets = CASES[request.param]()
@@ -77,10 +120,18 @@ def test_float32_equals_float64_given_the_same_decisions(case, method):
     far = [d for d in replayed.disagreements if d.margin > rounding * d.scale]
     assert not far, f"decided apart by more than float32's rounding ({rounding:.1e} of the scale): {far}"
     passes = 2 if method in GRADIENT_METHODS else 1
-    bound = chain_map_bound(model, torch.float32, passes)
+    kappa, peak = conditioning(*channel_terms(model64, images.double(), targets, method))
+    unit = chain_map_bound(model, torch.float32, passes)
     worst = (maps32.double() - maps64).abs().flatten(1).amax(1)
-    assert (worst <= bound).all(), f"{method}: per-image differences {worst.tolist()} > {bound:.1e}"
-
+    posed = torch.isfinite(kappa)
+    # a Grad-CAM map negative everywhere is zero after its ReLU: float32 must give the same zeros
+    # unless its largest raw value is within rounding of 0 (issue case: image 0; ResNet50 seed 0:
+    # images 1 and 3, peaks -0.4% of the magnitude, equal zeros in both)
+    assert ((worst[~posed] == 0) | (peak[~posed].abs() <= unit)).all(), \
+        f"{method}: constant float64 maps differ in float32: {worst.tolist()} (peaks {peak.tolist()})"
+    bound = kappa * unit
+    assert (worst[posed] <= bound[posed]).all(), \
+        f"{method}: per-image differences {worst.tolist()} > bounds {bound.tolist()} (kappa {kappa.tolist()})"
 
 def test_float32_parts_from_float64_only_where_a_decision_differs():
     """Why the test above replays decisions: without them, float32 and float64 maps of the
