@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     start = time.monotonic()
-    lines = [f"device: {device_summary(torch.device('cpu'))}; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, kernels {torch.backends.cpu.get_cpu_capability()}", "",
+    lines = [f"device: {device_summary(torch.device('cpu'))}; "
+             f"kernels {torch.backends.cpu.get_cpu_capability()}", "",
              "| network seed | method | images | worst, einsum | worst, float32 | worst, same decisions "
              "| decided apart |", "|---|---|---:|---:|---:|---:|---:|"]
     worst = (0.0, None)

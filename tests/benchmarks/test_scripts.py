@@ -283,3 +283,23 @@ def test_study_merge_refuses_fsl_runs_of_other_epochs(tmp_path):
     assert "| parts | vgg16-cam+fsl | FSL | 50.0 ± 0.0 |" in (tmp_path / "ok" / "study.md").read_text()
     with pytest.raises(SystemExit, match=r"2.json: FSL trained 3 epochs but 1 in .*0.json"):
         study.main(["--merge", str(tmp_path / "0.json"), str(tmp_path / "2.json"), "--out", str(tmp_path / "x")])
+
+
+def test_float32_maps_measures_the_difference_and_its_parts(tmp_path):
+    """Toy size (full-width VGG16 at 32 px, two images): every table is written and the
+    differences are float32 rounding (a broken replay or a float64 run left in float32 would
+    print 0 or something far above 1e-4)."""
+    out = tmp_path / "float32.md"
+    run("float32_maps.py", "--seeds", "0", "--batches", "1", "--batch", "2", "--size", "32", "--classes", "10",
+        "--split", "2", "--out", str(out))
+    text = out.read_text()
+    assert text.startswith("device: ") and "kernels " in text.splitlines()[0]
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| 0 |")]
+    assert [r[1].strip() for r in rows] == ["mnpos", "dgl", "gradcam", "mnpo"]
+    for row in rows:
+        einsum, float32, same = (float(v) for v in row[3:6])
+        assert 0 < same <= float32 < 1e-4 and 0 < einsum < 1e-4, row
+    steps = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| A |", "| G0 |", "| D1 |"))]
+    assert len(steps) == 3 and all(0 < float(v) < 1e-4 for row in steps for v in row[1:])
+    boxes = [line for line in text.splitlines() if line.startswith(("| mnpos | float", "| dgl | float"))]
+    assert len(boxes) == 4 and "(network 0; oracle threshold)" in text

@@ -22,7 +22,7 @@ decided otherwise, with the margin it would have decided by::
         maps32, _ = compute_maps(model, images, targets, method="mnpos")
     with Decisions(replay=recorded.decisions) as replayed:
         maps64, _ = compute_maps(model.double(), images.double(), targets, method="mnpos")
-    replayed.disagreements   # [Disagreement(op, call, row, margin, scale), ...]
+    replayed.disagreements   # [Disagreement(op, call, row, units, margin, scale), ...]
 
 Replayed, a ReLU gives ``|x|`` where the recorded decision passes and ``0`` where it blocks (so
 ``relu(x)`` wherever the two runs agree, and autograd's backward follows the recorded mask); a
