@@ -9,9 +9,21 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-__all__ = ["IMAGE_EXTENSIONS", "exif_orientation_of", "is_image_file"]
+__all__ = ["EXIF_TRANSPOSE", "IMAGE_EXTENSIONS", "exif_orientation_of", "is_image_file"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+#: EXIF orientation (2-8) -> the transpose that shows the stored pixels upright (the EXIF
+#: specification's table, as ``PIL.ImageOps.exif_transpose`` applies it).
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def is_image_file(path: Path) -> bool:

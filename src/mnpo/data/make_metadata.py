@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from mnpo.data.decode import MaskReadError, read_mask
 from mnpo.data.image_files import IMAGE_EXTENSIONS, exif_orientation_of, is_image_file
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.io import atomic_path
@@ -290,18 +291,16 @@ def read_mask_folder(folder: str | os.PathLike, image_ids: Sequence[str]) -> Mas
 def _mask_problem(folder: Path, files: tuple[str, str], size: tuple[int, int]) -> str | None:
     """Why ``files`` (mask path, ignore path or "") in ``folder`` cannot serve an image of ``size``
     (w, h), or None."""
-    from PIL import Image
-
     mask = folder / files[0]
     for path in (mask, folder / files[1]) if files[1] else (mask,):
         try:
-            with Image.open(path) as image:
-                if image.size != size:
-                    return f"{path}: {image.size[0]}x{image.size[1]}, but its image is {size[0]}x{size[1]}"
-                if path == mask and not image.convert("L").getbbox():
-                    return f"{path}: no object pixel (every pixel is 0)"
-        except Exception as err:  # PIL raises several types on bad data
-            return f"{path}: cannot be read ({type(err).__name__}: {err})"
+            pixels = read_mask(path)  # the reader PxAP scores with
+        except MaskReadError as err:
+            return f"{path}: cannot be read ({err.reason})"
+        if pixels.shape != (size[1], size[0]):
+            return f"{path}: {pixels.shape[1]}x{pixels.shape[0]}, but its image is {size[0]}x{size[1]}"
+        if path == mask and not pixels.any():
+            return f"{path}: no object pixel (every pixel is 0)"
     return None
 
 

@@ -27,17 +27,19 @@ cannot tell a truncated file if something in the process has set
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mnpo.data.image_files import exif_orientation_of
+from mnpo.data.decode import source_bits, to_rgb8
+from mnpo.data.image_files import EXIF_TRANSPOSE, exif_orientation_of
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -79,7 +81,11 @@ class ImageReadError(OSError):
 
 
 def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) -> Image.Image:
-    """Open ``path`` with PIL, decode every pixel and return it as an RGB image.
+    """Open ``path`` with PIL, decode every pixel and return it as an 8-bit RGB image.
+
+    8-bit images come out exactly as PIL's ``convert("RGB")`` gives them (wsolevaluation's
+    pixels); 16-bit, 32-bit and float images are scaled to 8 bits, not clipped
+    (:mod:`mnpo.data.decode`).
 
     exif_orientation: turn the image as its EXIF orientation tag says, as image viewers show it
     (a phone photo taken upright comes out upright); the tag's value is kept in
@@ -97,10 +103,14 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) 
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
                     "with missing pixels instead of raising ImageReadError")
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            bits = source_bits(image)  # before load(): PIL then forgets the raw mode
             image.load()
             orientation = exif_orientation_of(image) if exif_orientation else 1
-            rgb = (ImageOps.exif_transpose(image) if orientation != 1 else image).convert("RGB")
+            rgb = to_rgb8(image, bits, data if bits == 16 else None, str(path))
+        if orientation != 1:
+            rgb = rgb.transpose(EXIF_TRANSPOSE[orientation])
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
     if exif_orientation:

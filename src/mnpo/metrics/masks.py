@@ -1,10 +1,17 @@
-"""Ground-truth pixel masks for PxAP, read as wsolevaluation reads them.
+"""Ground-truth pixel masks for PxAP.
 
-Each instance mask and the image's ignore mask are read as grey levels,
-resized to the evaluation frame by nearest neighbour and binarized at 0.5
-(on the 0-255 grey scale, so any non-zero pixel counts). The ignore region is
-the ignore mask minus the foreground. The result is one uint8 (H, W) array:
-1 foreground, 0 background, 255 ignored.
+Each instance mask and the image's ignore mask are read as the pixels whose
+stored value is not 0 (:func:`mnpo.data.decode.read_mask`, at any bit depth,
+the reader ``mnpo make-metadata`` checks masks with) and resized to the
+evaluation frame by nearest neighbour. The ignore region is the ignore mask
+minus the foreground. The result is one uint8 (H, W) array: 1 foreground,
+0 background, 255 ignored.
+
+wsolevaluation reads masks with ``cv2.imread(..., IMREAD_GRAYSCALE)`` and
+keeps grey levels above 0.5: the same pixels for 8-bit grey masks (OpenImages30k's),
+the same nearest-neighbour grid. It differs on 16-bit masks, which OpenCV reduces
+to their high byte (a mask of value 1 becomes empty), and on colour masks whose
+darkest object pixels have a weighted grey level under 0.5 (such as ``(1, 0, 0)``).
 """
 
 from __future__ import annotations
@@ -15,23 +22,22 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from mnpo.data.decode import read_mask
+
 __all__ = ["FOREGROUND", "BACKGROUND", "IGNORE", "load_gt_mask", "read_mask_file"]
 
 FOREGROUND, BACKGROUND, IGNORE = 1, 0, 255
 
 
 def read_mask_file(path: str | os.PathLike, size: int = 224) -> np.ndarray:
-    """One mask file -> bool (size, size): grey level > 0.5 after a
-    nearest-neighbour resize of the float32 image. Raises FileNotFoundError
-    or ValueError naming the file."""
+    """One mask file -> bool (size, size): its non-zero pixels after a
+    nearest-neighbour resize. Raises FileNotFoundError (a missing file) or
+    MaskReadError (a ValueError) naming the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: mask file not found")
-    grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if grey is None:
-        raise ValueError(f"{path}: not a readable image")
-    resized = cv2.resize(np.float32(grey), (size, size), interpolation=cv2.INTER_NEAREST)
-    return resized > 0.5
+    pixels = read_mask(path)
+    return cv2.resize(pixels.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
 
 
 def load_gt_mask(mask_root: str | os.PathLike, mask_paths: Sequence[str], ignore_path: str = "",
