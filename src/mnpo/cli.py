@@ -159,13 +159,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ten_crop=not args.no_ten_crop, save_maps=args.save_maps, save_overlays=args.save_overlays,
         input_size=args.input_size, map_precision=args.map_precision, progress=not args.quiet,
         state_dir=args.state_dir, results=args.results, report_html=args.report, label=args.label,
-        gallery_size=args.gallery_size,
+        gallery_size=args.gallery_size, skip_unreadable=args.skip_unreadable,
     )
     if not _is_main_process():
         return 0  # under torchrun, rank 0 reports for all
     cls = report.info["classification"]
+    unreadable = report.info["unreadable_images"] + report.info.get("val_unreadable_images", [])
+    for item in unreadable:
+        log.warning("counted as a miss: %s", item["reason"])
     print(f"method {args.method}, {report.info['num_images']} images"
-          + (f" ({len(report.info['skipped_images'])} unreadable, skipped)" if report.info["skipped_images"] else ""))
+          + (f" ({len(report.info['unreadable_images'])} unreadable, counted as misses)"
+             if report.info["unreadable_images"] else ""))
     if cls is None:
         print(f"classification: {report.info['classification_view']}")
     else:
@@ -372,6 +376,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--save-maps", help="write each 224x224 map as DIR/<image_id>.npy")
     ev2.add_argument("--save-overlays", help="write DIR/<image_id>.png: map, predicted and true boxes")
     _add_output_args(ev2, "the method")
+    ev2.add_argument("--skip-unreadable", action="store_true",
+                     help="count an unreadable image as a miss for every metric (IoU 0, wrong class; PxAP: a map "
+                          "of zeros) and list it, instead of stopping with an error that names every such file")
     ev2.add_argument("--state-dir", metavar="DIR",
                      help="keep the progress in DIR (a JSON per split, saved every minute): the same command, "
                           "run again after an interruption, continues where it stopped")

@@ -10,6 +10,7 @@ import yaml
 from mnpo.cli import main
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.demo import DEMO_METHODS, DemoSettings, run_demo
+from mnpo.engine.results import read_results
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_demo_report_renders_in_a_browser(demo, tmp_path):
         assert f">{value}</span>" in row, method
 
 
-def test_evaluate_skips_an_unreadable_image_and_reports_it(trained, tmp_path, capsys):
+def test_evaluate_stops_on_an_unreadable_image_or_counts_it_as_a_miss(trained, tmp_path, capsys):
     import shutil
 
     root, data = trained
@@ -142,12 +143,29 @@ def test_evaluate_skips_an_unreadable_image_and_reports_it(trained, tmp_path, ca
     shutil.copytree(data, copy)
     broken = sorted((copy / "images" / "test").rglob("*.png"))[0]
     broken.write_bytes(b"\x89PNG truncated")
-    assert main(["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(copy / "images"),
-                 "--metadata", str(copy / "metadata" / "test"), "--input-size", "48", "--workers", "0",
-                 "--method", "cam", "--json", str(tmp_path / "r.json")]) == 0
-    assert "8 images (1 unreadable, skipped)" in capsys.readouterr().out
+    image_id = str(broken.relative_to(copy / "images"))
+    args = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(copy / "images"),
+            "--metadata", str(copy / "metadata" / "test"), "--input-size", "48", "--workers", "0",
+            "--method", "cam", "--json", str(tmp_path / "r.json"), "--results", str(tmp_path / "r.npz"),
+            "--report", str(tmp_path / "r.html")]
+    # By default: an error naming the file, and no results file.
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s)" in err and image_id in err and "--skip-unreadable" in err
+    assert not any((tmp_path / f"r.{ext}").exists() for ext in ("json", "npz", "html"))
+    # With --skip-unreadable: the split's 9 images in the denominator, the broken one listed.
+    assert main([*args, "--skip-unreadable"]) == 0
+    assert "9 images (1 unreadable, counted as misses)" in capsys.readouterr().out
     info = json.loads((tmp_path / "r.json").read_text())["info"]
-    assert info["num_images"] == 8 and info["skipped_images"] == [str(broken.relative_to(copy / "images"))]
+    assert info["num_images"] == 9 and info["unreadable_policy"] == "counted as misses"
+    assert [u["image_id"] for u in info["unreadable_images"]] == [image_id]
+    assert image_id in info["unreadable_images"][0]["reason"]
+    results = read_results(tmp_path / "r.npz")  # the results file keeps it: a row of -1 classes
+    row = results.image_ids.index(image_id)
+    assert len(results.image_ids) == 9 and (results.top5[row] == -1).all()
+    assert results.per_image["iou_oracle"][row] == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<h2>Unreadable images</h2>" in page and f"<code>{image_id}</code>" in page
 
 
 def test_python_dash_m_mnpo_runs_the_cli():

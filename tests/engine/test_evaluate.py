@@ -69,15 +69,16 @@ def data_with_a_bad_image(data, tmp_path):
     root = tmp_path / "ev"
     shutil.copytree(data, root)
     ds = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate")
-    (root / "images" / ds.image_ids[4]).write_bytes(b"not an image")
+    path = root / "images" / ds.image_ids[4]
+    path.write_bytes(path.read_bytes()[:120])  # truncated: its header reads, its pixels do not
     return root
 
 
 def _same(a, b):
     assert np.array_equal(a.curves.largest, b.curves.largest) and np.array_equal(a.curves.multi, b.curves.multi)
     assert np.array_equal(a.curves.top1, b.curves.top1) and np.array_equal(a.curves.top5, b.curves.top5)
-    assert (a.num_images, a.top1_correct, a.top5_correct, a.skipped) == \
-        (b.num_images, b.top1_correct, b.top5_correct, b.skipped)
+    assert (a.num_images, a.top1_correct, a.top5_correct, a.unreadable) == \
+        (b.num_images, b.top1_correct, b.top5_correct, b.unreadable)
 
 
 @pytest.mark.numerics
@@ -85,9 +86,9 @@ def test_an_interrupted_evaluation_continues_to_the_uninterrupted_result(data_wi
     root = data_with_a_bad_image
     ds = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,
                      uint8_views=True)
-    common = dict(thresholds=cam_thresholds(0.01), method="mnpos", batch_size=3)
+    common = dict(thresholds=cam_thresholds(0.01), method="mnpos", batch_size=3, skip_unreadable=True)
     whole = evaluate_model(tiny_vgg_mnpo(), ds, **common)
-    assert whole.num_images == 11 and len(whole.skipped) == 1
+    assert whole.num_images == 12 and list(whole.unreadable) == [ds.image_ids[4]]
     state = tmp_path / "state.json"
     batches = []
 
@@ -99,7 +100,8 @@ def test_an_interrupted_evaluation_continues_to_the_uninterrupted_result(data_wi
     with pytest.raises(Stop):
         evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state, save_every=0, on_batch=stop_at_third)
     done = json.loads(state.read_text())
-    assert done["evaluator"]["n"] == 5 and done["skipped"] == [ds.image_ids[4]]  # two batches saved, the bad image listed
+    assert done["evaluator"]["n"] == 6 and list(done["unreadable"]) == [ds.image_ids[4]]  # two batches saved
+    assert done["evaluator"]["misses"] == [ds.image_ids[4]]  # the bad image counted, as a miss
     later = []
     resumed = evaluate_model(tiny_vgg_mnpo(), ds, **common, state_file=state, save_every=0,
                              on_batch=lambda b, m: later.append(list(b["image_id"])))
@@ -170,3 +172,82 @@ def test_evaluate_batch_gives_maps_logits_and_hits(data):
     assert maps.shape == (3, 224, 224) and logits.shape == (3, model.num_classes)
     predicted = logits.argmax(1)
     assert top1 == int((predicted == batch["label"].numpy()).sum()) and top5 == 3  # 3 classes: always in the top 5
+
+
+# unreadable images: an error by default, misses with skip_unreadable; never a smaller denominator
+def _copy_with(data, tmp_path, damage):
+    """A copy of the test split with ``damage(path)`` applied to images 1 and 6; their ids."""
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(data, root)
+    ds = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,
+                     uint8_views=True)
+    for k in (1, 6):
+        damage(root / "images" / ds.image_ids[k])
+    return ds, [ds.image_ids[1], ds.image_ids[6]]
+
+
+DAMAGE = {
+    "missing": lambda p: p.unlink(),
+    "not an image": lambda p: p.write_bytes(b"plain text"),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:120]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_an_unreadable_image_is_an_error_naming_every_such_file(data, tmp_path, damage):
+    from mnpo.engine.evaluate import UnreadableImagesError
+
+    ds, bad = _copy_with(data, tmp_path, DAMAGE[damage])
+    batches = []
+    with pytest.raises(UnreadableImagesError) as err:
+        evaluate_model(tiny_vgg_mnpo(), ds, thresholds=cam_thresholds(0.1), method="cam", batch_size=4,
+                       on_batch=lambda b, m: batches.append(b))
+    assert sorted(err.value.images) == sorted(bad)
+    for image_id in bad:
+        assert str(ds.image_root / image_id) in str(err.value)
+    assert "--skip-unreadable" in str(err.value)
+    assert (batches == []) == (damage != "truncated")  # found from the headers before any work, if it can be
+
+
+def test_skip_unreadable_counts_each_as_a_miss_in_every_denominator(data, tmp_path):
+    """Against the readable images' own counts: the same hits, two more images in each
+    denominator, and for a miss at threshold 0 no box (a map of zeros would give the whole
+    image as its box, an IoU above 0 with a large object)."""
+    ds, bad = _copy_with(data, tmp_path, DAMAGE["truncated"])
+    common = dict(thresholds=cam_thresholds(0.01), method="mnpo", batch_size=4, details=True)
+    counted = evaluate_model(tiny_vgg_mnpo(), ds, skip_unreadable=True, **common)
+    readable = [i for i in ds.image_ids if i not in bad]
+    alone = evaluate_model(tiny_vgg_mnpo(), WSOLDataset(ds.image_root, ds.meta.select(readable), "evaluate",
+                                                        crop_size=48, resize_size=55, uint8_views=True), **common)
+    assert counted.num_images == alone.num_images + 2 == len(ds)
+    assert np.array_equal(counted.curves.largest, alone.curves.largest)
+    assert np.array_equal(counted.curves.multi, alone.curves.multi)
+    assert np.array_equal(counted.curves.top1, alone.curves.top1)
+    assert (counted.top1_correct, counted.top5_correct) == (alone.top1_correct, alone.top5_correct)
+    assert counted.classification["top1_cls"] == 100.0 * alone.top1_correct / len(ds)
+    assert sorted(counted.unreadable) == sorted(bad)
+    assert all(str(ds.image_root / i) in counted.unreadable[i] for i in bad)
+    records = dict(zip(counted.details.records.image_ids, counted.details.records.values))
+    assert all(not records[i].any() for i in bad)  # IoU 0 at every threshold
+    assert all(len(counted.details.top5[i]) == 0 for i in bad)  # no class predicted
+
+
+def test_skip_unreadable_on_a_mask_split_scores_a_map_of_zeros(tmp_path):
+    from mnpo.metrics.localization import MaskEvaluator
+
+    def one_mask(_):
+        mask = np.zeros((4, 4), np.uint8)
+        mask[:2] = 1
+        return mask
+
+    a = MaskEvaluator(one_mask, ["x", "y"], thresholds=np.array([0.0, 0.5]), image_size=4, workers=1)
+    a.update(np.full((1, 4, 4), 0.7, np.float32), ["x"])
+    a.add_misses(["y"])
+    b = MaskEvaluator(one_mask, ["x", "y"], thresholds=np.array([0.0, 0.5]), image_size=4, workers=1)
+    b.update(np.stack([np.full((4, 4), 0.7, np.float32), np.zeros((4, 4), np.float32)]), ["x", "y"])
+    assert np.array_equal(a.compute().positive, b.compute().positive) and a.compute().num_images == 2
+    assert a.misses == {"y"} and b.misses == set()
+    with pytest.raises(ValueError, match="'y' was already evaluated"):
+        a.add_misses(["y"])

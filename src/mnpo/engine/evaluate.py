@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ class ShardSampler(Sampler[int]):
 
 
 class SkipUnreadable(torch.utils.data.Dataset):
-    """Wraps a data set: an unreadable image becomes ``{"skipped": image_id, "reason": ...}``.
+    """Wraps a data set: an unreadable image becomes ``{"skipped": image_id, "reason": ...}``
+    (the reason names the file).
 
     ``seed``: when set, each item's random augmentation is drawn from ``(seed, index)`` alone,
     so it does not depend on the order, the process or the loader worker that draws it.
@@ -81,24 +82,63 @@ def collate_skipping(collate):
 
     def run(items):
         kept = [i for i in items if "skipped" not in i]
-        skipped = [i["skipped"] for i in items if "skipped" in i]
         batch = collate(kept) if kept else {}
-        batch["skipped"] = skipped
+        batch["skipped"] = [i["skipped"] for i in items if "skipped" in i]
+        batch["skipped_reasons"] = [i["reason"] for i in items if "skipped" in i]
         return batch
 
     return run
 
 
+class UnreadableImagesError(ValueError):
+    """Images of an evaluated split could not be read; ``images``: image id -> why (the reason
+    names the file). Raised instead of metrics over the other images only."""
+
+    def __init__(self, where: str, images: Mapping[str, str]) -> None:
+        self.where = str(where)
+        self.images = dict(images)
+        listed = "; ".join(list(self.images.values())[:5]) + ("; ..." if len(self.images) > 5 else "")
+        super().__init__(f"{self.where}: {len(self.images)} unreadable image(s), so no metric is computed "
+                         f"(it would leave them out of its denominator): {listed}. Repair or replace them, "
+                         f"or pass --skip-unreadable to count each as a miss")
+
+    def __reduce__(self):
+        return (type(self), (self.where, self.images))
+
+
+def unreadable_headers(dataset: WSOLDataset, indices: Sequence[int], threads: int = 8) -> dict[str, str]:
+    """The images among ``indices`` whose file is missing or not an image by its header (PIL
+    opens it without decoding the pixels): image id -> why. Truncated data shows only when an
+    image is decoded (:class:`SkipUnreadable`)."""
+    from PIL import Image
+
+    def problem(index: int) -> str | None:
+        path = dataset.image_path(index)
+        try:
+            with Image.open(path):
+                return None
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+            return str(ImageReadError(path, f"{type(exc).__name__}: {exc}"))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = list(pool.map(problem, indices))
+    return {dataset.image_ids[i]: reason for i, reason in zip(indices, found) if reason is not None}
+
+
 @dataclass
 class SplitResult:
-    """Curves (box or mask), classification counts and skipped images of one split, and its
-    per-image details when ``EvalSettings.details`` asked for them."""
+    """Curves (box or mask), classification counts and unreadable images of one split, and its
+    per-image details when ``EvalSettings.details`` asked for them.
+
+    num_images: every image of the split, read or not (unreadable ones count as misses).
+    unreadable: image id -> why it could not be read (empty unless ``skip_unreadable``).
+    """
 
     curves: BoxCurves | MaskCurves
     num_images: int
     top1_correct: int
     top5_correct: int
-    skipped: list[str]
+    unreadable: dict[str, str]
     details: SplitDetails | None = None
 
     @property
@@ -159,6 +199,10 @@ class EvalSettings:
     one batch). workers: data loader processes. ten_crop: classify from the ten-crop average
     (the protocol) or from the 224 view (faster, used for per-epoch validation).
     channels_last: feed the network NHWC tensors (faster convolutions on GPUs).
+    skip_unreadable: count an image that cannot be read as a miss for every metric (IoU 0 at
+    every threshold, its class not in the top five; for PxAP a map of zeros), so that every
+    denominator stays the split's size; when False (the default), any unreadable image raises
+    :class:`UnreadableImagesError` listing all of them, before any metric is returned.
     metric_workers: threads of the box evaluator (default: its own).
     foreground: the model is a foreground model (one output, the FSL baseline): every map is of
     output 0, and nothing is classified (no classification or Top-k Loc; ten-crop is skipped).
@@ -176,6 +220,7 @@ class EvalSettings:
     workers: int = 0
     ten_crop: bool = True
     channels_last: bool = False
+    skip_unreadable: bool = False
     metric_workers: int | None = None
     details: bool = False
     gallery_size: int = 128
@@ -185,7 +230,8 @@ class EvalSettings:
         """The settings a progress file must match to be continued (besides the caller's)."""
         return {"method": self.method, "map_options": dict(self.map_options), "ten_crop": self.ten_crop,
                 "images": len(dataset), "rank": ctx.rank, "world": ctx.world, "foreground": self.foreground,
-                "details": self.details, "gallery_size": self.gallery_size if self.details else None}
+                "details": self.details, "gallery_size": self.gallery_size if self.details else None,
+                "skip_unreadable": self.skip_unreadable}
 
 
 def _settings(settings: EvalSettings | None, fields_given: dict[str, Any]) -> EvalSettings:
@@ -226,13 +272,30 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
     model.eval()
     evaluator = split_evaluator(dataset.meta, settings.thresholds, dataset.mask_root, settings.metric_workers,
                                 settings.details)
-    counts = {"top1": 0, "top5": 0, "skipped": []}
+    counts: dict[str, Any] = {"top1": 0, "top5": 0, "unreadable": {}}
     details = SplitDetails(PerImage((), np.zeros(0))) if settings.details else None
     sample = gallery_sample(dataset.image_ids, settings.gallery_size) if settings.details else set()
     sampler = ShardSampler(len(dataset), ctx)
     key = {**dict(run_key or {}), **settings.run_key(dataset, ctx)}
     if state_file is not None and Path(state_file).is_file():
         counts = _resume(Path(state_file), key, evaluator, sampler, dataset, details)
+
+    def unreadable(found: Mapping[str, str]) -> None:
+        """Images that cannot be read: listed; counted as misses, or kept for the error at the end."""
+        counts["unreadable"].update(found)
+        if settings.skip_unreadable:
+            evaluator.add_misses(list(found))
+            if details is not None:
+                details.top5.update({i: np.zeros(0, np.int64) for i in found})
+
+    missing = unreadable_headers(dataset, sampler.indices)  # a wrong --data fails here, in seconds
+    if not settings.skip_unreadable:
+        everywhere = _gather_unreadable(missing, ctx)
+        if everywhere:
+            raise UnreadableImagesError(dataset.image_root, everywhere)
+    elif missing:
+        unreadable(missing)
+        sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in missing]
 
     def save_state() -> None:
         extra = {} if details is None else {"details": details.to_state()}
@@ -249,7 +312,11 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
     pending = None  # the previous batch's metric update, running beside this batch's network work
     with evaluator, ThreadPoolExecutor(max_workers=1) as background:
         for batch in loader:
-            counts["skipped"] += batch["skipped"]
+            if batch["skipped"]:
+                if pending is not None:
+                    pending.result()  # the evaluator is the background thread's until then
+                    pending = None
+                unreadable(dict(zip(batch["skipped"], batch["skipped_reasons"])))
             if "image" not in batch:
                 continue
             maps, logits, hits = evaluate_batch(model, batch, settings, device)
@@ -279,6 +346,10 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
         bar.close()
     if details is not None:
         details.records = evaluator.records()
+    if not settings.skip_unreadable:
+        everywhere = _gather_unreadable(counts["unreadable"], ctx)
+        if everywhere:  # the progress file keeps the rest: a rerun after the repair reads only them
+            raise UnreadableImagesError(dataset.image_root, everywhere)
     return _gather(evaluator.compute(), counts, ctx, details)
 
 
@@ -319,8 +390,10 @@ def _resume(path: Path, key: Mapping[str, Any], evaluator, sampler: ShardSampler
     evaluator.load_state_dict(state["evaluator"])
     if details is not None:
         details.load_state(state["details"])
-    counts = {"top1": int(state["top1"]), "top5": int(state["top5"]), "skipped": list(state["skipped"])}
-    done = evaluator.seen_ids | set(counts["skipped"])
+    misses = evaluator.misses  # unreadable images counted as misses; others are tried again
+    counts = {"top1": int(state["top1"]), "top5": int(state["top5"]),
+              "unreadable": {i: r for i, r in dict(state["unreadable"]).items() if i in misses}}
+    done = evaluator.seen_ids
     sampler.indices = [i for i in sampler.indices if dataset.image_ids[i] not in done]
     log.info("%s: continuing after %d images (%d left)", path, len(done), len(sampler))
     return counts
@@ -353,16 +426,22 @@ def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: Dist
     """This rank's curves, counts and details summed over the ranks (a single process: as they are)."""
     curves = _sum_curves(curves, ctx)
     top1, top5 = (int(c) for c in all_reduce_sum(np.array([counts["top1"], counts["top5"]], np.int64), ctx))
-    skipped = list(counts["skipped"])
+    unreadable = _gather_unreadable(counts["unreadable"], ctx)
     if ctx.enabled:
-        gathered: list[list[str]] = [[] for _ in range(ctx.world)]
-        torch.distributed.all_gather_object(gathered, skipped)
-        skipped = [s for part in gathered for s in part]
         if details is not None:
             parts: list[SplitDetails | None] = [None] * ctx.world
             torch.distributed.all_gather_object(parts, details)
             details = SplitDetails.merge(parts)
-    return SplitResult(curves, curves.num_images, top1, top5, skipped, details)
+    return SplitResult(curves, curves.num_images, top1, top5, unreadable, details)
+
+
+def _gather_unreadable(found: Mapping[str, str], ctx: DistContext) -> dict[str, str]:
+    """Every rank's unreadable images, on every rank (one process: ``found`` itself)."""
+    if not ctx.enabled:
+        return dict(found)
+    gathered: list[dict[str, str]] = [{} for _ in range(ctx.world)]
+    torch.distributed.all_gather_object(gathered, dict(found))
+    return {k: v for part in gathered for k, v in part.items()}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str | Path, *,
@@ -374,7 +453,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         save_maps: str | Path | None = None, save_overlays: str | Path | None = None,
                         input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True,
                         state_dir: str | Path | None = None, results: str | Path | None = None,
-                        report_html: str | Path | None = None, label: str | None = None, gallery_size: int = 128):
+                        report_html: str | Path | None = None, label: str | None = None, gallery_size: int = 128,
+                        skip_unreadable: bool = False):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
 
     ``input_size``: side of the network's input views (the protocol's 224; a model trained at
@@ -386,7 +466,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     of this one result (:mod:`mnpo.engine.report`); ``label``: the result's name there (default:
     the method); ``gallery_size``: images sampled for the report's gallery. Returns the
     ``Report`` of the evaluated split; its ``info`` holds the classification accuracy
-    (ten-crop), the skipped images and what was evaluated.
+    (ten-crop), the unreadable images and what was evaluated. ``skip_unreadable``: count an
+    unreadable image as a miss instead of raising :class:`UnreadableImagesError` (see
+    :class:`EvalSettings`).
     """
     from mnpo.engine.evaluate_maps import build_report, write_evaluation
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
@@ -405,7 +487,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     foreground = (payload.get("meta") or {}).get("task") == "foreground"  # an FSL baseline's checkpoint
     settings = EvalSettings(make_grid(threshold_grid, cam_curve_interval), method, dict(map_options or {}), prec,
                             map_prec, batch_size, workers, ten_crop and not foreground, channels_last,
-                            details=details, gallery_size=gallery_size, foreground=foreground)
+                            skip_unreadable=skip_unreadable, details=details, gallery_size=gallery_size,
+                            foreground=foreground)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
     stat = Path(checkpoint).stat()
@@ -433,7 +516,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
         "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,
         "num_images": test.num_images,
-        "skipped_images": test.skipped, "classification": None if foreground else test.classification,
+        "unreadable_images": [{"image_id": i, "reason": r} for i, r in sorted(test.unreadable.items())],
+        "unreadable_policy": "counted as misses" if skip_unreadable else "an error",
+        "classification": None if foreground else test.classification,
         "classification_view": "none: a foreground model" if foreground else ("ten-crop" if ten_crop else "224x224"),
         "cam_curve_interval": cam_curve_interval, "threshold_grid": threshold_grid,
         "oracle": "thresholds chosen on the evaluated split itself (optimistic; the MNPO paper's protocol)",
@@ -442,6 +527,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     }
     if val is not None:
         info.update(val_metadata=str(val_metadata), val_num_images=val.num_images,
+                    val_unreadable_images=[{"image_id": i, "reason": r} for i, r in sorted(val.unreadable.items())],
                     val_classification=None if foreground else val.classification)
     report = build_report(test.curves, None if val is None else val.curves, info)
     if details and ctx.is_main:

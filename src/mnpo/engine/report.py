@@ -353,6 +353,22 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 """
 
 
+def _unreadable(results: Sequence[EvaluationResults], labels: Sequence[str]) -> str:
+    """A note per result that counted unreadable images as misses (``--skip-unreadable``),
+    listing each image and why; empty when every image was read."""
+    notes = []
+    for r, label in zip(results, labels):
+        items = list(r.info.get("unreadable_images") or [])
+        if not items:
+            continue
+        rows = "".join(f"<li><code>{html.escape(str(u['image_id']))}</code>: {html.escape(str(u['reason']))}</li>"
+                       for u in items)
+        notes.append(f'<p class="note unreadable">{html.escape(label)}: {len(items)} image(s) could not be read '
+                     f"and count as misses in every metric (IoU 0, wrong class; PxAP: a map of zeros):</p>"
+                     f'<ul class="unreadable">{rows}</ul>')
+    return "\n".join(notes)
+
+
 def build_html(results: Sequence[EvaluationResults], sources: Sequence[str] | None = None,
                gallery_rows: int = 6) -> str:
     """The report page as one HTML string (see the module docstring)."""
@@ -372,6 +388,9 @@ def build_html(results: Sequence[EvaluationResults], sources: Sequence[str] | No
         "<h2>Summary</h2>", _summary(results, labels),
         '<p class="note">Percent. Hover a value for the threshold(s) it was read at.</p>',
     ]
+    unreadable = _unreadable(results, labels)
+    if unreadable:
+        sections += ["<h2>Unreadable images</h2>", unreadable]
     if first.kind == "box":
         sections += ["<h2>Box accuracy against the threshold</h2>",
                      f'<figure class="plot" id="plot-curves">{_curves_plot(results, labels)}</figure>']

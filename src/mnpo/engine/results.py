@@ -22,7 +22,9 @@ S = ``THUMBNAIL`` pixels):
     pixel histograms.
 ``image_ids`` (N,) str, ``labels`` int64 (N,), ``top5`` int64 (N, 5)
     every evaluated image, its class and its five highest-scoring classes (best first; -1 pads
-    when there are fewer than five classes).
+    when there are fewer than five classes, and fills the row of an image that could not be
+    read, which ``evaluate --skip-unreadable`` counts as a miss; ``info["unreadable_images"]``
+    lists those).
 ``iou_oracle``, ``iou_calibrated`` (box splits)
     float64 (N,), each image's largest-contour IoU at the MaxBoxAcc threshold of that protocol
     (``iou_calibrated`` is NaN without calibration).
@@ -149,7 +151,7 @@ class SplitDetails:
 def _top5_rows(top5: Mapping[str, np.ndarray], image_ids: Sequence[str]) -> np.ndarray:
     rows = np.full((len(image_ids), 5), -1, np.int64)
     for r, image_id in enumerate(image_ids):
-        best = np.asarray(top5[image_id])[:5]
+        best = np.asarray(top5.get(image_id, ()), np.int64)[:5]  # none: an unreadable image, a miss
         rows[r, : len(best)] = best
     return rows
 

@@ -381,7 +381,10 @@ class Trainer:
                                 method=e.method, device=self.device, precision=self.precision,
                                 batch_size=e.batch_size, workers=self.cfg.data.workers, ten_crop=False,
                                 channels_last=self.cfg.runtime.channels_last,
-                                ctx=self.ctx, foreground=self.foreground)
+                                ctx=self.ctx, foreground=self.foreground, skip_unreadable=True)
+        if result.unreadable and self.ctx.is_main:  # misses: the selection still compares like with like
+            log.warning("val: %d unreadable image(s) counted as misses: %s", len(result.unreadable),
+                        "; ".join(list(result.unreadable.values())[:5]))
         report = build_report(result.curves, None, {})
         values = {k: m.value for k, m in report.oracle.items()}
         if not self.foreground:

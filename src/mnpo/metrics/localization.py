@@ -281,6 +281,7 @@ class _Streaming:
         self.image_size = int(image_size)
         self._known = set(known_ids)
         self._seen: set[str] = set()
+        self._misses: set[str] = set()
         self.workers = _default_workers() if workers is None else int(workers)
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
@@ -299,6 +300,22 @@ class _Streaming:
         self._seen.update(image_ids)
         return maps
 
+    def _check_new_ids(self, image_ids: Sequence[str]) -> list[str]:
+        image_ids = list(image_ids)
+        for image_id in image_ids:
+            if image_id not in self._known:
+                raise KeyError(f"image id {image_id!r} is not in the split's metadata")
+            if image_id in self._seen:
+                raise ValueError(f"image id {image_id!r} was already evaluated")
+        if len(set(image_ids)) != len(image_ids):
+            raise ValueError("an image id is given twice")
+        return image_ids
+
+    @property
+    def misses(self) -> set[str]:
+        """Ids counted by :meth:`add_misses` (images that could not be evaluated)."""
+        return set(self._misses)
+
     def _map(self, fn: Callable, *iterables) -> list:
         if self._pool is None:
             return list(map(fn, *iterables))
@@ -315,7 +332,8 @@ class _Streaming:
         return set(self._seen)
 
     def _base_state(self, kind: str) -> dict[str, Any]:
-        state = {"kind": kind, "thresholds": self.thresholds.tolist(), "n": self._n, "seen": sorted(self._seen)}
+        state = {"kind": kind, "thresholds": self.thresholds.tolist(), "n": self._n, "seen": sorted(self._seen),
+                 "misses": sorted(self._misses)}
         if self.per_image:
             state["per_image"] = self.records().to_state()
         return state
@@ -345,6 +363,9 @@ class _Streaming:
             raise ValueError(f"evaluator state holds image ids the split does not have, e.g. {sorted(unknown)[:3]}")
         if len(seen) != int(state["n"]):
             raise ValueError(f"evaluator state counts {state['n']} images but lists {len(seen)}")
+        misses = set(state.get("misses", ()))
+        if not misses <= seen:
+            raise ValueError("evaluator state lists misses it does not count")
         if self.per_image:
             if "per_image" not in state:
                 raise ValueError("evaluator state keeps no per-image values, but this evaluator needs them")
@@ -353,6 +374,7 @@ class _Streaming:
                 raise ValueError("evaluator state's per-image values do not cover the images it counts")
             self._records = dict(zip(records.image_ids, records.values))
         self._seen = seen
+        self._misses = misses
         self._n = int(state["n"])
 
     def close(self) -> None:
@@ -405,7 +427,7 @@ class BoxEvaluator(_Streaming):
     def _ranks(self, logits, image_ids: list[str]) -> np.ndarray:
         if self.labels is None:
             raise ValueError("logits were given but the evaluator has no class labels")
-        if self._top is None and self._n > 0:
+        if self._top is None and self._n > len(self._misses):
             raise ValueError("logits must be given with every batch or with none")
         if hasattr(logits, "detach"):
             logits = logits.detach().cpu().numpy()
@@ -446,6 +468,15 @@ class BoxEvaluator(_Streaming):
         self._largest += correct.sum(axis=0)
         for i, iou in enumerate(self.iou_thresholds):
             self._multi[i] += (multi >= iou / 100).sum(axis=0)
+        self._n += len(image_ids)
+
+    def add_misses(self, image_ids: Sequence[str]) -> None:
+        """Count images that have no map (an unreadable file) as failing every metric: IoU 0 at
+        every threshold and the class never in the top five. The denominators keep them."""
+        image_ids = self._check_new_ids(image_ids)
+        self._seen.update(image_ids)
+        self._misses.update(image_ids)
+        self._record(image_ids, [np.zeros(len(self.thresholds))] * len(image_ids))
         self._n += len(image_ids)
 
     def state_dict(self) -> dict[str, Any]:
@@ -565,6 +596,13 @@ class MaskEvaluator(_Streaming):
         if self.per_image:
             self._record(image_ids, [_image_pxap(pos, neg) for pos, neg in histograms])
         self._n += len(image_ids)
+
+    def add_misses(self, image_ids: Sequence[str]) -> None:
+        """Count images that have no map (an unreadable file) as a map of zeros: their foreground
+        pixels are missed at every threshold above 0, and the denominators keep them."""
+        image_ids = self._check_new_ids(image_ids)
+        self.update(np.zeros((len(image_ids), self.image_size, self.image_size), np.float32), image_ids)
+        self._misses.update(image_ids)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything counted so far, as JSON-able data (to resume an interrupted evaluation).
