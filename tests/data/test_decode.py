@@ -156,3 +156,18 @@ def test_metadata_checks_masks_with_the_scoring_reader(tmp_path):
         read_mask(tmp_path / "bad.png")
     with pytest.raises(MaskReadError, match="nope.png: cannot read mask: file not found"):
         read_mask(tmp_path / "nope.png")
+
+
+def test_an_empty_file_and_a_missing_file_are_named(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"empty.jpg: cannot read image: empty file \(0 bytes\)$"):
+        load_image(empty)
+    with pytest.raises(ImageReadError, match=r"missing.png: cannot read image: file not found$"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(MaskReadError, match=r"empty.jpg.*empty file \(0 bytes\)"):
+        read_mask(empty)
+    text = tmp_path / "notes.png"
+    text.write_text("not pixels")
+    with pytest.raises(ImageReadError, match="notes.png: cannot read image: not an image format PIL can read$"):
+        load_image(text)

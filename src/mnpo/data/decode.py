@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["MaskReadError", "mask_pixels", "read_mask", "source_bits", "to_rgb8"]
 
@@ -161,17 +161,35 @@ class MaskReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
+def file_bytes(path: Path) -> bytes:
+    """The bytes of an image file; an empty one is refused here (PIL would only say it cannot
+    identify a BytesIO object)."""
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    return data
+
+
+def decode_problem(exc: BaseException) -> str:
+    """Why a file could not be decoded, in words that do not name an in-memory buffer."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    if isinstance(exc, ValueError) and str(exc) == "empty file (0 bytes)":
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """The mask file at ``path`` -> bool ``(h, w)`` in its stored pixel grid (no EXIF turn):
     :func:`mask_pixels`. Raises MaskReadError naming the file and why."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = file_bytes(path)
         with Image.open(io.BytesIO(data)) as image:
             bits = source_bits(image)
             image.load()
             return mask_pixels(image, bits, data if bits == 16 else None, str(path))
-    except FileNotFoundError as exc:
-        raise MaskReadError(path, "file not found") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-        raise MaskReadError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise MaskReadError(path, decode_problem(exc)) from exc

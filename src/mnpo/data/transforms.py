@@ -38,7 +38,7 @@ from PIL import Image, ImageFile
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mnpo.data.decode import source_bits, to_rgb8
+from mnpo.data.decode import decode_problem, file_bytes, source_bits, to_rgb8
 from mnpo.data.image_files import EXIF_TRANSPOSE, exif_orientation_of
 
 __all__ = [
@@ -103,7 +103,7 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) 
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
                     "with missing pixels instead of raising ImageReadError")
     try:
-        data = path.read_bytes()
+        data = file_bytes(path)
         with Image.open(io.BytesIO(data)) as image:
             bits = source_bits(image)  # before load(): PIL then forgets the raw mode
             image.load()
@@ -112,7 +112,7 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) 
         if orientation != 1:
             rgb = rgb.transpose(EXIF_TRANSPOSE[orientation])
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise ImageReadError(path, decode_problem(exc)) from exc
     if exif_orientation:
         rgb.info["exif_orientation"] = orientation
     return rgb
