@@ -62,6 +62,59 @@ def worker(rank, world, port, data, out, job):
                          "--method", "cam", "--json", str(out / "report.json"), "--results", str(out / "r.npz")])
             (out / f"rank{rank}.txt").write_text(f"exit {code}, group left: {not torch.distributed.is_initialized()}")
             return
+        elif job == "cli-evaluate-slow-rank-0":
+            # a collective timeout of 3 s, and rank 0 writing its results for 6 s: nothing may
+            # wait on rank 0's writing in a collective (NCCL's default is 10 minutes; ILSVRC's
+            # overlays and report take longer)
+            import time
+            from datetime import timedelta
+
+            import mnpo.engine.evaluate as evaluate_module
+            import mnpo.engine.evaluate_maps as maps_module
+            from mnpo.cli import main
+
+            torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=3))
+            write_evaluation, overlay = maps_module.write_evaluation, evaluate_module.protocol_overlay
+            drawn = []
+
+            def slow_write(*args, **kwargs):
+                time.sleep(6)
+                return write_evaluation(*args, **kwargs)
+
+            def counted_overlay(image, scoremap, threshold, meta, image_id):
+                drawn.append(image_id)
+                return overlay(image, scoremap, threshold, meta, image_id)
+
+            maps_module.write_evaluation = slow_write  # evaluate_checkpoint imports it when called
+            evaluate_module.protocol_overlay = counted_overlay
+            code = main(["evaluate", "-q", "--checkpoint", str(out / "model.pt"), "--data", str(data / "images"),
+                         "--metadata", str(data / "metadata" / "test"), "--input-size", "48", "--workers", "0",
+                         "--method", "cam", "--results", str(out / "r.npz"), "--save-overlays", str(out / "overlays")])
+            (out / f"rank{rank}.txt").write_text(f"exit {code}\n" + "\n".join(drawn))
+            return
+        elif job == "train-weights-once":  # building the model (reading the weights) timed per rank
+            import time
+
+            import mnpo.engine.train as train_module
+
+            build = train_module.build_model
+
+            def timed_build(*args, **kwargs):
+                start = time.monotonic()
+                time.sleep(1.0)
+                model = build(*args, **kwargs)
+                (out / f"build{rank}.txt").write_text(f"{start} {time.monotonic()}")
+                return model
+
+            train_module.build_model = timed_build
+            Trainer(config_from_dict(train_config(data, out)), progress=False)
+        elif job == "train-fsl-two-branches":
+            cfg = train_config(data, out, no_bn_layout(out.parent))
+            cfg.update(method={"name": "fsl", "fsl_holdout_per_class": 1})
+            cfg["optim"].update(epochs=2, batch_size=2)
+            trainer = Trainer(config_from_dict(cfg), progress=False)
+            trainer.fit()
+            torch.save(trainer.model.state_dict(), out / f"rank{rank}.pt")
         elif job == "train-no-bn":
             trainer = Trainer(config_from_dict(train_config(data, out, no_bn_layout(out.parent))), progress=False)
             trainer.fit()
@@ -142,6 +195,35 @@ def test_evaluate_command_on_two_processes_leaves_the_process_group(data, tmp_pa
     assert len(read_results(tmp_path / "r.npz").image_ids) == 9
 
 
+def test_ranks_share_the_overlays_and_never_wait_on_rank_0_in_a_collective(data, tmp_path):
+    """Under torchrun each rank draws the overlays of the images it evaluated, and the ranks
+    leave together through the store, not a barrier: with rank 0 writing its results file for
+    twice the collective timeout, both ranks still exit 0."""
+    from mnpo.data.metadata import read_split
+
+    save_checkpoint(tmp_path / "model.pt", tiny_vgg_mnpo())
+    mp.spawn(worker, args=(2, free_port(), data, tmp_path, "cli-evaluate-slow-rank-0"), nprocs=2, join=True)
+    ids = read_split(data / "metadata" / "test").image_ids
+    for rank in range(2):
+        code, *drawn = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert code == "exit 0" and drawn == list(ids[rank::2]), rank
+    overlays = (tmp_path / "overlays").rglob("*.png.png")  # <image_id>.png
+    assert sorted(p.relative_to(tmp_path / "overlays").as_posix()[: -len(".png")] for p in overlays) == sorted(ids)
+    from mnpo.engine.results import read_results
+
+    assert len(read_results(tmp_path / "r.npz").image_ids) == 9
+
+
+def test_weights_are_read_by_local_rank_0_before_the_others(data, tmp_path):
+    """ImageNet weights go through a node-wide download cache: local rank 0 builds the model
+    (downloads, reads) first and rank 1 only after it has finished, not both at once."""
+    out = tmp_path / "run"
+    out.mkdir()
+    mp.spawn(worker, args=(2, free_port(), data, out, "train-weights-once"), nprocs=2, join=True)
+    (start0, end0), (start1, end1) = ([float(t) for t in (out / f"build{r}.txt").read_text().split()] for r in (0, 1))
+    assert end0 <= start1  # time.monotonic is system-wide on Linux: one clock for both processes
+
+
 def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     mp.spawn(worker, args=(2, free_port(), data, out, "train"), nprocs=2, join=True)
@@ -157,6 +239,30 @@ def test_distributed_training_runs_and_writes_one_checkpoint(data, tmp_path):
         if "running" not in key and "num_batches" not in key:  # (BatchNorm statistics stay per process on CPU)
             assert torch.equal(value, ranks[1][key]), key
         assert torch.equal(value, model.state_dict()[key]) or "running" in key, key  # ... and rank 0 saved its own
+
+
+def test_fsl_on_a_two_branch_layout_trains_on_two_processes(data, tmp_path):
+    """fsl's loss reaches only the main branch: DDP, unless it looks for unused parameters that
+    the forward's outputs do not reach, fails at its second step (two epochs here). The replicas
+    stay equal, the side branch keeps its initial weights, the main branch and classifier move."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = train_config(data, tmp_path / "init", no_bn_layout(tmp_path))
+    cfg.update(method={"name": "fsl", "fsl_holdout_per_class": 1})
+    initial = Trainer(config_from_dict(cfg), progress=False).model.state_dict()  # the same seed
+    mp.spawn(worker, args=(2, free_port(), data, out, "train-fsl-two-branches"), nprocs=2, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key
+    _, payload = load_model(out / "last.pt")
+    assert payload["training"]["epoch"] == 2 and payload["meta"]["task"] == "foreground"
+    side = [k for k in initial if k.startswith("branches.side.")]
+    moved = [k for k in initial if k.startswith(("branches.main.", "classifier."))]
+    assert side and moved
+    for key in side:
+        assert torch.equal(ranks[0][key], initial[key]), key
+    for key in moved:
+        assert not torch.equal(ranks[0][key], initial[key]), key
 
 
 @pytest.mark.numerics

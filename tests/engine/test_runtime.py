@@ -21,6 +21,32 @@ def test_resolve_device():
         resolve_device("gpu0")
 
 
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch believing it has two CUDA devices (no GPU needed: only the device object is built)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return monkeypatch
+
+
+def test_cuda_means_the_local_ranks_gpu(two_gpus):
+    """Under torchrun every process must get its own GPU: ``cuda`` and ``auto`` read LOCAL_RANK,
+    an explicit index is kept; a rank beyond the GPUs is refused, not piled onto GPU 0."""
+    assert resolve_device("cuda") == torch.device("cuda", 0) == resolve_device("auto")
+    two_gpus.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device("auto")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    two_gpus.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 asks for GPU 2, but torch sees 2"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match=r"'cuda:5' asks for GPU 5"):
+        resolve_device("cuda:5")
+    two_gpus.setenv("LOCAL_RANK", "one")
+    with pytest.raises(ValueError, match="LOCAL_RANK='one' is not an integer"):
+        resolve_device("cuda")
+
+
 def test_resolve_precision():
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("tf32", CPU) == "fp32"  # TF32 is a CUDA tensor-core mode

@@ -535,10 +535,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
             label or method, test.curves, None if val is None else val.curves, test.details,
             datasets["test"].meta, None if val is None else datasets["val"].meta, model.num_classes, info)
         write_evaluation(evaluation, results, report_html)
-    if save_overlays and ctx.is_main:
+    if save_overlays:  # every rank draws the images it evaluated (their maps are on its disk)
         protocol = report.calibrated or report.oracle
         threshold = protocol["max_box_acc"].threshold if "max_box_acc" in protocol else 0.5
-        write_overlays(Path(save_overlays), data, metadata, maps_dir, threshold)
+        share = datasets["test"].image_ids[ctx.rank::ctx.world]  # the ShardSampler's share
+        write_overlays(Path(save_overlays), data, metadata, maps_dir, threshold, image_ids=share)
     return report
 
 
@@ -559,14 +560,16 @@ def protocol_overlay(image, scoremap: np.ndarray, threshold: float, meta, image_
     return heatmap_overlay(image, scoremap, boxes=boxes, gt_boxes=gt)
 
 
-def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: str | Path, threshold: float) -> int:
-    """One PNG per image under ``out`` (``<image_id>.png``): see :func:`protocol_overlay`."""
+def write_overlays(out: Path, data: str | Path, metadata: str | Path, maps_dir: str | Path, threshold: float,
+                   image_ids: Sequence[str] | None = None) -> int:
+    """One PNG per image under ``out`` (``<image_id>.png``): see :func:`protocol_overlay`. Of
+    ``image_ids`` only (a rank's share), or of every image of the split. Returns how many."""
     from mnpo.data.metadata import read_split
     from mnpo.data.transforms import load_image
 
     meta = read_split(metadata)
     written = 0
-    for image_id in meta.image_ids:
+    for image_id in meta.image_ids if image_ids is None else image_ids:
         map_path = Path(maps_dir) / f"{image_id}.npy"
         if not map_path.is_file():
             continue  # skipped image

@@ -15,19 +15,40 @@ import torch.distributed as dist
 from mnpo.engine.config import PRECISIONS
 
 
+def local_rank() -> int:
+    """This process's rank on its node as torchrun sets it (``LOCAL_RANK``); 0 outside torchrun."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK={value!r} is not an integer") from None
+    if rank < 0:
+        raise ValueError(f"LOCAL_RANK={value!r} is negative")
+    return rank
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the local CUDA device when there is one, else the CPU."""
+    """``auto`` -> the local CUDA device when there is one, else the CPU; ``cuda`` (no index) ->
+    the local rank's GPU, ``cuda:LOCAL_RANK`` (``cuda:0`` outside torchrun), so that under
+    torchrun every process gets a GPU of its own; ``cuda:N`` is taken as written."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return device
+    index = local_rank() if device.index is None else device.index
+    count = torch.cuda.device_count()
+    if index >= count:
+        why = f"LOCAL_RANK={index}" if device.index is None else f"{name!r}"
+        raise ValueError(f"device {name!r}: {why} asks for GPU {index}, but torch sees {count} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                         f"{count} processes per node")
+    return torch.device("cuda", index)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -150,21 +171,68 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size())
 
 
-def shutdown_distributed() -> None:
+@contextlib.contextmanager
+def local_main_first(ctx: DistContext, name: str, poll_s: float = 0.05):
+    """Inside: on each node, local rank 0 runs the body first and the node's other ranks after it
+    has finished, so that work with a node-wide cache (ImageNet weights downloaded to the torch
+    hub cache) is done once per node, not by every rank at once. Through the rendezvous store,
+    not a collective, so a long download cannot time out. Nothing on a single process."""
+    if not ctx.enabled:
+        yield
+        return
+    import socket
+
+    store = dist.distributed_c10d._get_default_store()
+    key = f"mnpo/{name}/{socket.gethostname()}"
+    if local_rank() == 0:
+        try:
+            yield
+        finally:  # also when it failed: the others then try, and say why themselves
+            store.set(key, "done")
+        return
+    while not store.check([key]):
+        time.sleep(poll_s)
+    yield
+
+
+#: The store key the ranks count themselves out on (:func:`shutdown_distributed`).
+_LEFT_KEY = "mnpo/ranks-leaving"
+
+
+def shutdown_distributed(poll_s: float = 0.05) -> None:
     """Leave the process group at the end of a run that went well, as PyTorch asks before exit
     (NCCL warns otherwise, and on torch 2.4 a gloo group left standing aborts the interpreter at
     exit): wait for every rank, so that none leaves while another still needs it, then destroy
     the group. Nothing on a single process. Not for error paths: a rank that failed would wait
-    in the barrier for ranks stuck in another collective.
+    for ranks stuck in a collective.
+
+    The wait is on the rendezvous store (each rank adds itself to a counter and polls it), not a
+    collective: rank 0 may still be writing the report, the results file or a checkpoint after
+    the last collective, and a barrier would then time out under NCCL's watchdog (10 minutes by
+    default) on a large split, where the store waits as long as rank 0 needs.
 
     Before torch 2.8 the gloo group's destructor joined its worker threads while holding the
     GIL, and a thread still releasing a finished collective's tensors waited for that GIL: a
     deadlock (about one two-process run in three here on torch 2.4; fixed by pytorch#154976).
-    There the GIL is let go for a moment after the barrier, for the threads to finish.
+    There the GIL is let go for a moment after the wait, for the threads to finish.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    store = dist.distributed_c10d._get_default_store()
+
+    def wait_for(key: str) -> None:
+        store.add(key, 1)
+        while store.add(key, 0) < world:  # add(key, 0) reads the counter
+            time.sleep(poll_s)  # releases the GIL, as the gloo teardown below needs
+
+    wait_for(_LEFT_KEY)
+    # Rank 0 may host the store (env:// without torchrun's agent): it waits once more, until every
+    # rank has read the counter, so that none polls a store that has gone.
+    store.add(_LEFT_KEY + "/read", 1)
+    if rank == 0:
+        while store.add(_LEFT_KEY + "/read", 0) < world:
+            time.sleep(poll_s)
     if dist.get_backend() == "gloo" and not gloo_destroy_is_safe():
         time.sleep(0.1)  # releases the GIL; the threads need microseconds
     dist.destroy_process_group()

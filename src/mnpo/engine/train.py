@@ -42,6 +42,7 @@ from mnpo.engine.runtime import (
     all_reduce_sum,
     autocast,
     init_distributed,
+    local_main_first,
     resolve_device,
     resolve_precision,
     rng_state,
@@ -114,6 +115,21 @@ class EpochStats:
     seconds: float
 
 
+class ForegroundLogits(torch.nn.Module):
+    """fsl's training forward: images ``(B, 3, H, W)`` -> per-pixel foreground logits
+    ``(B, H, W)`` from the main branch's head and the classifier (:func:`foreground_logits`).
+    Its output alone enters the loss, so that DDP sees which parameters the loss reaches."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model(images, return_features=True).features["head"]
+        return foreground_logits(features, self.model.classifier.weight, self.model.classifier.bias,
+                                 tuple(images.shape[-2:]))
+
+
 class Trainer:
     """Train one config. ``fit()`` runs the remaining epochs; ``on_epoch_end`` (tests, tools)
     is called with the epoch number after its checkpoint is written."""
@@ -147,13 +163,20 @@ class Trainer:
         self.best: dict[str, Any] = {"value": -math.inf, "epoch": None}
         if resume:
             self._resume()
-        self.train_model = self.model
+        if self.ctx.enabled and self.device.type == "cuda":  # batch statistics over all ranks
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # what a training step calls: the network, or for fsl its per-pixel foreground logits
+        self.train_model = ForegroundLogits(self.model) if self.foreground else self.model
         if self.ctx.enabled:
-            if self.device.type == "cuda":  # batch statistics over all ranks, as one process would have
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                self.train_model = self.model
+            # fsl's loss reaches the main branch alone: DDP must look for the other branches'
+            # parameters, which get no gradient, or its second step fails
+            unused = self.foreground and len(getattr(self.model, "branches", ())) > 1
+            if unused:
+                log.info("fsl on %d branches: DDP skips the parameters its loss does not reach",
+                         len(self.model.branches))
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
         if cfg.runtime.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -248,7 +271,9 @@ class Trainer:
             layout = dataclasses.replace(layout, acol_threshold=self.cfg.method.acol_threshold)
         if m.large_feature_map:
             layout = dataclasses.replace(layout, large_feature_map=True)
-        return build_model(layout, self.num_classes, pretrained=m.pretrained, imagenet_classifier=m.imagenet_classifier)
+        with local_main_first(self.ctx, "pretrained-weights"):  # one download per node
+            return build_model(layout, self.num_classes, pretrained=m.pretrained,
+                               imagenet_classifier=m.imagenet_classifier)
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
@@ -355,9 +380,7 @@ class Trainer:
             images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)
         with autocast(self.device, self.precision):
             if self.foreground:
-                out = self.train_model(images, return_features=True)
-                pixel_logits = foreground_logits(out.features["head"], self.model.classifier.weight,
-                                                 self.model.classifier.bias, tuple(images.shape[-2:]))
+                pixel_logits = self.train_model(images)
                 loss, accuracy = foreground_loss(pixel_logits, batch["target"].to(self.device, non_blocking=True))
                 return loss, accuracy * len(labels)
             if m.name == "spg":
