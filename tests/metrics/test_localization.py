@@ -9,6 +9,7 @@ from mnpo.metrics.localization import (
     BoxEvaluator,
     MaskCurves,
     MaskEvaluator,
+    Metric,
     calibrated_metrics,
     class_ranks,
     oracle_metrics,
@@ -59,7 +60,9 @@ def test_oracle_metrics_by_hand():
     m = oracle_metrics(_evaluate())
     assert list(m) == ["max_box_acc", "max_box_acc_v2", "gt_known_loc", "top1_loc", "top5_loc"]
     assert m["max_box_acc"].value == 50.0 and m["max_box_acc"].threshold == 0.5
-    assert m["gt_known_loc"] == m["max_box_acc"]
+    # GT-known Loc (spec 6): a correct largest-contour box, whatever the class: a at both
+    # thresholds, b at 0.5 only -> 25% at 0, 50% at 0.5 (the IoU-30 count of max_box_acc_v2 would give 75%).
+    assert m["gt_known_loc"] == Metric(50.0, 0.5)
     assert m["max_box_acc_v2"].value == pytest.approx((75 + 50 + 50) / 3)
     assert m["max_box_acc_v2"].threshold == (0.5, 0.5, 0.5)
     # top-1 is 25% at both thresholds: the first one wins.
@@ -99,8 +102,9 @@ def test_gt_known_equals_max_box_acc_and_matches_a_naive_count():
     assert np.array_equal(curves.largest, naive_largest)
     assert np.array_equal(curves.multi, naive_multi)
     m = oracle_metrics(curves)
-    assert m["gt_known_loc"] == m["max_box_acc"]
-    assert m["max_box_acc"].value == pytest.approx(naive_largest.max() * 100 / 20)
+    best = int(np.argmax(naive_largest))
+    for name in ("max_box_acc", "gt_known_loc"):  # both the naive count's best, at its first argmax
+        assert m[name] == Metric(naive_largest[best] * 100 / 20, t[best]), name
     assert "top1_loc" not in m
 
 
@@ -110,11 +114,13 @@ def test_calibrated_uses_the_val_threshold():
     test = BoxCurves(t, 10, np.array([5, 2, 9]), np.array([[6, 8, 10], [3, 4, 5], [1, 2, 3]]))
     cal = calibrated_metrics(val, test)
     assert cal["max_box_acc"].value == 20.0 and cal["max_box_acc"].threshold == 0.5
+    assert cal["gt_known_loc"] == Metric(20.0, 0.5)  # the largest-contour counts too: val 3 at 0.5, test 2
     # v2: val picks t = 0, 0.5, 0.7 per IoU -> test 60, 40, 30.
     assert cal["max_box_acc_v2"].threshold == (0.0, 0.5, 0.7)
     assert cal["max_box_acc_v2"].value == pytest.approx((60 + 40 + 30) / 3)
     orc = oracle_metrics(test)
     assert orc["max_box_acc"].value == 90.0 and orc["max_box_acc"].threshold == 0.7
+    assert orc["gt_known_loc"] == Metric(90.0, 0.7)
     assert orc["max_box_acc_v2"].value == pytest.approx((100 + 50 + 30) / 3)
 
 
