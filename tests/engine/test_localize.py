@@ -278,7 +278,7 @@ def test_parser_defaults_and_help():
     helps = {a.dest: a.help for a in sub._actions}
     assert set(helps) == {"help", "checkpoint", "images", "out", "method", "threshold", "topk", "batch_size",
                           "device", "no_overlays", "save_maps", "input_size", "ignore_exif", "target_layer",
-                          "chunk_size"}
+                          "chunk_size", "no_resume"}
     assert all(text and len(text) > 20 for text in helps.values())
     assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
     assert sub.description and "localization.json" in sub.description
@@ -402,3 +402,103 @@ def test_exif_orientation_is_applied_first_unless_ignored(model, tmp_path):
     ignored = localize_images(model, paths[::2], threshold=0.3, exif_orientation=False).images
     assert ignored[0].size == (200, 120) and ignored[0].exif_orientation == 1
     assert ignored[0].box == ignored[1].box and np.array_equal(ignored[0].scoremap, ignored[1].scoremap)
+
+
+# ----- streaming (localize_to_folder, `mnpo localize`) -----
+
+
+def test_streamed_folder_equals_the_in_memory_report(model, report, files, tmp_path):
+    """localize_to_folder writes the same JSON, overlays and maps as localize_images + write_localization."""
+    from mnpo.engine.localize import RECORDS_NAME, localize_to_folder
+
+    paths, bad = files
+    kept = write_localization(report, tmp_path / "memory", save_maps=True)
+    seen = []
+    summary = localize_to_folder(model, paths[:2] + [bad] + paths[2:], tmp_path / "stream", save_maps=True,
+                                 on_result=lambda item: seen.append(item.path), threshold=0.3, topk=2,
+                                 class_names=CLASS_NAMES, batch_size=4)
+    assert json.loads(summary.path.read_text()) == json.loads(kept.read_text())
+    assert summary.reused == 0 and sorted(seen) == sorted(paths + [bad])
+    for entry in json.loads(kept.read_text())["images"]:
+        a = np.load(tmp_path / "memory" / entry["map"])
+        b = np.load(tmp_path / "stream" / entry["map"])
+        assert np.array_equal(a, b), entry["path"]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "memory" / entry["overlay"])),
+                              np.asarray(Image.open(tmp_path / "stream" / entry["overlay"])))
+    lines = [json.loads(line) for line in (tmp_path / "stream" / RECORDS_NAME).read_text().splitlines()]
+    assert "settings" in lines[0]
+    assert sorted(line["image"]["path"] for line in lines[1:] if "image" in line) == sorted(paths)
+    assert [line["skipped"]["path"] for line in lines[1:] if "skipped" in line] == [bad]
+
+
+def test_a_rerun_reuses_finished_records_and_redoes_changed_ones(model, files, tmp_path, monkeypatch):
+    from mnpo.engine import localize as loc
+
+    paths, _ = files
+    first = loc.localize_to_folder(model, paths, tmp_path, threshold=0.3, batch_size=2)
+    done = []
+    real = loc._localize_batch
+
+    def counting(model_, batch, opts, keep):
+        done.extend(path for _, path, _ in batch)
+        return real(model_, batch, opts, keep)
+
+    monkeypatch.setattr(loc, "_localize_batch", counting)
+    (tmp_path / (Path(paths[1]).stem + ".png")).unlink()  # its overlay is gone: redone
+    again = loc.localize_to_folder(model, paths, tmp_path, threshold=0.3, batch_size=2)
+    assert done == [paths[1]] and again.reused == len(paths) - 1
+    assert json.loads(again.path.read_text()) == json.loads(first.path.read_text())
+    done.clear()
+    loc.localize_to_folder(model, paths, tmp_path, threshold=0.4, batch_size=2)  # other settings: all redone
+    assert done == paths
+    done.clear()
+    loc.localize_to_folder(model, paths, tmp_path, threshold=0.4, batch_size=2, resume=False)
+    assert done == paths
+    # a line cut short by a kill is dropped, the others kept
+    records = tmp_path / loc.RECORDS_NAME
+    records.write_text(records.read_text() + '{"image": {"path"')
+    done.clear()
+    assert loc.localize_to_folder(model, paths, tmp_path, threshold=0.4, batch_size=2).reused == len(paths)
+    assert done == []
+
+
+def test_streaming_keeps_at_most_one_batch_of_images_alive(model, tmp_path):
+    """Memory does not grow with the count: on 200 large images, the PIL images and full-size
+    maps alive when each result is reported never exceed one batch's."""
+    import gc
+    import weakref
+
+    from mnpo.engine import localize as loc
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(200):
+        pixels = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)
+        path = tmp_path / "in" / f"{k:03d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=80)
+        paths.append(str(path))
+    refs = []
+    real_load = loc.__dict__.get("load_image")
+    from mnpo.data import transforms
+
+    original = transforms.load_image
+
+    def tracked(path, **kw):
+        image = original(path, **kw)
+        refs.append(weakref.ref(image))
+        return image
+
+    most = []
+
+    def on_result(item):
+        gc.collect()
+        most.append(sum(ref() is not None for ref in refs))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transforms, "load_image", tracked)
+        summary = loc.localize_to_folder(model, paths, tmp_path / "out", on_result=on_result, batch_size=8,
+                                         threshold=0.3)
+    assert real_load is None  # imported inside the function, so the patch reaches it
+    assert len(summary.images) == 200 and len(most) == 200
+    assert max(most) <= 8, max(most)
