@@ -143,6 +143,36 @@ def test_constant_colour_maps_to_normalized_constants():
         assert torch.allclose(out[c], torch.full((224, 224), expected[c]), rtol=0, atol=PIXEL_ATOL)
 
 
+def _naive_bilinear(pixels: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """float64 (out_h, out_w, C) from uint8 (H, W, C): the triangle filter ("bilinear" in
+    Pillow's sense), its support widened by the scale when shrinking (anti-aliased), applied to
+    rows then columns, each output pixel the normalized weighted sum over the input pixels
+    whose centres fall within the support of its centre. Written from the definition."""
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        scale = n_in / n_out
+        width = max(scale, 1.0)  # the filter's stretch: 1 when enlarging
+        centres = (np.arange(n_out) + 0.5) * scale  # output pixel centres, in input coordinates
+        x = np.arange(n_in) + 0.5  # input pixel centres
+        w = np.clip(1 - np.abs(x[None, :] - centres[:, None]) / width, 0, None)
+        return w / w.sum(1, keepdims=True)  # (n_out, n_in)
+
+    image = pixels.astype(np.float64)
+    rows = np.einsum("ow,hwc->hoc", weights(image.shape[1], out_w), image)
+    return np.einsum("oh,hwc->owc", weights(image.shape[0], out_h), rows)
+
+
+@pytest.mark.parametrize("size", [(500, 300), (97, 413), (150, 150)])
+def test_localization_transform_is_a_bilinear_resize_by_definition(size):
+    """Against the triangle filter written out, not Pillow's own call: within one grey level,
+    the two 8-bit roundings of a separable 8-bit resize (half a level each)."""
+    image = _noise_image(*size, seed=2)
+    out = localization_transform(224)(image)
+    expected = torch.from_numpy(_naive_bilinear(np.asarray(image), 224, 224) / 255.0).permute(2, 0, 1)
+    expected = ((expected - MEAN.double()) / STD.double()).float()
+    level = 1 / 255 / STD.min().item()  # one grey level, normalized
+    assert (out - expected).abs().max().item() <= level + PIXEL_ATOL
+
+
 @pytest.mark.parametrize("size", [(500, 300), (224, 224), (97, 413)])
 def test_localization_transform_is_bilinear_resize_then_normalize(size):
     image = _noise_image(*size, seed=1)
