@@ -63,7 +63,17 @@ def test_spec_spelling_conv6_0_and_dataparallel_prefix_are_accepted():
 def test_old_files_without_batch_counters():
     ref = randomized(ReleasedLayoutNet(num_classes=3, width=0.125))
     state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
-    convert_released_state_dict(state)
+    model = convert_released_state_dict(state)
+    full = convert_released_state_dict(ref.state_dict())
+    kept = {k: v for k, v in full.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert kept.keys() == {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    for name, value in kept.items():  # every other tensor as with the counters
+        assert torch.equal(model.state_dict()[name], value), name
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():  # and the same network
+        expected = ref.double()(x)[1]
+        torch.testing.assert_close(model.double()(x).logits[1], expected, rtol=0,
+                                   atol=network_bound(model, torch.float64) * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize(

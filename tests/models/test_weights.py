@@ -78,7 +78,16 @@ def test_num_batches_tracked_may_be_absent(tmp_path, resnet_state):
     state = {k: v for k, v in resnet_state.items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "old.pth"
     torch.save(state, path)
-    load_pretrained(build_model("resnet50-mnpo", 2), path)
+    model = build_model("resnet50-mnpo", 2)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if k.endswith("num_batches_tracked")}
+    load_pretrained(model, path)
+    loaded = model.backbone.state_dict()
+    for name, value in state.items():  # every tensor the file has, loaded as it is there
+        if name in loaded:
+            assert torch.equal(loaded[name], value), name
+    assert sum(name in loaded for name in state) == len(loaded) - len(before)  # all but the counters
+    for name, value in before.items():  # the counters the file lacks keep their value
+        assert torch.equal(loaded[name], value), name
 
 
 def test_imagenet_goes_through_torchvision_weights_api(monkeypatch, vgg_state, resnet_state):
