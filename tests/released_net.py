@@ -7,14 +7,27 @@ shared fc). ``forward`` returns both logits and the taps the map references need
 
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
 from mnpo.models.backbones import scale_channels
-from mnpo.models.blocks import Bottleneck
 from mnpo.models.release import RELEASED_CONV_NAMES
 from tiny_models import spread_batchnorm
 
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 POOL_AFTER = {1, 3, 6, 9}  # max-pool after conv1_2, conv2_2, conv3_3, conv4_3 (0-based conv index)
+
+
+def _bottleneck(in_channels: int, width: int, out_channels: int, stride: int = 1) -> nn.Module:
+    """torchvision's ResNet bottleneck (the release's branch blocks are built from it), not
+    mnpo's own: 1x1 -> 3x3 (stride) -> 1x1, out = 4 x width, a 1x1 + BN shortcut when shapes differ."""
+    if out_channels != TorchvisionBottleneck.expansion * width:
+        raise ValueError(f"a torchvision bottleneck gives {TorchvisionBottleneck.expansion} x {width} channels, "
+                         f"not {out_channels}")
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(out_channels))
+    return TorchvisionBottleneck(in_channels, width, stride=stride, downsample=downsample)
 
 
 class ReleasedLayoutNet(nn.Module):
@@ -30,8 +43,8 @@ class ReleasedLayoutNet(nn.Module):
         branch = nn.Module()
         branch.conv1 = nn.Sequential(nn.Conv2d(c(512), c(64), 1, bias=False), nn.BatchNorm2d(c(64)), nn.ReLU())
         branch.conv2 = nn.Sequential(nn.Conv2d(c(512), c(64), 1, bias=False), nn.BatchNorm2d(c(64)), nn.ReLU())
-        branch.layer1 = nn.Sequential(Bottleneck(c(512), c(224), c(896), stride=2))
-        branch.layer2 = nn.Sequential(Bottleneck(c(960), c(240), c(960)))
+        branch.layer1 = nn.Sequential(_bottleneck(c(512), c(224), c(896), stride=2))
+        branch.layer2 = nn.Sequential(_bottleneck(c(960), c(240), c(960)))
         self.branch1_layer = branch
 
     def forward(self, x, return_features=False):
