@@ -83,8 +83,10 @@ def test_evaluate_scores_the_cam_family_under_both_protocols(trained, tmp_path, 
                  "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["info"]["method"] == method and report["info"]["num_images"] == 9
-    for protocol in ("oracle", "calibrated"):
-        assert 0 <= report[protocol]["max_box_acc_v2"]["value"] <= 100
+    oracle, calibrated = (report[p]["max_box_acc_v2"]["value"] for p in ("oracle", "calibrated"))
+    for value in (oracle, calibrated):  # a mean of three counts out of the 9 images, in percent
+        assert value * 27 / 100 == pytest.approx(round(value * 27 / 100), abs=1e-6)
+    assert oracle >= calibrated  # the oracle's thresholds are the test split's best
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +101,10 @@ def test_demo_writes_report_table_and_gallery(demo):
     tmp_path, summary = demo
     assert list(summary["methods"]) == list(DEMO_METHODS)
     for r in summary["methods"].values():
-        assert 0 <= r["oracle"]["max_box_acc"]["value"] <= 100 and 0 <= r["pxap"] <= 100
-        assert r["calibrated"]["max_box_acc"]["value"] <= 100
+        oracle, calibrated = r["oracle"]["max_box_acc"]["value"], r["calibrated"]["max_box_acc"]["value"]
+        for value in (oracle, calibrated):  # a count out of the 2 x 3 test images, in percent
+            assert value * 6 / 100 == pytest.approx(round(value * 6 / 100), abs=1e-6)
+        assert oracle >= calibrated and 0 <= r["pxap"] <= 100
     text = (tmp_path / "report.md").read_text()
     assert all(f"| {m} |" in text for m in DEMO_METHODS)
     from PIL import Image
