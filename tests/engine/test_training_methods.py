@@ -206,7 +206,12 @@ def test_fsl_trains_on_val_and_is_evaluated_calibrated_on_its_holdout(synth, tmp
     assert "classification: none: a foreground model" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["info"]["classification"] is None and "top1_loc" not in report["oracle"]
-    assert 0 <= report["calibrated"]["max_box_acc_v2"]["value"] <= 100
+    n = report["info"]["num_images"]
+    assert n == len(read_split(synth / "metadata" / "test"))
+    oracle, calibrated = (report[p]["max_box_acc_v2"]["value"] for p in ("oracle", "calibrated"))
+    for value in (oracle, calibrated):  # a mean of three counts out of n, in percent
+        assert value * 3 * n / 100 == pytest.approx(round(value * 3 * n / 100), abs=1e-6)
+    assert oracle >= calibrated  # the oracle's thresholds are the test split's best
 
 
 def test_fsl_on_masks_learns_from_the_masks_and_validates_by_pxap(synth, tmp_path):  # noqa: F811
