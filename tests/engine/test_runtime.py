@@ -126,3 +126,21 @@ def test_config_accepts_tf32_and_names_a_bad_precision():
     assert cfg.runtime.precision == "tf32"
     with pytest.raises(ConfigError, match="runtime.precision: 'half'"):
         config_from_dict({"data": data, "runtime": {"precision": "half"}}, source="t")
+
+
+def test_cudnn_autotune_is_on_within_the_block_on_cuda_only():
+    from mnpo.engine.runtime import cudnn_autotune
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with cudnn_autotune(torch.device("cuda", 0)):  # a device object needs no GPU
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(RuntimeError, match="boom"), cudnn_autotune(torch.device("cuda", 0)):
+            raise RuntimeError("boom")
+        assert torch.backends.cudnn.benchmark is False  # restored on an error too
+        with cudnn_autotune(torch.device("cpu")):
+            assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved

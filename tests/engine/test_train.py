@@ -203,3 +203,36 @@ def test_clip_grad_norm_bounds_every_step_and_a_loose_bound_changes_nothing(synt
     assert not all(torch.equal(free[k], tight[k]) for k in free)
     with pytest.raises(ConfigError, match=r"optim.clip_grad_norm: must be > 0 \(or null: off\), got 0"):
         config(synth, tmp_path / "x", optim={"clip_grad_norm": 0})
+
+
+def test_fit_autotunes_cudnn_for_training_epochs_only(synth, tmp_path, monkeypatch):
+    """cudnn.benchmark (through runtime.cudnn_autotune) spans each training epoch, not validation."""
+    import contextlib
+
+    import mnpo.engine.train as train_module
+
+    inside, seen = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        seen.append(device)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(train_module, "cudnn_autotune", recording)
+    trainer = Trainer(config(synth, tmp_path, optim={"epochs": 2, "lr_milestones": [1]}), progress=False)
+    calls = []
+    for name in ("train_epoch", "validate"):
+        real = getattr(trainer, name)
+
+        def wrapped(*args, _real=real, _name=name, **kw):
+            calls.append((_name, bool(inside)))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(trainer, name, wrapped)
+    trainer.fit()
+    assert calls == [("train_epoch", True), ("validate", False)] * 2
+    assert seen == [trainer.device] * 2

@@ -94,6 +94,22 @@ def tf32_enabled(enabled: bool):
             setattr(t, attr, previous)
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device):
+    """``torch.backends.cudnn.benchmark`` on within the block on a CUDA ``device`` (cuDNN times
+    its convolution algorithms for each new input shape and keeps the fastest: training's
+    shapes are fixed, so this pays after the first step), restored on exit; nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def autocast(device: torch.device, precision: str):
     """The context of a pass at a resolved ``precision`` (see :func:`resolve_precision`):
     bf16 autocast, TF32 on (``tf32``) or off (``fp32``) on CUDA, nothing on other devices."""

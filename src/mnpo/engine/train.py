@@ -41,6 +41,7 @@ from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import (
     all_reduce_sum,
     autocast,
+    cudnn_autotune,
     init_distributed,
     local_main_first,
     resolve_device,
@@ -424,7 +425,8 @@ class Trainer:
         last: dict[str, Any] = {}
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
             lrs = [g["lr"] for g in self.optimizer.param_groups]
-            stats = self.train_epoch(epoch)
+            with cudnn_autotune(self.device):  # training's input shapes are fixed; validation keeps the default
+                stats = self.train_epoch(epoch)
             self.scheduler.step()
             values, thresholds = self.validate()
             metric = self.cfg.eval.metric
