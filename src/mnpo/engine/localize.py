@@ -104,15 +104,15 @@ class ImageLocalization:
         """``(W, H)`` of the image."""
         return self.image.size
 
+    def record(self, overlay: str | None = None, map: str | None = None) -> ImageRecord:
+        """What is kept of this result once its files (named ``overlay`` and ``map``) are written."""
+        return ImageRecord(self.path, self.size, self.exif_orientation, self.top_classes, self.box, overlay, map)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "size": list(self.size),
-            "exif_orientation": self.exif_orientation,
-            "top_classes": [{"index": c.index, "name": c.name, "probability": c.probability}
-                            for c in self.top_classes],
-            "box": None if self.box is None else list(self.box),
-        }
+        """The image's entry of ``localization.json`` without the file names."""
+        entry = self.record().to_json()
+        del entry["overlay"]
+        return entry
 
 
 @dataclass(frozen=True)
@@ -521,8 +521,7 @@ def write_localization(report: LocalizeReport, out_dir: str | os.PathLike, overl
     entries = []
     for result, name in zip(report.images, unique_stems([r.path for r in report.images])):
         overlay, map_name = _write_files(result.image, result.scoremap, result.box, name, out, overlays, save_maps)
-        entries.append(ImageRecord(result.path, result.size, result.exif_orientation, result.top_classes,
-                                   result.box, overlay, map_name).to_json())
+        entries.append(result.record(overlay, map_name).to_json())
     path = out / REPORT_NAME
     write_json_atomic(path, _report_json(report.method, report.threshold, entries, report.skipped))
     log.info("wrote %s (%d images, %d skipped)", path, len(entries), len(report.skipped))
