@@ -26,6 +26,7 @@ import torchvision
 from PIL import Image
 
 from mnpo.data.dataset import WSOLDataset
+from mnpo.data.transforms import normalize_batch
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.engine.evaluate import evaluate_model
 from mnpo.engine.runtime import autocast, resolve_device, resolve_precision
@@ -95,7 +96,8 @@ def train_throughput(model, loader, device, precision, steps, loss_fn) -> float:
             start, seen = time.perf_counter(), 0
         if step == 3 + steps:
             break
-        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 from the workers
+        images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, precision):
             loss = loss_fn(model(images), labels)

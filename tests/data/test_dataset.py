@@ -126,10 +126,19 @@ def test_train_items(tiny):
     assert len(data) == 3 and data.image_ids == tuple(IMAGES)
     item = data[2]
     assert set(item) == {"image", "label", "image_id", "index"}
-    assert item["image"].shape == (3, 224, 224) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 224, 224) and item["image"].dtype == torch.uint8  # normalized on the device
     assert (item["label"], item["image_id"], item["index"]) == (1, "cls1/square.png", 2)
     batch = next(iter(DataLoader(data, batch_size=3)))
     assert batch["image"].shape == (3, 3, 224, 224) and batch["label"].tolist() == [0, 0, 1]
+    # the view is the training augmentation's, drawn from the generator the item is given
+    from mnpo.data.transforms import load_image, train_transform
+
+    decoded = load_image(root / "cls1/square.png")
+    for seed in range(3):
+        expected = train_transform()(decoded, torch.Generator().manual_seed(seed))
+        assert torch.equal(data.item(2, torch.Generator().manual_seed(seed))["image"], expected)
+    views = {data.item(2, torch.Generator().manual_seed(s))["image"].sum().item() for s in range(6)}
+    assert len(views) > 1  # the generator is used, not ignored
 
 
 def test_localization_items_are_the_resized_view(tiny):

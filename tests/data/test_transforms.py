@@ -17,6 +17,7 @@ from mnpo.data.transforms import (
     ImageReadError,
     load_image,
     localization_transform,
+    normalize_batch,
     normalize_image,
     ten_crop,
     train_transform,
@@ -243,29 +244,64 @@ def _find_window(out: torch.Tensor, full: torch.Tensor, crop: int) -> tuple[int,
     for flipped, candidate in ((False, out), (True, out.flip(-1))):
         for i in range(size - crop + 1):
             for j in range(size - crop + 1):
-                if torch.allclose(candidate[:, :2, :2], full[:, i:i + 2, j:j + 2], rtol=0, atol=PIXEL_ATOL) and \
-                        torch.allclose(candidate, full[:, i:i + crop, j:j + crop], rtol=0, atol=PIXEL_ATOL):
+                if torch.equal(candidate, full[:, i:i + crop, j:j + crop]):
                     return i, j, flipped
     return None
 
 
-def test_train_transform_is_a_random_window_of_the_resized_image_maybe_mirrored():
+def test_train_transform_is_a_random_uint8_window_of_the_resized_image_maybe_mirrored():
     image = _noise_image(120, 90, seed=4)
     transform = train_transform(crop=24, resize=32)
-    full = _expected_normalized(image.resize((32, 32), Image.BILINEAR))
-    torch.manual_seed(0)
+    full = torch.from_numpy(np.array(image.resize((32, 32), Image.BILINEAR))).permute(2, 0, 1)
     seen = set()
-    for _ in range(30):
-        out = transform(image)
-        assert out.shape == (3, 24, 24) and type(out) is torch.Tensor
+    for k in range(30):
+        out = transform(image, torch.Generator().manual_seed(k))
+        assert out.shape == (3, 24, 24) and out.dtype == torch.uint8 and type(out) is torch.Tensor
         found = _find_window(out, full, 24)
         assert found is not None, "output is not a (mirrored) window of the resized image"
         seen.add(found)
     assert len(seen) > 5  # the offset is random
     assert {f[2] for f in seen} == {False, True}  # and so is the flip
+    # normalized on the device, it is the float pipeline's view of the same window
+    i, j, flipped = found
+    reference = _expected_normalized(image.resize((32, 32), Image.BILINEAR))[:, i:i + 24, j:j + 24]
+    assert torch.allclose(normalize_batch(out), reference.flip(-1) if flipped else reference, rtol=0, atol=PIXEL_ATOL)
 
 
-def test_train_transform_default_shape_and_seeded_determinism():
+def _torchvision_pipeline(crop: int, resize: int, random_resized: bool):
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(crop)] if random_resized else [v2.Resize((resize, resize)), v2.RandomCrop(crop)]
+    return v2.Compose(steps + [v2.RandomHorizontalFlip(), v2.PILToTensor()])
+
+
+@pytest.mark.parametrize("random_resized", [False, True])
+def test_train_transform_draws_what_torchvision_draws_but_from_its_own_generator(random_resized):
+    """torchvision's v2 pipeline is the oracle: seeded alike (its global generator, our per-image
+    generator), the pixels are equal, on shapes that take every branch of RandomResizedCrop
+    (a 5:1 panorama falls back to the central crop more often than not) and RandomCrop's
+    no-room case (crop == resize)."""
+    rng = np.random.default_rng(7)
+    crop, resize = (24, 32) if not random_resized else (40, 1)
+    shapes = [(int(rng.integers(20, 300)), int(rng.integers(20, 300))) for _ in range(40)]
+    shapes += [(500, 100), (100, 500), (40, 40)]
+    ours = train_transform(crop, resize, random_resized=random_resized)
+    reference = _torchvision_pipeline(crop, resize, random_resized)
+    for k, (w, h) in enumerate(shapes):
+        image = _noise_image(w, h, seed=k)
+        torch.manual_seed(k)
+        expected = reference(image)
+        torch.manual_seed(12345)  # ours must not read the global generator
+        out = ours(image, torch.Generator().manual_seed(k))
+        assert torch.equal(out, expected), (w, h)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(12345).get_state())  # nor advance it
+    same = train_transform(24, 24)  # no room to move: only the flip is drawn
+    image = _noise_image(30, 30)
+    torch.manual_seed(3)
+    assert torch.equal(same(image, torch.Generator().manual_seed(3)), _torchvision_pipeline(24, 24, False)(image))
+
+
+def test_train_transform_without_generator_uses_the_global_one():
     image = _noise_image(333, 222, seed=5)
     transform = train_transform()
     torch.manual_seed(1)
@@ -273,18 +309,9 @@ def test_train_transform_default_shape_and_seeded_determinism():
     torch.manual_seed(1)
     b = transform(image)
     assert a.shape == (3, 224, 224) and torch.equal(a, b)
-
-
-@pytest.mark.parametrize("size", [(500, 300), (64, 700), (224, 224)])
-def test_random_resized_option(size):
-    transform = train_transform(random_resized=True)
-    torch.manual_seed(2)
-    out = transform(_noise_image(*size))
-    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-    # still normalized pixel values: within the range a uint8 image can give
-    low = (0 - MEAN) / STD
-    high = (1 - MEAN) / STD
-    assert (out >= low - 1e-4).all() and (out <= high + 1e-4).all()
+    assert torch.equal(a, transform(image, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="expected an RGB image, got mode 'L'"):
+        transform(image.convert("L"))
 
 
 def test_load_truncated_images_setting_is_reported(tmp_path, monkeypatch, caplog):

@@ -136,10 +136,98 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_epoch(synth, tmp
     out = tmp_path / "run"
     Trainer(config(synth, out, optim={"epochs": 1}), progress=False).fit()
     before = (out / "last.pt").read_bytes()
-    with pytest.raises(FloatingPointError, match=r"training diverged: the loss is (nan|inf) at epoch 2, step \d+; "
-                                                 r"lower optim.lr \(now 1e\+30\)"):
+    with pytest.raises(FloatingPointError, match=r"training diverged: the loss is (nan|inf) at epoch 2, step \d+ "
+                                                 r"\(found when steps 1-3 were checked.*lower optim.lr \(now 1e\+30\)"):
         Trainer(config(synth, out, optim={"epochs": 2, "lr": 1e30}), resume=True, progress=False).fit()
     assert (out / "last.pt").read_bytes() == before
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the counting wrapper
+@pytest.mark.parametrize("log_every, steps_taken, checked", [(1, 1, "1-1"), (2, 2, "1-2"), (20, 3, "1-3")])
+def test_the_loss_is_read_once_per_log_interval_and_a_bad_one_stops_at_the_next_read(
+        synth, tmp_path, monkeypatch, log_every, steps_taken, checked):
+    """18 images in batches of 6: 3 steps an epoch. The first step's loss is made NaN: the run
+    goes on until the next read of the device's sums (after ``log_every`` steps or at the
+    epoch's end), then stops naming step 1; the sums are read only there."""
+    from mnpo.engine import train as train_module
+
+    trainer = Trainer(config(synth, tmp_path, runtime={"log_every": log_every}), progress=False)
+    real_loss, real_step, real_read = trainer._batch_loss, trainer.optimizer.step, train_module.StepSums.read
+    taken, reads = [], []
+
+    def poisoned(batch, epoch, step):
+        loss, hits = real_loss(batch, epoch, step)
+        return (loss * float("nan") if step == 0 else loss), hits
+
+    def counting_read(self):
+        reads.append(len(taken))
+        return real_read(self)
+
+    monkeypatch.setattr(trainer, "_batch_loss", poisoned)
+    monkeypatch.setattr(train_module.StepSums, "read", counting_read)
+    trainer.optimizer.step = lambda *a, **k: (taken.append(1), real_step(*a, **k))[1]
+    with pytest.raises(FloatingPointError, match=rf"the loss is nan at epoch 1, step 1 \(found when steps {checked} "
+                                                 rf"were checked, every runtime.log_every = {log_every} steps\)"):
+        trainer.fit()
+    assert len(taken) == steps_taken and reads == [steps_taken]  # one read, after the interval
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_finite_epoch_reads_the_sums_once_per_interval_and_at_its_end(synth, tmp_path, monkeypatch):
+    from mnpo.engine import train as train_module
+
+    real_read, reads = train_module.StepSums.read, []
+    monkeypatch.setattr(train_module.StepSums, "read", lambda self: (reads.append(self.images), real_read(self))[1])
+    trainer = Trainer(config(synth, tmp_path, optim={"epochs": 1}, runtime={"log_every": 2}), progress=False)
+    stats = trainer.train_epoch(0)
+    assert reads == [12, 18]  # after steps 2 and 3 (the end), with the images summed so far
+    assert stats.images == 18 and 0 <= stats.accuracy * 18 / 100 == pytest.approx(round(stats.accuracy * 0.18))
+
+
+def dropout_layout(tmp_path, p=0.5):
+    """vgg16-mnpo at width 1/16 with dropout ``p`` on both heads' inputs and outputs."""
+    import yaml
+
+    from mnpo.models import LAYOUTS
+
+    data = LAYOUTS["vgg16-mnpo"](0.0625).to_dict()
+    for branch in data["branches"]:
+        branch["blocks"][-1].update(input_dropout=p, dropout=p)
+    path = tmp_path / f"dropout-{p}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.numerics
+def test_the_same_weights_with_0_or_2_workers_on_a_layout_with_dropout(synth, tmp_path):
+    """The model's dropout draws from torch's global generator in the main process; the images'
+    draws (crop, flip, HaS's cells) from generators of their own, in whichever process loads
+    them: so 0 and 2 workers give the same weights, bit for bit, over two epochs."""
+    def weights(name, workers, method, p=0.5):
+        out = tmp_path / name
+        Trainer(config(synth, out, data={"workers": workers}, optim={"epochs": 2, "lr_milestones": [1]},
+                       model={"layout": dropout_layout(tmp_path, p)}, method={"name": method}),
+                progress=False).fit()
+        return load_model(out / "last.pt")[0].state_dict()
+
+    for method in ("plain", "has"):
+        single, multi = weights(f"{method}-0", 0, method), weights(f"{method}-2", 2, method)
+        for k in single:
+            assert torch.equal(single[k], multi[k]), (method, k)
+    # the dropout acts (so the test can fail): without it the weights differ
+    without = weights("no-dropout", 0, "has", p=0.0)
+    assert not all(torch.equal(single[k], without[k]) for k in single)
+
+
+def test_one_training_loader_for_the_run(synth, tmp_path, monkeypatch):
+    from mnpo.engine import train as train_module
+
+    built = []
+    real = train_module.training_loader
+    monkeypatch.setattr(train_module, "training_loader", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    trainer = Trainer(config(synth, tmp_path, optim={"epochs": 3}), progress=False)
+    trainer.fit()
+    assert len(built) == 1 and trainer.loader.sampler.epoch == 2  # set to each epoch in turn
 
 
 def test_mask_split_training_validates_by_pxap(synth, tmp_path):

@@ -166,15 +166,20 @@ def test_foreground_targets_by_hand(tmp_path):
 
 
 def test_foreground_loss_ignores_255_and_counts_pixel_accuracy():
-    from mnpo.engine.training_methods import foreground_logits, foreground_loss
+    from mnpo.engine.training_methods import check_foreground_targets, foreground_logits, foreground_loss
 
     logits = torch.tensor([[[2.0, -1.0], [0.5, 3.0]]])
     target = torch.tensor([[[1, 0], [0, 255]]], dtype=torch.uint8)
     loss, accuracy = foreground_loss(logits, target)
     expected = (F.softplus(-torch.tensor(2.0)) + F.softplus(torch.tensor(-1.0)) + F.softplus(torch.tensor(0.5))) / 3
-    assert torch.allclose(loss, expected, rtol=0, atol=1e-6) and accuracy == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="every pixel of the batch is ignored"):
-        foreground_loss(logits, torch.full((1, 2, 2), 255, dtype=torch.uint8))
+    assert torch.allclose(loss, expected, rtol=0, atol=1e-6)
+    assert isinstance(accuracy, torch.Tensor) and float(accuracy) == pytest.approx(2 / 3)  # stays on the device
+    # a foreground pixel with logit 0 is wrong, a background one right (logit > 0 is foreground)
+    _, edge = foreground_loss(torch.zeros(1, 1, 2), torch.tensor([[[1, 0]]], dtype=torch.uint8))
+    assert float(edge) == 0.5
+    check_foreground_targets(target, ["a.png"])  # some pixel to learn from: accepted
+    with pytest.raises(ValueError, match=r"every pixel of the batch is ignored.*\(images a.png, b.png\)"):
+        check_foreground_targets(torch.full((2, 2, 2), 255, dtype=torch.uint8), ["a.png", "b.png"])
     features, w, b = torch.randn(2, 4, 3, 3), torch.randn(1, 4), torch.randn(1)
     same = foreground_logits(features, w, b, (3, 3))  # at its own resolution: a 1x1 convolution
     assert torch.allclose(same, torch.einsum("bchw,c->bhw", features, w[0]) + b, rtol=0, atol=1e-5)

@@ -2,13 +2,15 @@
 
 ``WSOLDataset(image_root, metadata, mode)`` yields one dict per image:
 
-``image``     float32 tensor (3, 224, 224): the mode's view of the image;
+``image``     tensor (3, 224, 224): the mode's view of the image;
 ``label``     int class index;
 ``image_id``  str, the image's relative path (``image_root / image_id``);
 ``index``     int position in the data set.
 
-Mode ``'train'`` uses :func:`~mnpo.data.transforms.train_transform`,
-``'localization'`` :func:`~mnpo.data.transforms.localization_transform`.
+Mode ``'train'`` uses :func:`~mnpo.data.transforms.train_transform`: ``image`` is uint8
+(normalize batches with :func:`~mnpo.data.transforms.normalize_batch`, on the device), drawn
+from the generator given to :meth:`WSOLDataset.item` (torch's global one for ``data[i]``).
+``'localization'`` uses :func:`~mnpo.data.transforms.localization_transform` (float32, normalized).
 Mode ``'evaluate'`` decodes each image once and adds, from the same decoded
 image, ``ten_crop`` (10, 3, 224, 224) (:func:`~mnpo.data.transforms.ten_crop`)
 and, for box sets, ``boxes``: int64 (k, 4) boxes in the 224 x 224 frame,
@@ -175,6 +177,11 @@ class WSOLDataset(Dataset):
         return self.image_root / self.meta.image_ids[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def item(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Item ``index``; a random transform draws from ``generator`` when it takes one
+        (``takes_generator``, as :class:`~mnpo.data.transforms.TrainAugmentation` does)."""
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
@@ -183,6 +190,8 @@ class WSOLDataset(Dataset):
         image = load_image(self.image_root / image_id)
         if self.uint8_views:
             view, source = uint8_views(image, self.crop_size, self.resize_size)
+        elif getattr(self.transform, "takes_generator", False):
+            view = self.transform(image, generator)
         else:
             view = self.transform(image)
         item: dict[str, Any] = {

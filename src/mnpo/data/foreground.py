@@ -2,9 +2,11 @@
 
 ``ForegroundDataset`` yields the image resized straight to ``size x size`` (the evaluation
 view: no crop, so every box stays whole) and its target, both flipped left-right with
-probability 1/2 (torch's global generator: seeded per image by the trainer):
+probability 1/2 (a draw from the generator given to :meth:`ForegroundDataset.item`, torch's
+global one for ``data[i]``):
 
-``image``   float32 (3, S, S), normalized;
+``image``   uint8 (3, S, S) (normalize batches on the device with
+            :func:`~mnpo.data.transforms.normalize_batch`);
 ``target``  uint8 (S, S): 1 foreground, 0 background, 255 ignored;
 ``label``, ``image_id``, ``index`` as in :class:`~mnpo.data.dataset.WSOLDataset`.
 
@@ -22,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from mnpo.data.dataset import resize_boxes
 from mnpo.data.metadata import SplitMetadata
-from mnpo.data.transforms import load_image, localization_transform
+from mnpo.data.transforms import load_image
 
 __all__ = ["ForegroundDataset", "foreground_target"]
 
@@ -68,7 +72,6 @@ class ForegroundDataset(Dataset):
         self.size = int(size)
         self.mask_root = mask_root
         self.flip = flip
-        self.transform = localization_transform(self.size)
 
     @property
     def image_ids(self) -> tuple[str, ...]:
@@ -78,11 +81,15 @@ class ForegroundDataset(Dataset):
         return len(self.meta)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def item(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Item ``index``, flipped by a draw from ``generator`` (when ``flip``)."""
         image_id = self.meta.image_ids[index]
         image = load_image(self.image_root / image_id)
-        view = self.transform(image)
+        view = F.pil_to_tensor(F.resize(image, [self.size, self.size], interpolation=v2.InterpolationMode.BILINEAR))
         target = torch.from_numpy(foreground_target(self.meta, image_id, self.size, self.mask_root, image.size))
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand((), generator=generator) < 0.5:
             view, target = view.flip(-1), target.flip(-1)
         return {"image": view, "target": target, "label": self.meta.labels[image_id], "image_id": image_id,
                 "index": int(index)}

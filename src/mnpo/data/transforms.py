@@ -1,6 +1,6 @@
 """Image decoding and the WSOL protocol transforms (PIL image in, tensor out).
 
-All transforms end in ImageNet normalization: a float32 tensor ``(3, H, W)``
+The evaluation transforms end in ImageNet normalization: a float32 tensor ``(3, H, W)``
 holding ``(v / 255 - mean) / std`` per channel, with
 ``mean = (0.485, 0.456, 0.406)`` and ``std = (0.229, 0.224, 0.225)``.
 Resizing is bilinear on the PIL image (PIL's own, antialiased), as
@@ -8,8 +8,12 @@ Resizing is bilinear on the PIL image (PIL's own, antialiased), as
 
 ``train_transform``
     wsolevaluation's training recipe: ``Resize((256, 256))``,
-    ``RandomCrop(224)``, ``RandomHorizontalFlip()``, to tensor, normalize;
+    ``RandomCrop(224)``, ``RandomHorizontalFlip()``, to tensor;
     or, with ``random_resized=True``, ``RandomResizedCrop(224)`` and the flip.
+    It returns uint8 (a quarter of float32's bytes between processes and to the
+    device), normalized there batch-wise by :func:`normalize_batch`; its draws
+    come from a ``torch.Generator`` passed per image, so they do not depend on
+    the process or on anything else that uses torch's global generator.
 ``localization_transform``
     ``Resize((224, 224))``, to tensor, normalize: the frame in which boxes,
     masks and score maps are compared.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +56,7 @@ __all__ = [
     "normalize_batch",
     "ten_crop",
     "ten_crop_batch",
+    "TrainAugmentation",
     "train_transform",
     "uint8_views",
 ]
@@ -141,24 +147,81 @@ def normalize_image(image: Image.Image) -> torch.Tensor:
     return F.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD)).as_subclass(torch.Tensor)
 
 
-def train_transform(crop: int = 224, resize: int = 256, random_resized: bool = False) -> Transform:
-    """The training augmentation: PIL RGB image -> float32 tensor (3, crop, crop).
+class TrainAugmentation:
+    """The training view: PIL RGB image -> uint8 tensor (3, crop, crop), drawn from ``generator``.
 
     Default (wsolevaluation): ``Resize((resize, resize))``, ``RandomCrop(crop)``,
-    ``RandomHorizontalFlip()``, normalize.  ``random_resized=True``:
-    ``RandomResizedCrop(crop)`` (scale (0.08, 1), ratio (3/4, 4/3)),
-    ``RandomHorizontalFlip()``, normalize; ``resize`` is then unused.
-    Randomness comes from torch's global generator.
+    ``RandomHorizontalFlip()``.  ``random_resized=True``: ``RandomResizedCrop(crop)`` (scale
+    (0.08, 1), ratio (3/4, 4/3), ten tries then the central crop), then the flip; ``resize`` is
+    then unused.  The draws are torchvision's, in its order (crop offsets top then left, each
+    only when there is room; the flip when ``rand() < 0.5``), so with ``generator`` seeded like
+    torch's global generator the pixels equal those of the torchvision v2 pipeline; without
+    ``generator`` they come from the global generator, as torchvision's do.
     """
-    crop = _check_size("crop", crop)
-    resize = _check_size("resize", resize)
-    if random_resized:
-        steps: list[v2.Transform] = [v2.RandomResizedCrop(crop)]
-    else:
-        if crop > resize:
+
+    takes_generator = True  # WSOLDataset passes each item's generator
+
+    def __init__(self, crop: int = 224, resize: int = 256, random_resized: bool = False,
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.crop = _check_size("crop", crop)
+        self.resize = _check_size("resize", resize)
+        if not random_resized and crop > resize:
             raise ValueError(f"crop {crop} is larger than the resized image {resize}")
-        steps = [v2.Resize((resize, resize)), v2.RandomCrop(crop)]
-    return v2.Compose(steps + [v2.RandomHorizontalFlip()] + _to_normalized())
+        if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"scale {scale} and ratio {ratio} must be positive (low, high) pairs")
+        self.random_resized = bool(random_resized)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+
+    def window(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+        """``RandomResizedCrop``'s window ``(top, left, h, w)`` in a ``width x height`` image."""
+        area = height * width
+        log_low, log_high = torch.log(torch.tensor(self.ratio)).tolist()
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(*self.scale, generator=generator).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_low, log_high, generator=generator)).item()  # float32, as torchvision
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+        bilinear = v2.InterpolationMode.BILINEAR
+        if self.random_resized:
+            top, left, h, w = self.window(*image.size, generator)
+            view = F.resized_crop(image, top, left, h, w, [self.crop, self.crop], interpolation=bilinear)
+        else:
+            resized = F.resize(image, [self.resize, self.resize], interpolation=bilinear)
+            room = self.resize - self.crop
+            top = int(torch.randint(0, room + 1, (), generator=generator)) if room else 0
+            left = int(torch.randint(0, room + 1, (), generator=generator)) if room else 0
+            view = F.crop(resized, top, left, self.crop, self.crop)
+        tensor = F.pil_to_tensor(view)
+        if torch.rand(1, generator=generator) < 0.5:
+            tensor = tensor.flip(-1)
+        return tensor
+
+    def __repr__(self) -> str:
+        kind = "random_resized" if self.random_resized else f"resize={self.resize}"
+        return f"TrainAugmentation(crop={self.crop}, {kind})"
+
+
+def train_transform(crop: int = 224, resize: int = 256, random_resized: bool = False) -> TrainAugmentation:
+    """The training augmentation (:class:`TrainAugmentation`): PIL RGB image [, generator] ->
+    uint8 tensor (3, crop, crop); :func:`normalize_batch` makes it the network's input."""
+    return TrainAugmentation(crop, resize, random_resized)
 
 
 def localization_transform(size: int = 224) -> Transform:

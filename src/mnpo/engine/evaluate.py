@@ -54,22 +54,16 @@ class ShardSampler(Sampler[int]):
 
 class SkipUnreadable(torch.utils.data.Dataset):
     """Wraps a data set: an unreadable image becomes ``{"skipped": image_id, "reason": ...}``
-    (the reason names the file).
-
-    ``seed``: when set, each item's random augmentation is drawn from ``(seed, index)`` alone,
-    so it does not depend on the order, the process or the loader worker that draws it.
+    (the reason names the file). (Training has its own, seeded: ``train_input.TrainingItems``.)
     """
 
-    def __init__(self, dataset: WSOLDataset, seed: int | None = None) -> None:
+    def __init__(self, dataset: WSOLDataset) -> None:
         self.dataset = dataset
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if self.seed is not None:
-            torch.manual_seed(self.seed * 1_000_003 + int(index))
         try:
             return self.dataset[index]
         except ImageReadError as err:

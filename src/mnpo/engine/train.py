@@ -6,10 +6,19 @@ The run folder (``runtime.out``) holds ``config.yaml``, ``metrics.csv`` (one row
 ``tensorboard/`` (when the ``tensorboard`` package is installed), ``last.pt`` (written after
 every epoch, with the optimizer, scheduler and RNG states) and ``best.pt`` (the epoch with the
 best ``eval.metric`` on val). ``resume=True`` continues from ``last.pt``: every epoch draws its
-data order from ``(seed, epoch)`` and each image's augmentation from ``(seed, epoch, index)``,
-so a resumed run ends with the same weights as one never interrupted, with any number of
-loader workers (on the CPU; GPU kernels may not be deterministic), and W data-parallel
-processes see exactly the batches of one process.
+data order from ``(seed, epoch)`` and each image's augmentation from a generator seeded by
+``(seed, epoch, index)`` (:mod:`mnpo.engine.train_input`), and the model's own randomness
+(dropout) from torch's global generator, seeded once and saved with the run, so a resumed run
+ends with the same weights as one never interrupted, with any number of loader workers (on the
+CPU; GPU kernels may not be deterministic), and W data-parallel processes see exactly the
+batches of one process.
+
+The input pipeline is built for a GPU: one loader for the run with persistent workers, uint8
+images from the workers (pinned on CUDA), normalized on the device; the loss, accuracy and
+finiteness of the steps are summed on the device and read once every ``runtime.log_every``
+steps and at the epoch's end, so a step does not wait for the host (a diverged loss stops the
+run at the next read, naming the first step whose loss was not finite); ``cudnn.benchmark``
+is on for the training epochs.
 """
 
 from __future__ import annotations
@@ -27,8 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.transforms import v2
 
 from mnpo.data.dataset import WSOLDataset, subsample_per_class
 from mnpo.data.foreground import ForegroundDataset
@@ -36,7 +43,7 @@ from mnpo.data.make_metadata import CLASS_NAMES, AnnotationError, read_class_nam
 from mnpo.data.metadata import read_split, write_split
 from mnpo.data.transforms import train_transform
 from mnpo.engine.config import ConfigError, TrainConfig
-from mnpo.engine.evaluate import SkipUnreadable, collate_skipping, evaluate_model
+from mnpo.engine.evaluate import evaluate_model
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import (
     all_reduce_sum,
@@ -50,9 +57,11 @@ from mnpo.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
+from mnpo.engine.train_input import EpochSampler, TrainingItems, device_images, training_loader
 from mnpo.engine.training_methods import (
     HideAndSeek,
     attach_adl,
+    check_foreground_targets,
     cutmix_batch,
     foreground_logits,
     foreground_loss,
@@ -107,6 +116,31 @@ def wsol_loss(logits: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.T
     return sum(F.cross_entropy(l.float(), labels) for l in logits)
 
 
+class StepSums:
+    """The epoch's loss x images, hits and first non-finite loss, summed on the device: adding a
+    step costs no host sync; :meth:`read` syncs once (every ``log_every`` steps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.sums = torch.zeros(2, dtype=dtype, device=device)  # loss * images, hits
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+        self.bad_loss = torch.zeros((), dtype=dtype, device=device)
+        self.images = 0  # known on the host from the batches
+
+    def add(self, step: int, loss: torch.Tensor, hits: torch.Tensor, images: int) -> None:
+        loss = loss.detach().to(self.sums.dtype)
+        self.sums += torch.stack([loss * images, hits.detach().to(self.sums.dtype)])
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step.masked_fill_(first, step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.images += images
+
+    def read(self) -> tuple[float, float, int, float]:
+        """``(loss x images, hits, first non-finite step or -1, its loss)``: one transfer."""
+        values = torch.cat([self.sums, self.bad_loss[None], self.bad_step[None].to(self.sums.dtype)]).tolist()
+        return values[0], values[1], int(values[3]), values[2]
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -147,6 +181,10 @@ class Trainer:
         self._check_data()
         self.class_names = self._class_names()
         self.train_set, self.val_set = self._datasets()
+        m = cfg.method
+        # HaS: cells drawn with each image in the loader, hidden on the device after normalization
+        self.hide = HideAndSeek(m.has_grid_size, m.has_drop_rate) if m.name == "has" else None
+        self.loader = None  # the run's one training loader (_loader)
         self._check_metric()
         self.foreground = cfg.method.name == "fsl"
         self.num_classes = 1 if self.foreground else (self._num_classes() or self.train_set.meta.num_classes)
@@ -236,8 +274,6 @@ class Trainer:
         train_meta = read_split(meta / "train", self._num_classes())
         transform = train_transform(d.crop_size, d.resize_size, random_resized=d.random_resized)
         m = self.cfg.method
-        if m.name == "has":  # drawn per image after its augmentation, from the image's seeded generator
-            transform = v2.Compose([transform, HideAndSeek(m.has_grid_size, m.has_drop_rate)])
         train = WSOLDataset(d.root, train_meta, "train", transform, crop_size=d.crop_size,
                             resize_size=d.resize_size)
         val = WSOLDataset(d.root, meta / "val", "evaluate", num_per_class=d.val_per_class,
@@ -310,66 +346,73 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------
 
-    def _loader(self, epoch: int) -> DataLoader:
-        """The epoch's batches. The order is ``randperm(n)`` seeded by ``(seed, epoch)`` and every
-        image's augmentation is seeded by ``(seed, epoch, index)``; rank ``r`` of ``W`` takes
-        ``perm[r::W]``, so the W ranks' k-th batches together are exactly the k-th batch a single
-        process draws (with ``W`` times the per-rank batch)."""
-        epoch_seed = self.cfg.runtime.seed * 100003 + epoch
-        dataset = SkipUnreadable(self.train_set, seed=epoch_seed)
-        sampler = DistributedSampler(dataset, self.ctx.world, self.ctx.rank, shuffle=True,
-                                     seed=self.cfg.runtime.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=self.cfg.optim.batch_size // self.ctx.world, sampler=sampler,
-                          num_workers=self.cfg.data.workers, collate_fn=collate_skipping(torch.utils.data.default_collate),
-                          pin_memory=self.device.type == "cuda", drop_last=False, persistent_workers=False)
+    def _loader(self, epoch: int):
+        """The run's one loader (:func:`~mnpo.engine.train_input.training_loader`), set to ``epoch``."""
+        if self.loader is None:
+            seed = self.cfg.runtime.seed
+            sampler = EpochSampler(len(self.train_set), self.ctx.world, self.ctx.rank, seed)
+            items = TrainingItems(self.train_set, seed, hide=self.hide)
+            self.loader = training_loader(items, sampler, self.cfg.optim.batch_size // self.ctx.world,
+                                          self.cfg.data.workers, self.device, seed)
+        self.loader.sampler.set_epoch(epoch)
+        return self.loader
 
     def train_epoch(self, epoch: int) -> EpochStats:
         self.train_model.train()
         loader = self._loader(epoch)
-        total_loss = correct = seen = skipped = 0
+        sums = StepSums(self.device)
+        skipped = 0
+        checked = 0  # steps before this one were read and were finite
         start = time.perf_counter()
         bar = None
         if self.progress and self.ctx.is_main:
             from tqdm import tqdm
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="batch", dynamic_ncols=True)
+        log_every = self.cfg.runtime.log_every
+        step = -1
         for step, batch in enumerate(bar or loader):
             skipped += len(batch["skipped"])
-            if "image" not in batch:
-                continue
-            loss, hits = self._batch_loss(batch, epoch, step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
-                    f"lower optim.lr (now {self.cfg.optim.lr}) or set optim.clip_grad_norm, and resume or "
-                    "restart (last.pt keeps the last finished epoch)")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.optim.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
-            self.optimizer.step()
-            n = len(batch["label"])
-            total_loss += float(loss.detach()) * n
-            correct += hits
-            seen += n
-            if bar is not None and (step % self.cfg.runtime.log_every == 0):
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.1f}",
-                                img_s=f"{seen * self.ctx.world / max(elapsed, 1e-9):.0f}")
+            if "image" in batch:
+                loss, hits = self._batch_loss(batch, epoch, step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.optim.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+                self.optimizer.step()
+                sums.add(step, loss, hits, len(batch["label"]))
+            if (step + 1) % log_every == 0:
+                total_loss, correct, _, _ = self._check_finite(sums, epoch, checked, step)
+                checked = step + 1
+                if bar is not None and sums.images:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{total_loss / sums.images:.4f}", acc=f"{100 * correct / sums.images:.1f}",
+                                    img_s=f"{sums.images * self.ctx.world / max(elapsed, 1e-9):.0f}")
+        total_loss, correct, _, _ = self._check_finite(sums, epoch, checked, step)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
         total_loss, correct, seen, skipped = all_reduce_sum(
-            np.array([total_loss, correct, seen, skipped], np.float64), self.ctx).tolist()
+            np.array([total_loss, correct, sums.images, skipped], np.float64), self.ctx).tolist()
         seen, skipped = int(seen), int(skipped)
         return EpochStats(total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, skipped, seconds)
 
-    def _batch_loss(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, float]:
+    def _check_finite(self, sums: StepSums, epoch: int, first: int, last: int) -> tuple[float, float, int, float]:
+        """Read the sums; stop the run if a loss among steps ``first..last`` (0-based) was not finite."""
+        values = sums.read()
+        bad_step, bad_loss = values[2], values[3]
+        if bad_step >= 0:
+            raise FloatingPointError(
+                f"training diverged: the loss is {bad_loss} at epoch {epoch + 1}, step {bad_step + 1} (found when "
+                f"steps {first + 1}-{last + 1} were checked, every runtime.log_every = {self.cfg.runtime.log_every} "
+                f"steps); lower optim.lr (now {self.cfg.optim.lr}) or set optim.clip_grad_norm, and resume or "
+                "restart (last.pt keeps the last finished epoch)")
+        return values
+
+    def _batch_loss(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training method's loss on one batch, and its hits: images classified right, or for
-        ``fsl`` the batch's images times the fraction of pixels classified right."""
-        images = batch["image"].to(self.device, non_blocking=True)
-        if self.cfg.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        ``fsl`` the batch's images times the fraction of pixels classified right (0-dim tensors on
+        the device)."""
+        images = device_images(batch, self.device, self.hide, self.cfg.runtime.channels_last)
         labels = batch["label"].to(self.device, non_blocking=True)
         m = self.cfg.method
         partner_labels, lam = None, 1.0
@@ -381,6 +424,7 @@ class Trainer:
             images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)
         with autocast(self.device, self.precision):
             if self.foreground:
+                check_foreground_targets(batch["target"], batch["image_id"])  # on the host: no sync
                 pixel_logits = self.train_model(images)
                 loss, accuracy = foreground_loss(pixel_logits, batch["target"].to(self.device, non_blocking=True))
                 return loss, accuracy * len(labels)
@@ -396,7 +440,7 @@ class Trainer:
                 logits = self.train_model(images).logits
                 loss = (wsol_loss(logits, labels) if partner_labels is None
                         else mixed_loss(logits, labels, partner_labels, lam))
-        return loss, int((logits[0].argmax(1) == labels).sum())
+        return loss, (logits[0].argmax(1) == labels).sum()
 
     def validate(self) -> tuple[dict[str, float], dict[str, Any]]:
         """Oracle metrics on val (per-epoch selection) and the classification accuracy."""

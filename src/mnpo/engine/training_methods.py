@@ -96,13 +96,20 @@ class HideAndSeek:
         rows, cols = math.ceil(height / self.grid), math.ceil(width / self.grid)
         return torch.rand(rows, cols, generator=generator) <= self.drop_rate
 
+    def hide(self, images: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Zero the ``cells`` (bool ``(..., rows, cols)``, from :meth:`hidden_cells`) of normalized
+        ``images`` ``(..., C, H, W)``: one image or a batch (the trainer draws the cells with each
+        image in the loader and hides them on the device, after normalization)."""
+        if self.grid == 0:
+            return images
+        height, width = images.shape[-2:]
+        pixels = cells.repeat_interleave(self.grid, -2).repeat_interleave(self.grid, -1)[..., :height, :width]
+        return images.masked_fill(pixels.to(images.device).unsqueeze(-3), 0.0)
+
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.grid == 0:
             return image
-        height, width = image.shape[-2:]
-        cells = self.hidden_cells(height, width, generator)
-        pixels = cells.repeat_interleave(self.grid, 0).repeat_interleave(self.grid, 1)[:height, :width]
-        return image.masked_fill(pixels.to(image.device), 0.0)
+        return self.hide(image, self.hidden_cells(*image.shape[-2:], generator))
 
     def __repr__(self) -> str:
         return f"HideAndSeek(grid={self.grid}, drop_rate={self.drop_rate})"
@@ -164,18 +171,29 @@ def foreground_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+def check_foreground_targets(target: torch.Tensor, image_ids) -> None:
+    """Refuse a batch whose every pixel is ignored (255): there is nothing to learn from it.
+    Called on the loader's (host) targets, so that the check costs the device no sync."""
+    if not (target != 255).any():
+        raise ValueError(f"every pixel of the batch is ignored: no foreground target to learn "
+                         f"(images {', '.join(map(str, image_ids))})")
+
+
+def foreground_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean BCE over the pixels that are not ignored (target 255), and the fraction of them
-    classified right (logit > 0 on the foreground, <= 0 on the background).
+    classified right (logit > 0 on the foreground, <= 0 on the background), both 0-dim tensors
+    on the logits' device: masked sums, no host sync. A batch with every pixel ignored gives
+    NaN (:func:`check_foreground_targets` refuses it beforehand).
 
     logits: float (B, H, W); target: uint8 (B, H, W) of 1 / 0 / 255.
     """
-    valid = target != 255
-    if not valid.any():
-        raise ValueError("every pixel of the batch is ignored: no foreground target to learn")
-    x, t = logits[valid].float(), target[valid].float()
-    accuracy = float(((x > 0).float() == t).float().mean())
-    return F.binary_cross_entropy_with_logits(x, t), accuracy
+    valid = (target != 255).float()
+    foreground = (target == 1).float()
+    x = logits.float()
+    count = valid.sum()
+    loss = (F.binary_cross_entropy_with_logits(x, foreground, reduction="none") * valid).sum() / count
+    right = ((x > 0).float() == foreground).float() * valid
+    return loss, right.sum() / count
 
 
 def adl(x: torch.Tensor, drop_rate: float, threshold: float, generator: torch.Generator | None = None) -> torch.Tensor:
