@@ -219,9 +219,21 @@ def test_evaluate_a_mask_split_gives_pxap(trained, tmp_path):
     assert main(["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
                  "--metadata", str(data / "metadata-masks" / "test"),
                  "--val-metadata", str(data / "metadata-masks" / "val"), "--mask-root", str(data / "masks"),
-                 "--input-size", "48", "--workers", "0", "--method", "mnpo", "--json", str(tmp_path / "m.json")]) == 0
+                 "--input-size", "48", "--workers", "0", "--method", "mnpo", "--json", str(tmp_path / "m.json"),
+                 "--save-maps", str(tmp_path / "maps")]) == 0
     report = json.loads((tmp_path / "m.json").read_text())
-    assert list(report["oracle"]) == ["pxap"] and 0 <= report["oracle"]["pxap"]["value"] <= 100
+    assert list(report["oracle"]) == ["pxap"]
+    # the definition on the saved maps and the masks, in the protocol's 224 frame
+    from metrics.reference import naive_pxap
+
+    from mnpo.data.metadata import read_split
+    from mnpo.metrics.boxes import cam_thresholds
+    from mnpo.metrics.masks import load_gt_mask
+
+    meta = read_split(data / "metadata-masks" / "test")
+    maps = [np.load(tmp_path / "maps" / f"{i}.npy") for i in meta.image_ids]
+    gt = [load_gt_mask(data / "masks", meta.mask_paths[i], meta.ignore_paths[i], 224) for i in meta.image_ids]
+    assert report["oracle"]["pxap"]["value"] == pytest.approx(naive_pxap(maps, gt, cam_thresholds(0.01)), rel=1e-9)
     assert report["calibrated"]["pxap"] == report["oracle"]["pxap"]  # PxAP needs no threshold
 
 

@@ -8,6 +8,7 @@ import pytest
 from mnpo.cli import main
 from mnpo.data.metadata import read_split
 from mnpo.engine.evaluate_maps import MapFileError, evaluate_map_folders, load_map
+from mnpo.metrics.boxes import cam_thresholds
 from mnpo.metrics.localization import BoxEvaluator, oracle_metrics
 
 
@@ -105,6 +106,15 @@ def test_synthetic_set_end_to_end(tmp_path):
                  "--json", str(out)]) == 0
     pxap = json.loads(out.read_text())["oracle"]["pxap"]
     assert pxap["threshold"] is None and 80 <= pxap["value"] <= 100
+    from metrics.reference import naive_pxap
+
+    from mnpo.metrics.masks import load_gt_mask
+
+    masks_meta = read_split(data / "metadata-masks" / "test")
+    maps = [np.load(tmp_path / "maps" / "test" / f"{i}.npy") for i in masks_meta.image_ids]
+    gt = [load_gt_mask(data / "masks", masks_meta.mask_paths[i], masks_meta.ignore_paths[i], 224)
+          for i in masks_meta.image_ids]
+    assert pxap["value"] == pytest.approx(naive_pxap(maps, gt, cam_thresholds(0.01)), rel=1e-9)
 
 
 @pytest.mark.parametrize("make, msg", [

@@ -164,6 +164,23 @@ def test_pxap_by_hand():
         pxap_from_histograms([0, 0, 0, 0], [1, 1, 0, 0])
 
 
+def test_naive_pxap_reference_by_hand_and_against_the_evaluator():
+    """The engine tests' naive PxAP (tests/metrics/reference.py): the hand cases above, then
+    random maps with ignored pixels against MaskEvaluator at the 0.01 grid."""
+    from metrics.reference import naive_pxap
+
+    assert naive_pxap([np.array([0.9, 0.2, 0.6, 0.1])], [np.array([1, 1, 0, 0])], T) == pytest.approx(50.0)
+    assert naive_pxap([np.array([0.9, 0.7, 0.6, 0.1])], [np.array([1, 1, 0, 0])], T) == pytest.approx(200 / 3)
+    rng = np.random.default_rng(3)
+    masks = {f"m{k}": rng.choice(np.array([0, 1, 255], np.uint8), size=(6, 6), p=[0.5, 0.4, 0.1]) for k in range(4)}
+    maps = {k: rng.random((6, 6)) for k in masks}
+    maps["m0"][0, :3] = [0.0, 1.0, 0.5]  # the edges themselves
+    ev = MaskEvaluator(masks.__getitem__, masks, thresholds=cam_thresholds(0.01), image_size=6, workers=1)
+    ev.update(np.stack(list(maps.values())), list(maps))
+    expected = naive_pxap(list(maps.values()), list(masks.values()), cam_thresholds(0.01))
+    assert oracle_metrics(ev.compute())["pxap"].value == pytest.approx(expected, rel=1e-12)
+
+
 def test_mask_evaluator_by_hand_with_ignored_pixels():
     masks = {"x": np.array([[1, 0], [0, 255]], np.uint8), "y": np.array([[1, 0], [255, 255]], np.uint8)}
     maps = {"x": np.array([[0.9, 0.6], [0.1, 0.95]]), "y": np.array([[0.7, 0.1], [1.0, 0.0]])}
