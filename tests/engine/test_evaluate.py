@@ -47,6 +47,26 @@ def test_dataset_uint8_items(data):
 
 
 @pytest.mark.numerics
+def test_without_ten_crop_the_items_carry_only_the_view_and_score_the_same_maps(data):
+    """ten_crop=False (training's validation): no ten-crop source is made; the view is the same
+    and so are the localization curves of the 224-view evaluation; asking such a data set
+    for ten-crop classification is refused."""
+    args = (data / "images", data / "metadata" / "test", "evaluate")
+    for uint8 in (True, False):
+        full = WSOLDataset(*args, crop_size=48, resize_size=55, uint8_views=uint8)
+        light = WSOLDataset(*args, crop_size=48, resize_size=55, uint8_views=uint8, ten_crop=False)
+        a, b = full[1], light[1]
+        assert "ten_crop_source" not in b and "ten_crop" not in b and set(a) - set(b)
+        assert torch.equal(a["image"], b["image"]) and np.array_equal(a["boxes"], b["boxes"])
+    common = dict(thresholds=cam_thresholds(0.01), method="mnpo", batch_size=5, ten_crop=False)
+    x = evaluate_model(tiny_vgg_mnpo(), full, **common)
+    y = evaluate_model(tiny_vgg_mnpo(), light, **common)
+    assert np.array_equal(x.curves.largest, y.curves.largest) and x.top1_correct == y.top1_correct
+    with pytest.raises(ValueError, match="the data set makes no ten crops"):
+        evaluate_model(tiny_vgg_mnpo(), light, thresholds=cam_thresholds(0.1), batch_size=5)
+
+
+@pytest.mark.numerics
 def test_channels_last_and_crop_chunks_do_not_change_the_evaluation(data):
     ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55,
                      uint8_views=True)

@@ -12,7 +12,8 @@ Mode ``'train'`` uses :func:`~mnpo.data.transforms.train_transform`: ``image`` i
 from the generator given to :meth:`WSOLDataset.item` (torch's global one for ``data[i]``).
 ``'localization'`` uses :func:`~mnpo.data.transforms.localization_transform` (float32, normalized).
 Mode ``'evaluate'`` decodes each image once and adds, from the same decoded
-image, ``ten_crop`` (10, 3, 224, 224) (:func:`~mnpo.data.transforms.ten_crop`)
+image, ``ten_crop`` (10, 3, 224, 224) (:func:`~mnpo.data.transforms.ten_crop`;
+``ten_crop_source`` uint8 (3, 256, 256) with ``uint8_views``; neither with ``ten_crop=False``)
 and, for box sets, ``boxes``: int64 (k, 4) boxes in the 224 x 224 frame,
 resized as wsolevaluation does (:func:`resize_boxes`) from the size in
 ``image_sizes.txt`` (the original image size; the file on disk may have been
@@ -122,6 +123,10 @@ class WSOLDataset(Dataset):
         crop_size: side of ``image``, ``ten_crop`` crops and the box frame (224).
         resize_size: side of the square resize before cropping (256).
         random_resized: training view by ``RandomResizedCrop`` instead.
+        uint8_views: ``'evaluate'`` mode: ``image`` and the ten-crop source as uint8
+            (:func:`~mnpo.data.transforms.uint8_views`), normalized and cropped on the device.
+        ten_crop: ``'evaluate'`` mode: also make the ten crops (or their source); off when
+            only the 224 view is scored (training's validation), which halves the resizing.
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class WSOLDataset(Dataset):
         resize_size: int = 256,
         random_resized: bool = False,
         uint8_views: bool = False,
+        ten_crop: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -158,6 +164,7 @@ class WSOLDataset(Dataset):
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.uint8_views = uint8_views
+        self.ten_crop = bool(ten_crop)
         if transform is None:
             if mode == "train":
                 transform = train_transform(crop_size, resize_size, random_resized=random_resized)
@@ -188,8 +195,10 @@ class WSOLDataset(Dataset):
         index %= len(self)
         image_id = self.meta.image_ids[index]
         image = load_image(self.image_root / image_id)
-        if self.uint8_views:
+        if self.uint8_views and self.ten_crop:
             view, source = uint8_views(image, self.crop_size, self.resize_size)
+        elif self.uint8_views:
+            view = uint8_views(image, self.crop_size, None)
         elif getattr(self.transform, "takes_generator", False):
             view = self.transform(image, generator)
         else:
@@ -202,9 +211,9 @@ class WSOLDataset(Dataset):
         }
         if self.mode != "evaluate":
             return item
-        if self.uint8_views:
+        if self.ten_crop and self.uint8_views:
             item["ten_crop_source"] = source
-        else:
+        elif self.ten_crop:
             item["ten_crop"] = ten_crop(image, self.resize_size, self.crop_size)
         meta = self.meta
         if meta.boxes is not None:

@@ -121,7 +121,7 @@ def to_rgb8(image: Image.Image, bits: int, data: bytes | None = None, where: str
         if data is None:
             raise ValueError(f"{where}: a 16-bit colour image needs the file's bytes to keep its low bytes")
         return Image.fromarray(np.ascontiguousarray(_scaled_16(_wide_colour(data, where))), "RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 def mask_pixels(image: Image.Image, bits: int, data: bytes | None = None, where: str = "mask") -> np.ndarray:

@@ -249,23 +249,26 @@ def ten_crop(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Te
     return torch.stack(F.ten_crop(tensor, [crop, crop]))
 
 
-def uint8_views(image: Image.Image, crop: int = 224, resize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def uint8_views(image: Image.Image, crop: int = 224, resize: int | None = 256):
     """Both evaluation views of one decoded image, resized but not normalized, as uint8.
 
-    Returns the localization view (3, crop, crop) and the ten-crop source (3, resize, resize):
+    Returns the localization view (3, crop, crop) and the ten-crop source (3, resize, resize)
+    (``resize=None``: the view alone, no tuple):
     the same PIL resizes as :func:`localization_transform` and :func:`ten_crop`, so that
     :func:`normalize_batch` and :func:`ten_crop_batch` on them give those functions' tensors
     exactly. 200 KB per image instead of 6.6 MB of float crops: cheap to make, to pass
     between processes and to copy to a GPU, where the rest happens batched.
     """
     crop = _check_size("crop", crop)
-    resize = _check_size("resize", resize)
-    if crop > resize:
-        raise ValueError(f"crop {crop} is larger than the resized image {resize}")
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
     bilinear = v2.InterpolationMode.BILINEAR
     view = F.pil_to_tensor(F.resize(image, [crop, crop], interpolation=bilinear))
+    if resize is None:
+        return view
+    resize = _check_size("resize", resize)
+    if crop > resize:
+        raise ValueError(f"crop {crop} is larger than the resized image {resize}")
     source = F.pil_to_tensor(F.resize(image, [resize, resize], interpolation=bilinear))
     return view, source
 

@@ -368,8 +368,11 @@ def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: E
         if "ten_crop_source" in batch:
             sources = normalize_batch(batch["ten_crop_source"].to(device, non_blocking=True))
             crops = ten_crop_batch(sources, images.shape[-1])
-        else:
+        elif "ten_crop" in batch:
             crops = batch["ten_crop"].to(device, non_blocking=True)
+        else:
+            raise ValueError("ten-crop classification asked for, but the data set makes no ten crops "
+                             "(WSOLDataset(..., ten_crop=False)); pass ten_crop=False to the evaluation too")
         with autocast(device, settings.precision):
             logits = ten_crop_logits(model, crops, settings.batch_size, settings.channels_last).float().mean(1)
     ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
@@ -494,7 +497,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     def split(name, meta_dir, maps_to):
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=None if foreground else model.num_classes,
                               mask_root=mask_root,
-                              crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True)
+                              crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True,
+                              ten_crop=settings.ten_crop)
         datasets[name] = dataset
         state_file = None
         if state_dir is not None:

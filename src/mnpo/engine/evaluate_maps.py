@@ -257,7 +257,7 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
     if details:
         from mnpo.data.dataset import WSOLDataset
 
-        images = WSOLDataset(data, meta, "evaluate", mask_root=mask_root, uint8_views=True)
+        images = WSOLDataset(data, meta, "evaluate", mask_root=mask_root, uint8_views=True, ten_crop=False)
     test, test_details = _score_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
                                       workers=workers, progress=progress, images=images, gallery_size=gallery_size)
     val = vmeta = None

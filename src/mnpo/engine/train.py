@@ -279,7 +279,7 @@ class Trainer:
         val = WSOLDataset(d.root, meta / "val", "evaluate", num_per_class=d.val_per_class,
                           num_classes=self._num_classes() or train_meta.num_classes, mask_root=d.mask_root,
                           crop_size=d.crop_size, resize_size=d.resize_size, seed=self.cfg.runtime.seed,
-                          uint8_views=True)
+                          uint8_views=True, ten_crop=False)
         return train, val
 
     def _fsl_datasets(self) -> tuple[ForegroundDataset, WSOLDataset]:
@@ -298,7 +298,7 @@ class Trainer:
         log.info("fsl: training on %d val images, choosing on %d held out", len(train), len(holdout))
         train_set = ForegroundDataset(d.root, train, size=d.crop_size, mask_root=d.mask_root)
         val_set = WSOLDataset(d.root, holdout, "evaluate", mask_root=d.mask_root, crop_size=d.crop_size,
-                              resize_size=d.resize_size, uint8_views=True)
+                              resize_size=d.resize_size, uint8_views=True, ten_crop=False)
         return train_set, val_set
 
     def _model(self) -> torch.nn.Module:
