@@ -31,6 +31,7 @@ from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.engine.evaluate import evaluate_model
 from mnpo.engine.runtime import autocast, resolve_device, resolve_precision
 from mnpo.engine.train import wsol_loss
+from mnpo.engine.train_input import EpochSampler, TrainingItems, training_loader
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import build_model
 from machine_info import device_summary
@@ -86,8 +87,12 @@ def train_throughput(model, loader, device, precision, steps, loss_fn) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def batches():
+        epoch = 0
         while True:
-            yield from loader
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            yield from (b for b in loader if "image" in b)
+            epoch += 1
 
     seen, start = 0, 0.0
     for step, batch in enumerate(batches()):
@@ -158,10 +163,11 @@ def main() -> None:
             print(f"| `mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics) | {rate:.1f} "
                   f"| - | {peak(device)} |", flush=True)  # each row as soon as it is measured
 
+    # the training run's own input pipeline (mnpo.engine.train_input): one loader, persistent
+    # workers, uint8 batches pinned on CUDA, per-image generators; so the rows time loader + step
     train = WSOLDataset(root / "images", root / "metadata" / "train", "train")
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=args.workers > 0)
+    sampler = EpochSampler(len(train), 1, 0, seed=0)
+    loader = training_loader(TrainingItems(train, seed=0), sampler, args.batch, args.workers, device, seed=0)
     peak_reset(device)
     plain = torchvision.models.vgg16(num_classes=args.classes).to(device).to(memory_format=torch.channels_last)
     plain_rate = train_throughput(plain, loader, device, precision, args.train_steps,

@@ -9,7 +9,10 @@
 # (the device tool's output folder; at most 8 files come back) gets:
 #   maps.md        bench_maps.py, bf16 and fp32/tf32, batch 256 (device, versions, peak memory)
 #   pipeline.md    bench_pipeline.py: `mnpo evaluate` per method and map precision, training
-#                  images/s of the released layout against plain torchvision VGG16, peak memory
+#                  images/s of the released layout against plain torchvision VGG16, peak memory;
+#                  the training rows run end to end through the training run's own input
+#                  pipeline (train_input.training_loader: WORKERS persistent workers, uint8
+#                  batches pinned and normalized on the GPU), so they show whether input keeps up
 #   study.md/.json study.py at 224 px, full width: parts, then both presets (one training seed;
 #                  three if time allows)
 #   figure-parts.png, figure-shapes.png   the study's overlays
