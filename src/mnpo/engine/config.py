@@ -106,6 +106,9 @@ class EvalConfig:
 
 @dataclass
 class RuntimeConfig:
+    """``log_every``: steps between reads of the device's loss / accuracy sums (the progress bar's
+    numbers, and the check that stops a diverged run: at most that many steps late)."""
+
     out: str = "runs/mnpo"
     device: str = "auto"
     precision: str = "auto"
