@@ -11,6 +11,7 @@ from test_methods import SETUPS, make_model, max_diff
 
 from mnpo.maps import compute_maps, normalize_maps, resize_maps
 from mnpo.maps.cam_family import XGRADCAM_EPS, _ablated_logits
+from mnpo.models.map_source import NetworkSource
 
 FAMILY = ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam", "eigencam")
 OTHER_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d"}
@@ -70,7 +71,7 @@ def test_ablation_weights_at_head_are_the_class_weight_times_the_channel_mean_ov
     with torch.no_grad():
         y = model(images).logits[0].gather(1, targets[:, None])[:, 0]
     closed = (model.classifier.weight[targets] * A.mean((2, 3))).detach()
-    ran = y[:, None] - _ablated_logits(model, images, A, targets, "head", chunk_size=7)
+    ran = y[:, None] - _ablated_logits(NetworkSource(model, images, targets), images, A, targets, "head", chunk_size=7)
     bound = network_bound(model, torch.float64) * float(y.abs().max())
     torch.testing.assert_close(ran, closed, rtol=0, atol=bound)
     weights = closed / y[:, None]

@@ -35,14 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mnpo.maps.passes import (
-    acc,
-    activations,
-    activations_and_gradient,
-    full_precision,
-    independent_of,
-    predicted,
-)
+from mnpo.maps.passes import acc, activations_and_gradient, full_precision, independent_of, predicted
 from mnpo.maps.postprocess import channel_weighted_sum, resize_maps
 
 #: Grad-CAM++'s and XGrad-CAM's stabilizers, Score-CAM's mask normalization (pytorch-grad-cam 1.5.7).
@@ -74,21 +67,21 @@ def _finish(raw: Tensor, opts) -> Tensor:
     return resize_maps(raw.clamp_min(0) if opts.relu else raw, opts.size, opts.resize)
 
 
-def _layer(opts) -> str:
-    return opts.target_layer or "head"
+def _layer(source, opts):
+    return opts.target_layer if opts.target_layer is not None else source.default_layer
 
 
-def gradient_cam(method: str, model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
+def gradient_cam(method: str, source, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
     """A gradient method of ``GRADIENT_RULES``: one truncated forward and one backward."""
-    A, G, logits = activations_and_gradient(model, images, targets, _layer(opts))
+    A, G, logits = activations_and_gradient(source, images, targets, _layer(source, opts))
     with torch.no_grad(), full_precision(images):
         return _finish(GRADIENT_RULES[method](acc(A), acc(G)), opts), logits
 
 
-def scorecam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
+def scorecam(source, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
     """Score-CAM: the target logit of the input masked by each channel, ``opts.chunk_size``
     masked images per forward pass (across images and channels), under inference mode."""
-    A, logits = activations(model, images, _layer(opts))
+    A, logits = source.activations(images, _layer(source, opts))
     targets = predicted(targets, logits)
     B, C = A.shape[:2]
     scores = torch.empty(B * C, dtype=acc(logits).dtype, device=images.device)
@@ -103,28 +96,29 @@ def scorecam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tenso
                 low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
                 masked = images[image] * ((up - low) / (high - low + SCORECAM_EPS)).to(images.dtype)
             # channels-last: oneDNN's convolutions run 1.7x faster on it (2-core EPYC, BENCHMARKS.md)
-            out = model(masked.contiguous(memory_format=torch.channels_last)).logits[0]
+            out = source.logits(masked.contiguous(memory_format=torch.channels_last))
             scores[rows] = acc(out.gather(1, targets[image, None])[:, 0])
     with torch.no_grad(), full_precision(images):
         return _finish(channel_weighted_sum(scores.view(B, C).softmax(1), acc(A)), opts), logits
 
 
-def ablationcam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
+def ablationcam(source, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
     """Ablation-CAM: the relative drop of the target logit with each channel of ``A`` set to 0."""
-    layer = _layer(opts)
-    A, logits = activations(model, images, layer)
+    layer = _layer(source, opts)
+    A, logits = source.activations(images, layer)
     targets = predicted(targets, logits)
+    head = source.head_weight(layer)
     with torch.no_grad(), full_precision(images):
         y = acc(logits).gather(1, targets[:, None])[:, 0]
-        if model.resolve_feature(layer) == model.resolve_feature("head"):
-            drop = acc(model.classifier.weight[targets]) * acc(A).mean((2, 3))  # GAP + linear: exact
+        if head is not None:
+            drop = acc(head[targets]) * acc(A).mean((2, 3))  # GAP + linear: exact
         else:
-            drop = y[:, None] - _ablated_logits(model, images, A, targets, layer, opts.chunk_size)
+            drop = y[:, None] - _ablated_logits(source, images, A, targets, layer, opts.chunk_size)
         weights = drop / torch.where(y == 0, torch.ones_like(y), y)[:, None]
         return _finish(channel_weighted_sum(weights, acc(A)), opts), logits
 
 
-def _ablated_logits(model, images: Tensor, A: Tensor, targets: Tensor, layer: str, chunk_size: int) -> Tensor:
+def _ablated_logits(source, images: Tensor, A: Tensor, targets: Tensor, layer, chunk_size: int) -> Tensor:
     """``y_c`` ``(B, C)``: the network after ``layer`` run on copies of ``A`` with channel ``c``
     set to 0, ``k = chunk_size // B`` channels of every image per pass (what comes before the
     layer runs once per pass, on ``images``)."""
@@ -136,7 +130,7 @@ def _ablated_logits(model, images: Tensor, A: Tensor, targets: Tensor, layer: st
             k = min(per_image, C - first)
             copies = A.repeat_interleave(k, dim=0)  # rows b k .. b k + k - 1: image b
             copies[torch.arange(B * k, device=A.device), torch.arange(first, first + k, device=A.device).repeat(B)] = 0
-            logits = model(images, replace=(layer, copies)).logits[0]
+            logits = source.ablated_logits(images, layer, copies)
             if logits.shape[0] != B * k:
                 raise independent_of(layer)
             picked = logits.gather(1, targets.repeat_interleave(k)[:, None])[:, 0]
@@ -144,10 +138,10 @@ def _ablated_logits(model, images: Tensor, A: Tensor, targets: Tensor, layer: st
     return out
 
 
-def eigencam(model, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
+def eigencam(source, images: Tensor, targets: Tensor | None, opts) -> tuple[Tensor, Tensor]:
     """Eigen-CAM: the centered activations ``(hw, C)`` of each image projected on their first
     right singular vector, signed to correlate positively with ``sum_c A``."""
-    A, logits = activations(model, images, _layer(opts))
+    A, logits = source.activations(images, _layer(source, opts))
     with torch.no_grad(), full_precision(images):
         A = acc(A)
         positions = A.flatten(2).transpose(1, 2)  # (B, hw, C)

@@ -55,18 +55,15 @@ from mnpo.maps.postprocess import (
     resize_maps,
     weight_postprocess,
 )
-from mnpo.models.acol import acol_class_maps
-from mnpo.models.method_nets import network_kind
+from mnpo.maps.source import feature_source
+from mnpo.models.map_source import DEFAULT_GRADIENT_LAYER
 
 METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
            "scorecam", "ablationcam", "eigencam", "center")
 #: Standard deviation of the center baseline's Gaussian, as a fraction of each side.
 CENTER_SIGMA = 0.25
 LOSS_GRADIENTS = ("released", "exact")
-#: Default target layer of the gradient methods per backbone: the released ``conv5_2`` on
-#: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride; on
-#: InceptionV3 ``Mixed_6d``, the block before the last at the head's stride (as ``conv5_2``).
-DEFAULT_GRADIENT_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d"}
+__all__ = ["DEFAULT_GRADIENT_LAYER", "DEFAULT_H", "METHODS", "MapOptions", "center_map", "compute_maps"]
 #: Released H factors (``a``, ``b``): MNPO 10/5, MNPOs 8/4; DGL and the rest leave weights as they are.
 DEFAULT_H = {"mnpo": (10.0, 5.0), "mnpos": (8.0, 4.0), "dgl": (1.0, 1.0)}
 
@@ -76,8 +73,10 @@ class MapOptions:
     """Options of ``compute_maps``; ``None`` means the method's released default.
 
     h_mode: ``scale`` or ``step`` (H, section 3); a, b: its factors.
-    target_layer: feature the gradient methods work at (a backbone tap such as ``conv5_2``,
-        a block ``parallel.c``, a branch name, or ``head``).
+    target_layer: feature the gradient methods work at: on mnpo's networks a backbone tap such
+        as ``conv5_2``, a block ``parallel.c``, a branch name, or ``head``; on any other model
+        a dotted module name (``layer4``, ``blocks.11.norm1``), the module itself, or ``head`` /
+        ``auto`` (the last spatial or token output the scores depend on).
     fusion: ``max`` or ``mean`` over branches (mnpo). resize: ``bicubic`` or ``bilinear``.
     loss_gradient: ``released`` (``p - t``, what the release's custom loss backpropagates) or
         ``exact`` (``sum(t) p - t``, the true gradient of ``-sum t log p``); ``t = loss_scale * onehot``.
@@ -85,12 +84,16 @@ class MapOptions:
     size: output ``(H, W)``; default the input's.
     chunk_size: images per forward pass of ``scorecam``'s masked and ``ablationcam``'s
         ablated copies (bounds their memory).
+    reshape: any model: how a layer's output becomes ``(B, C, h, w)``: ``auto`` (token sequences
+        ``(B, N, C)`` and channels-last ``(B, h, w, C)`` recognized) or a callable.
+    classifier: any model: the linear layer after global average pooling that ``cam`` and
+        ``mnpo`` read (``auto``: the last ``nn.Linear`` giving the scores), by dotted name.
     """
 
     h_mode: str = "scale"
     a: float | None = None
     b: float | None = None
-    target_layer: str | None = None
+    target_layer: Any = None
     fusion: str = "max"
     resize: str = "bicubic"
     loss_gradient: str = "released"
@@ -98,6 +101,8 @@ class MapOptions:
     relu: bool = True
     size: tuple[int, int] | None = None
     chunk_size: int = 16
+    reshape: Any = "auto"
+    classifier: str = "auto"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("h_mode", self.h_mode, H_MODES), ("fusion", self.fusion, FUSIONS),
@@ -107,6 +112,10 @@ class MapOptions:
                 raise ValueError(f"map option {name}={value!r}: choose one of {allowed}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
             raise ValueError(f"map option size={self.size!r}: expected (H, W) of positive ints")
+        if not (self.reshape == "auto" or callable(self.reshape)):
+            raise ValueError(f"map option reshape={self.reshape!r}: expected 'auto' or a callable")
+        if not isinstance(self.classifier, str) or not self.classifier:
+            raise ValueError(f"map option classifier={self.classifier!r}: expected 'auto' or a module name")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"map option chunk_size={self.chunk_size!r}: expected a positive int")
 
@@ -135,40 +144,23 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
         raise ValueError("compute_maps needs the model in eval mode (BatchNorm would mix the batch); call model.eval()")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if opts.size is None:
+        opts = replace(opts, size=tuple(images.shape[-2:]))
     if targets is not None:
         targets = torch.as_tensor(targets, device=images.device).long()
         if targets.shape != (images.shape[0],):
             raise ValueError(f"targets must be ({images.shape[0]},) class indices, got {tuple(targets.shape)}")
-        bad = (targets < 0) | (targets >= model.num_classes)
+    source = feature_source(model, images, targets, reshape=opts.reshape, classifier=opts.classifier)
+    if targets is not None:
+        bad = (targets < 0) | (targets >= source.num_classes)
         if bad.any():
-            raise ValueError(f"targets {targets[bad].tolist()} out of range for {model.num_classes} classes")
-    if opts.size is None:
-        opts = replace(opts, size=tuple(images.shape[-2:]))
-    if network_kind(model.layout) == "acol":
-        model = _ErasingBy(model, images, targets)
+            raise ValueError(f"targets {targets[bad].tolist()} out of range for {source.num_classes} classes")
     # Gradient methods need autograd even when called under inference_mode or no_grad.
     with torch.inference_mode(False), torch.enable_grad():
-        raw, logits = _METHOD_FUNCTIONS[method](model, images, targets, opts)
+        raw, logits = _METHOD_FUNCTIONS[method](source, images, targets, opts)
     with torch.no_grad(), full_precision(images):
         maps = normalize_maps(acc(raw))
     return maps, acc(logits.detach())
-
-
-class _ErasingBy:
-    """An ACoL network whose forward passes on ``images`` themselves erase by ``targets`` (its
-    ``labels``); passes on other tensors (Score-CAM's masked copies) by their own prediction.
-    Other attributes are the network's."""
-
-    def __init__(self, model: torch.nn.Module, images: Tensor, targets: Tensor | None) -> None:
-        self._model, self._images, self._targets = model, images, targets
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __call__(self, x: Tensor, **kwargs: Any):
-        if self._targets is not None and x is self._images and "labels" not in kwargs:
-            kwargs["labels"] = self._targets
-        return self._model(x, **kwargs)
 
 
 def center_map(height: int, width: int, sigma: float = CENTER_SIGMA, dtype=torch.float64) -> Tensor:
@@ -184,46 +176,41 @@ def center_map(height: int, width: int, sigma: float = CENTER_SIGMA, dtype=torch
     return torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
 
 
-def _center(model, images, targets, opts) -> tuple[Tensor, Tensor]:
-    with torch.inference_mode():
-        logits = model(images).logits[0]
-        with full_precision(images):
-            raw = center_map(*opts.size, dtype=acc(logits).dtype).to(images.device)
-            return raw.expand(len(images), *opts.size), logits
+def _center(source, images, targets, opts) -> tuple[Tensor, Tensor]:
+    logits = source.logits(images)
+    with torch.no_grad(), full_precision(images):
+        raw = center_map(*opts.size, dtype=acc(logits).dtype).to(images.device)
+        return raw.expand(len(images), *opts.size), logits
 
 
-def _cam(model, images, targets, opts) -> tuple[Tensor, Tensor]:
-    with torch.inference_mode():
-        out = model(images, return_features=True)
-        targets = predicted(targets, out.logits[0])
-        with full_precision(images):
-            if network_kind(model.layout) == "acol":
-                raw = acol_class_maps(model, {b: acc(out.features[b]) for b in ("A", "B")}, targets)
-            else:
-                raw = channel_weighted_mean(acc(model.classifier.weight[targets]), acc(out.features["head"]))
-            return resize_maps(raw, opts.size, opts.resize), out.logits[0]
+def _cam(source, images, targets, opts) -> tuple[Tensor, Tensor]:
+    own = source.own_cam(images, targets)
+    if own is not None:
+        raw, logits = own
+    else:
+        logits, branches = source.branch_features(images)
+        targets = predicted(targets, logits)
+        _, features, weight = branches[0]
+        with torch.no_grad(), full_precision(images):
+            raw = channel_weighted_mean(acc(weight[targets]), acc(features))
+    with torch.no_grad(), full_precision(images):
+        return resize_maps(raw, opts.size, opts.resize), logits
 
 
-def _mnpo(model, images, targets, opts) -> tuple[Tensor, Tensor]:
+def _mnpo(source, images, targets, opts) -> tuple[Tensor, Tensor]:
     """Spec section 4: ``H(w_y)`` on every branch's features, resize each, fuse, (normalize)."""
-    with torch.inference_mode():
-        out = model(images, return_features=True)
-        targets = predicted(targets, out.logits[0])
-        a, b = opts.h_factors("mnpo")
-        with full_precision(images):
-            maps = []
-            for branch in model.layout.branches:
-                weights = weight_postprocess(acc(model.classifier_for(branch.name).weight[targets]), opts.h_mode, a, b)
-                raw = channel_weighted_mean(weights, acc(out.features[branch.name]))
-                maps.append(resize_maps(raw, opts.size, opts.resize))
-            return fuse_maps(maps, opts.fusion), out.logits[0]
+    logits, branches = source.branch_features(images)
+    targets = predicted(targets, logits)
+    a, b = opts.h_factors("mnpo")
+    with torch.no_grad(), full_precision(images):
+        maps = []
+        for _, features, weight in branches:
+            weights = weight_postprocess(acc(weight[targets]), opts.h_mode, a, b)
+            maps.append(resize_maps(channel_weighted_mean(weights, acc(features)), opts.size, opts.resize))
+        return fuse_maps(maps, opts.fusion), logits
 
 
-def _target_layer(model, opts) -> str:
-    return opts.target_layer or DEFAULT_GRADIENT_LAYER[model.layout.backbone]
-
-
-def _dual_gradient(model, images, targets, opts, method: str, branches: int | None) -> tuple[Tensor, Tensor]:
+def _dual_gradient(source, images, targets, opts, method: str, branches: int | None) -> tuple[Tensor, Tensor]:
     """Spec section 5 (mnpos: every branch; dgl: ``branches=1``, the main one).
 
     One truncated forward from the target layer ``A``; two vector-Jacobian products at ``A``:
@@ -233,12 +220,13 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
     several branches, each branch's two products are taken apart instead, in one batched pass
     (``is_grads_batched``), and added in float32: summing inside a bf16 backward would round
     the sum before the convolutions' backward, a 1.5e-3 change of the normalized map.
+    On a one-branch network (any classifier) ``mnpos`` is ``dgl`` with MNPOs' H factors.
     """
-    layer = _target_layer(model, opts)
-    out = model(images, return_features=True, grad_from=layer)
-    A = out.features[layer]
-    logits = out.logits[:branches]
-    targets = predicted(targets, out.logits[0].detach())
+    layer = opts.target_layer or source.default_gradient_layer
+    run = source.tracked(images, layer)
+    A = run.leaf
+    logits = run.logits[:branches]
+    targets = predicted(targets, logits[0].detach())
     picks = selector(logits[0], targets)  # e_y per image
     onehot = acc(torch.zeros_like(logits[0])).scatter_(1, targets[:, None], opts.loss_scale)
     scale = 1.0 if opts.loss_gradient == "released" else opts.loss_scale
@@ -249,14 +237,14 @@ def _dual_gradient(model, images, targets, opts, method: str, branches: int | No
         G = vjp(list(logits), [picks] * len(logits), A, layer, retain=True)
         D = vjp(list(logits), vectors, A, layer)
     with torch.no_grad(), full_precision(images):
-        A, G, D = acc(A.detach()), acc(G), acc(D)
+        A, G, D = (acc(run.grid(t.detach())) for t in (A, G, D))
         a, b = opts.h_factors(method)
         alpha = weight_postprocess(G.sum((2, 3)), opts.h_mode, a, b)
         norm_A = A.flatten(1).norm(dim=1)[:, None, None, None]
         norm_D = D.flatten(1).norm(dim=1)[:, None, None, None]
         enhanced = A / norm_A - D / norm_D
         raw = channel_weighted_mean(alpha, enhanced)
-        return resize_maps(raw, opts.size, opts.resize), out.logits[0].detach()
+        return resize_maps(raw, opts.size, opts.resize), logits[0].detach()
 
 
 def _per_branch_vjps(logits: list[Tensor], picks: Tensor, vectors: list[Tensor], target: Tensor,
@@ -272,12 +260,12 @@ def _per_branch_vjps(logits: list[Tensor], picks: Tensor, vectors: list[Tensor],
     return parts[:n].sum(0), parts[n:].sum(0)
 
 
-def _mnpos(model, images, targets, opts):
-    return _dual_gradient(model, images, targets, opts, "mnpos", branches=None)
+def _mnpos(source, images, targets, opts):
+    return _dual_gradient(source, images, targets, opts, "mnpos", branches=None)
 
 
-def _dgl(model, images, targets, opts):
-    return _dual_gradient(model, images, targets, opts, "dgl", branches=1)
+def _dgl(source, images, targets, opts):
+    return _dual_gradient(source, images, targets, opts, "dgl", branches=1)
 
 
 _METHOD_FUNCTIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {

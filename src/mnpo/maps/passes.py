@@ -48,22 +48,12 @@ def selector(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.zeros_like(logits).scatter_(1, targets[:, None], 1.0)
 
 
-def activations_and_gradient(model, images: Tensor, targets: Tensor | None,
-                             layer: str) -> tuple[Tensor, Tensor, Tensor]:
+def activations_and_gradient(source, images: Tensor, targets: Tensor | None,
+                             layer) -> tuple[Tensor, Tensor, Tensor]:
     """``A`` at ``layer`` ``(B, C, h, w)``, ``G = d logit_y / d A`` (main branch) and the logits
     ``(B, K)``: one forward truncated at ``layer`` and one backward, all detached."""
-    out = model(images, return_features=True, grad_from=layer)
-    A = out.features[layer]
-    logits = out.logits[0]
+    run = source.tracked(images, layer)
+    logits = run.logits[0]
     targets = predicted(targets, logits.detach())
-    G = vjp([logits], [selector(logits, targets)], A, layer)
-    return A.detach(), G, logits.detach()
-
-
-def activations(model, images: Tensor, layer: str) -> tuple[Tensor, Tensor]:
-    """``A`` at ``layer`` ``(B, C, h, w)`` and the main branch's logits ``(B, K)``, without autograd."""
-    model.resolve_feature(layer)  # an unknown name is refused here, with the names there are
-    taps = [layer] if layer in model.backbone.taps else []
-    with torch.inference_mode():
-        out = model(images, return_features=True, taps=taps)
-    return out.features[layer], out.logits[0]
+    G = vjp([logits], [selector(logits, targets)], run.leaf, layer)
+    return run.grid(run.leaf.detach()), run.grid(G), logits.detach()
