@@ -107,7 +107,7 @@ def ablationcam(source, images: Tensor, targets: Tensor | None, opts) -> tuple[T
     layer = _layer(source, opts)
     A, logits = source.activations(images, layer)
     targets = predicted(targets, logits)
-    head = source.head_weight(layer)
+    head = source.head_weight(images, layer)
     with torch.no_grad(), full_precision(images):
         y = acc(logits).gather(1, targets[:, None])[:, 0]
         if head is not None:

@@ -33,14 +33,18 @@ def vjp(outputs: list[Tensor], vectors: list[Tensor], target: Tensor, layer: str
     if not pairs:
         raise independent_of(layer)
     (grad,) = torch.autograd.grad([o for o, _ in pairs], target, grad_outputs=[v for _, v in pairs],
-                                  retain_graph=retain, is_grads_batched=batched)
+                                  retain_graph=retain, is_grads_batched=batched, allow_unused=True)
+    if grad is None:
+        raise independent_of(layer)
     return grad
 
 
 def independent_of(layer: str) -> ValueError:
     """The error for a target layer that the logits used do not depend on."""
-    return ValueError(f"the logits used do not depend on target layer {layer!r}; "
-                      "choose a backbone layer or a layer of the main branch")
+    return ValueError(f"the logits used do not depend on target layer {layer!r} through autograd (it does not "
+                      "feed them, or a detach() / no_grad block cuts the gradient); choose a layer before the "
+                      "head that the scores are computed from (on mnpo's networks: a backbone layer or one of "
+                      "the main branch)")
 
 
 def selector(logits: Tensor, targets: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ class FeatureSource(Protocol):
         """A forward truncated at ``layer``: ``.leaf`` (requires grad), ``.logits`` (per branch,
         from ``leaf``) and ``.grid`` (leaf-shaped tensor -> ``(B, C, h, w)``)."""
 
-    def head_weight(self, layer: Any) -> Tensor | None:
+    def head_weight(self, images: Tensor, layer: Any) -> Tensor | None:
         """Classifier weight ``(K, C)`` when GAP and one linear layer turn ``layer`` into the logits."""
 
     def ablated_logits(self, images: Tensor, layer: Any, copies: Tensor) -> Tensor:
@@ -56,4 +56,6 @@ def feature_source(model: nn.Module, images: Tensor, targets: Tensor | None, **o
         return NetworkSource(model, images, targets)
     from mnpo.models.hooked import HookedSource
 
-    return HookedSource(model, **options)
+    source = HookedSource(model, **options)
+    source.prepare(images)
+    return source

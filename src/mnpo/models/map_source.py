@@ -81,7 +81,7 @@ class NetworkSource:
         out = self(images, return_features=True, grad_from=layer)
         return Tracked(out.features[layer], tuple(out.logits))
 
-    def head_weight(self, layer: str) -> Tensor | None:
+    def head_weight(self, images: Tensor, layer: str) -> Tensor | None:
         """The classifier's weight ``(K, C)`` when ``layer`` is what GAP and the main classifier read."""
         if self.model.resolve_feature(layer) == self.model.resolve_feature("head"):
             return self.model.classifier.weight
