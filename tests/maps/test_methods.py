@@ -303,3 +303,61 @@ def test_bad_inputs():
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         compute_maps(model, x, torch.tensor([0, 1]))
+
+
+# --- several classes per image: targets (B, T) -------------------------------------------------
+
+MULTI_METHODS = [m for m in METHODS if m not in ("scorecam", "ablationcam")] + ["scorecam", "ablationcam"]
+
+
+@pytest.mark.parametrize("network", ["vgg16-mnpo", "vgg16-acol"])
+@pytest.mark.parametrize("method", MULTI_METHODS)
+def test_several_targets_equal_separate_calls(network, method):
+    from mnpo.models import build_model
+
+    torch.manual_seed(0)
+    model = spread_for_maps(build_model(network, 6, width=1 / 16)).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([[1, 4, 1], [0, 2, 5]])
+    options = {"target_layer": "head", "chunk_size": 32} if method in ("scorecam", "ablationcam") else {}
+    maps, logits = compute_maps(model, images, targets, method=method, **options)
+    assert maps.shape == (2, 3, 32, 32)
+    for t in range(3):
+        one, one_logits = compute_maps(model, images, targets[:, t], method=method, **options)
+        torch.testing.assert_close(maps[:, t], one, rtol=0, atol=0)
+    torch.testing.assert_close(logits, one_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, forwards", [("gradcam", 1), ("mnpos", 1), ("mnpo", 1), ("eigencam", 1)])
+def test_several_targets_take_one_forward_pass(method, forwards):
+    model = make_model("vgg16")
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        maps, _ = compute_maps(model, torch.randn(2, 3, 32, 32), torch.tensor([[0, 1, 2, 3], [5, 4, 3, 2]]),
+                               method=method)
+    finally:
+        handle.remove()
+    assert maps.shape == (2, 4, 32, 32) and len(calls) == forwards
+
+
+def test_several_targets_on_any_model_equal_separate_calls():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double().eval()
+    images = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    targets = torch.tensor([[0, 4], [1, 1], [3, 2]])
+    for method in ("gradcampp", "cam", "dgl", "ablationcam"):
+        maps, _ = compute_maps(net, images, targets, method=method, target_layer="2")
+        for t in range(2):
+            one, _ = compute_maps(net, images, targets[:, t], method=method, target_layer="2")
+            torch.testing.assert_close(maps[:, t], one, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("targets", [torch.zeros(2, 0, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
+                                     torch.zeros(2, 2, 2, dtype=torch.long)])
+def test_bad_target_shapes(targets):
+    with pytest.raises(ValueError, match=r"targets must be \(2,\) or \(2, T\)"):
+        compute_maps(make_model("vgg16"), torch.randn(2, 3, 32, 32), targets)

@@ -55,7 +55,7 @@ from mnpo.maps.postprocess import (
     resize_maps,
     weight_postprocess,
 )
-from mnpo.maps.source import feature_source
+from mnpo.maps.source import SharedPasses, feature_source
 from mnpo.models.map_source import DEFAULT_GRADIENT_LAYER
 
 METHODS = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
@@ -128,10 +128,14 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
                  method: str = "mnpo", **options: Any) -> tuple[Tensor, Tensor]:
     """Localization maps of ``targets`` for a batch.
 
-    model: a ``MultiBranchNet`` in eval mode. images: ``(B, 3, H, W)``. targets: ``(B,)``
-    class indices (the ground truth in WSOL protocols); ``None`` uses the predicted class.
-    Returns ``maps`` ``(B, H, W)`` in [0, 1] and the main branch's ``logits`` ``(B, K)``, both
-    detached, float32 (float64 for a float64 model).
+    model: one of mnpo's networks, or any classifier (``mnpo.models.hooked``), in eval mode.
+    images: ``(B, 3, H, W)``. targets: ``(B,)`` class indices (the ground truth in WSOL
+    protocols), or ``(B, T)`` for T classes per image; ``None`` uses the predicted class.
+    Returns ``maps`` ``(B, H, W)`` (``(B, T, H, W)`` for ``(B, T)`` targets) in [0, 1] and the
+    main branch's ``logits`` ``(B, K)``, both detached, float32 (float64 for a float64 model).
+    For several classes the passes on ``images`` run once (not on ACoL, whose forward erases by
+    the class) and each gradient method takes one backward per class from the kept graph;
+    Score-CAM's and Ablation-CAM's masked passes are run per class.
     """
     if method not in METHODS:
         raise ValueError(f"unknown map method {method!r}; choose one of {METHODS}")
@@ -148,19 +152,36 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
         opts = replace(opts, size=tuple(images.shape[-2:]))
     if targets is not None:
         targets = torch.as_tensor(targets, device=images.device).long()
-        if targets.shape != (images.shape[0],):
-            raise ValueError(f"targets must be ({images.shape[0]},) class indices, got {tuple(targets.shape)}")
-    source = feature_source(model, images, targets, reshape=opts.reshape, classifier=opts.classifier)
+        if targets.ndim not in (1, 2) or targets.shape[0] != images.shape[0] or targets.numel() == 0:
+            raise ValueError(f"targets must be ({images.shape[0]},) or ({images.shape[0]}, T) class indices, "
+                             f"got {tuple(targets.shape)}")
+    columns = [None] if targets is None else [targets] if targets.ndim == 1 else list(targets.T)
+    # ACoL's forward erases by the class asked for: one source (and forward) per class there
+    sources = [feature_source(model, images, column, reshape=opts.reshape, classifier=opts.classifier)
+               for column in (columns if _erases_by_class(model) else columns[:1])]
     if targets is not None:
-        bad = (targets < 0) | (targets >= source.num_classes)
+        bad = (targets < 0) | (targets >= sources[0].num_classes)
         if bad.any():
-            raise ValueError(f"targets {targets[bad].tolist()} out of range for {source.num_classes} classes")
+            raise ValueError(f"targets {targets[bad].tolist()} out of range for {sources[0].num_classes} classes")
+    if len(columns) > 1 and len(sources) == 1:
+        sources = [SharedPasses(sources[0], images)] * len(columns)
+    raws = []
     # Gradient methods need autograd even when called under inference_mode or no_grad.
     with torch.inference_mode(False), torch.enable_grad():
-        raw, logits = _METHOD_FUNCTIONS[method](source, images, targets, opts)
+        for source, column in zip(sources, columns):
+            raw, logits = _METHOD_FUNCTIONS[method](source, images, column, opts)
+            if len(raws) == 0:
+                first_logits = logits
+            raws.append(raw)
     with torch.no_grad(), full_precision(images):
-        maps = normalize_maps(acc(raw))
+        maps = torch.stack([normalize_maps(acc(raw)) for raw in raws], dim=1)
+    maps = maps[:, 0] if targets is None or targets.ndim == 1 else maps
+    logits = first_logits
     return maps, acc(logits.detach())
+
+
+def _erases_by_class(model) -> bool:
+    return getattr(getattr(model, "layout", None), "network", None) == "acol"
 
 
 def center_map(height: int, width: int, sigma: float = CENTER_SIGMA, dtype=torch.float64) -> Tensor:
@@ -232,10 +253,10 @@ def _dual_gradient(source, images, targets, opts, method: str, branches: int | N
     scale = 1.0 if opts.loss_gradient == "released" else opts.loss_scale
     vectors = [(scale * acc(l.detach()).softmax(1) - onehot).to(l.dtype) for l in logits]
     if A.dtype in (torch.bfloat16, torch.float16) and len(logits) > 1:
-        G, D = _per_branch_vjps(list(logits), picks, vectors, A, layer)
+        G, D = _per_branch_vjps(list(logits), picks, vectors, A, layer, run.shared)
     else:
         G = vjp(list(logits), [picks] * len(logits), A, layer, retain=True)
-        D = vjp(list(logits), vectors, A, layer)
+        D = vjp(list(logits), vectors, A, layer, retain=run.shared)
     with torch.no_grad(), full_precision(images):
         A, G, D = (acc(run.grid(t.detach())) for t in (A, G, D))
         a, b = opts.h_factors(method)
@@ -248,7 +269,7 @@ def _dual_gradient(source, images, targets, opts, method: str, branches: int | N
 
 
 def _per_branch_vjps(logits: list[Tensor], picks: Tensor, vectors: list[Tensor], target: Tensor,
-                     layer: str) -> tuple[Tensor, Tensor]:
+                     layer: str, retain: bool = False) -> tuple[Tensor, Tensor]:
     """``(sum_i J_i^T e_y, sum_i J_i^T v_i)`` from the 2n products taken one by one in a single
     batched backward pass, summed in float32."""
     n = len(logits)
@@ -256,7 +277,7 @@ def _per_branch_vjps(logits: list[Tensor], picks: Tensor, vectors: list[Tensor],
     stacked = [torch.stack([picks if k == i else zero for k in range(n)]
                            + [vectors[i].to(picks.dtype) if k == i else zero for k in range(n)])
                for i in range(n)]
-    parts = vjp(logits, stacked, target, layer, batched=True).float()
+    parts = vjp(logits, stacked, target, layer, retain=retain, batched=True).float()
     return parts[:n].sum(0), parts[n:].sum(0)
 
 

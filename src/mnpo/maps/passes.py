@@ -59,5 +59,5 @@ def activations_and_gradient(source, images: Tensor, targets: Tensor | None,
     run = source.tracked(images, layer)
     logits = run.logits[0]
     targets = predicted(targets, logits.detach())
-    G = vjp([logits], [selector(logits, targets)], run.leaf, layer)
+    G = vjp([logits], [selector(logits, targets)], run.leaf, layer, retain=run.shared)
     return run.grid(run.leaf.detach()), run.grid(G), logits.detach()

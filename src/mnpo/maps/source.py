@@ -59,3 +59,39 @@ def feature_source(model: nn.Module, images: Tensor, targets: Tensor | None, **o
     source = HookedSource(model, **options)
     source.prepare(images)
     return source
+
+
+class SharedPasses:
+    """``source`` for several classes of the same images: its passes on those images (activations,
+    the truncated forward, branch features, the head check) run once and are reused; the
+    truncated graph is kept (``Tracked.shared``) for one backward per class."""
+
+    def __init__(self, source: FeatureSource, images: Tensor) -> None:
+        self._source, self._images, self._memo = source, images, {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def _once(self, images: Tensor, key: tuple, run):
+        if images is not self._images:
+            return run()
+        key = tuple(id(k) if isinstance(k, nn.Module) else k for k in key)
+        if key not in self._memo:
+            self._memo[key] = run()
+        return self._memo[key]
+
+    def activations(self, images: Tensor, layer: Any) -> tuple[Tensor, Tensor]:
+        return self._once(images, ("activations", layer), lambda: self._source.activations(images, layer))
+
+    def tracked(self, images: Tensor, layer: Any):
+        def run():
+            tracked = self._source.tracked(images, layer)
+            tracked.shared = True
+            return tracked
+        return self._once(images, ("tracked", layer), run)
+
+    def branch_features(self, images: Tensor):
+        return self._once(images, ("branches",), lambda: self._source.branch_features(images))
+
+    def head_weight(self, images: Tensor, layer: Any) -> Tensor | None:
+        return self._once(images, ("head", layer), lambda: self._source.head_weight(images, layer))

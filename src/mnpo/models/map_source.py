@@ -38,10 +38,11 @@ def _full(t: Tensor) -> Tensor:
 class Tracked:
     """A forward pass truncated at a layer: ``leaf`` (the layer's output, a leaf requiring grad),
     ``logits`` (one ``(B, K)`` per branch, main first, recording autograd from ``leaf``) and
-    ``grid`` (``leaf``-shaped tensor -> ``(B, C, h, w)``; the identity for convolution maps)."""
+    ``grid`` (``leaf``-shaped tensor -> ``(B, C, h, w)``; the identity for convolution maps).
+    ``shared``: the graph serves several backward passes (one per class), so each keeps it."""
 
     def __init__(self, leaf: Tensor, logits: tuple[Tensor, ...], grid=None) -> None:
-        self.leaf, self.logits = leaf, logits
+        self.leaf, self.logits, self.shared = leaf, logits, False
         self.grid = grid if grid is not None else (lambda t: t)
 
 
