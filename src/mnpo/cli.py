@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mnpo import __version__
 from mnpo.engine.config import PRECISIONS  # light (no torch): the precision choices of the parser
-from mnpo.engine.localize import METHOD_CHOICES  # light too: the map methods
+from mnpo.engine.localize import METHOD_CHOICES, add_model_args  # light too: the map methods
 
 log = logging.getLogger("mnpo")
 
@@ -160,6 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         input_size=args.input_size, map_precision=args.map_precision, progress=not args.quiet,
         state_dir=args.state_dir, results=args.results, report_html=args.report, label=args.label,
         gallery_size=args.gallery_size, skip_unreadable=args.skip_unreadable,
+        model_spec=args.model, weights=args.weights, num_classes=args.num_classes,
     )
     if not _is_main_process():
         return 0  # under torchrun, rank 0 reports for all
@@ -179,6 +180,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, report.to_json())
         log.info("wrote %s", args.json)
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from mnpo.engine.localize import model_from_args
+
+    model, _, name = model_from_args(args)
+    size = args.input_size
+    if getattr(model, "layout", None) is not None:  # one of mnpo's networks: its feature names
+        import torch
+
+        with torch.inference_mode():
+            out = model(torch.zeros(1, 3, size, size), return_features=True, taps=tuple(model.backbone.taps))
+        print(f"{name}: features for a {size}x{size} input (target layers by these names)")
+        print(f"{'feature':<24} {'output':<22} {'stride':>6}")
+        for feature in model.feature_names:
+            shape = tuple(out.features[feature].shape) if feature in out.features else None
+            stride = f"{size / shape[-2]:g}" if shape else "-"
+            print(f"{feature:<24} {str(shape or '-'):<22} {stride:>6}")
+        return 0
+    from mnpo.models.hooked import layer_table
+
+    rows = layer_table(model, size)
+    print(f"{name}: modules whose output is a map or token grid for a {size}x{size} input")
+    width = max([len(r["name"]) for r in rows] + [5])
+    print(f"{'layer':<{width}}  {'output':<20} {'kind':<13} {'grid':>7} {'stride':>6} {'channels':>8}  note")
+    for r in rows:
+        note = ("auto" if r["auto"] else "") + ("" if r["reached"] else "no gradient reaches its grid") + (
+            f"runs {r['calls']} times" if r["calls"] > 1 else "")
+        grid = f"{r['grid'][0]}x{r['grid'][1]}"
+        print(f"{r['name']:<{width}}  {str(r['shape']):<20} {r['kind']:<13} {grid:>7} {r['stride']:>6g} "
+              f"{r['channels']:>8}  {note}")
     return 0
 
 
@@ -342,7 +375,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "splits) or PxAP (mask splits), under the oracle protocol and, with --val-metadata, the "
         "calibrated one.",
     )
-    ev2.add_argument("--checkpoint", required=True, help="an mnpo checkpoint (see import-checkpoint)")
+    add_model_args(ev2)
     ev2.add_argument("--data", required=True, help="image root the image ids are relative to")
     ev2.add_argument("--metadata", required=True, help="metadata folder of the evaluated split")
     ev2.add_argument("--val-metadata", help="metadata folder of val (thresholds for the calibrated protocol)")
@@ -388,6 +421,18 @@ def _build_parser() -> argparse.ArgumentParser:
     from mnpo.engine.localize import add_localize_parser
 
     add_localize_parser(sub)
+
+    lay = sub.add_parser(
+        "layers",
+        help="list the layers a map method can target, with their output shape and stride",
+        description="For --model SPEC: every module whose output is a spatial map (B, C, h, w), a token "
+        "sequence (B, N, C) or a channels-last map (B, h, w, C) for a square input, in the order the modules "
+        "finish, with its grid, stride and channels, whether the top score's gradient reaches it, and the one "
+        "--target-layer auto picks. For --checkpoint: the network's feature names.",
+    )
+    add_model_args(lay)
+    lay.add_argument("--input-size", type=int, default=224, help="input side in pixels (default 224)")
+    lay.set_defaults(func=_cmd_layers)
 
     rep = sub.add_parser(
         "report",

@@ -1,6 +1,7 @@
 """The train / evaluate / demo commands end to end on a tiny synthetic set."""
 
 import json
+import sys
 import re
 
 import numpy as np
@@ -316,3 +317,126 @@ def test_evaluate_writes_results_and_report_that_mnpo_report_compares(trained, t
                  str(tmp_path / "mixed.html")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'masks.npz'} is a mask result but {tmp_path / 'cam.npz'} is a box result" in err
+
+
+MAIN_BRANCH = '''
+import torch
+from torch import nn
+
+from mnpo.models import load_model
+
+
+class MainBranch(nn.Module):
+    """An mnpo network seen as any classifier: its main branch's logits, nothing else."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).logits[0]
+
+
+def main_branch(num_classes=1000):
+    net, _ = load_model({checkpoint!r})
+    assert net.num_classes == num_classes
+    for p in net.parameters():  # what --weights must bring back
+        torch.nn.init.normal_(p)
+    return MainBranch(net)
+'''
+
+
+@pytest.fixture
+def as_any_model(trained, tmp_path, monkeypatch):
+    """``module:`` spec and weights file of the trained checkpoint's network behind a plain
+    ``forward(x) -> logits``: the `--model` path must give the `--checkpoint` path's numbers."""
+    import torch
+
+    from mnpo.models import load_model
+
+    root, _ = trained
+    (tmp_path / "any_model.py").write_text(MAIN_BRANCH.format(checkpoint=str(root / "run" / "best.pt")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import any_model
+
+    net, _ = load_model(root / "run" / "best.pt")
+    torch.save(any_model.MainBranch(net).state_dict(), tmp_path / "weights.pt")
+    yield ["--model", "module:any_model.main_branch", "--weights", str(tmp_path / "weights.pt"), "--num-classes", "3"]
+    monkeypatch.delitem(sys.modules, "any_model")
+
+
+@pytest.mark.parametrize("method, extra", [("gradcam", []), ("cam", []), ("layercam", ["--target-layer", "conv5_2"])])
+def test_evaluate_any_model_gives_the_checkpoints_numbers(trained, as_any_model, tmp_path, method, extra):
+    """The same network by `--checkpoint` (mnpo's own feature names) and by `--model` (hooked by
+    module name: ``auto`` finds the head; ``conv5_2`` is ``net.backbone.features.27``)."""
+    root, data = trained
+    common = ["evaluate", "-q", "--data", str(data / "images"), "--metadata", str(data / "metadata" / "test"),
+              "--val-metadata", str(data / "metadata" / "val"), "--input-size", "48", "--workers", "0",
+              "--method", method]
+    assert main(common + ["--checkpoint", str(root / "run" / "best.pt"), *extra, "--json", str(tmp_path / "own.json"),
+                          "--save-maps", str(tmp_path / "own")]) == 0
+    hooked = ["--target-layer", "net.backbone.features.27"] if extra else []
+    assert main(common + as_any_model + hooked + ["--json", str(tmp_path / "any.json"),
+                                                  "--save-maps", str(tmp_path / "any")]) == 0
+    own, other = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("own", "any"))
+    assert other["info"]["checkpoint"] == "module:any_model.main_branch"
+    assert other["info"]["weights"] == as_any_model[3] and "weights" not in own["info"]
+    assert other["info"]["classification"] == own["info"]["classification"]
+    maps = sorted(p.relative_to(tmp_path / "own") for p in (tmp_path / "own").rglob("*.npy"))
+    assert len(maps) == 9
+    for name in maps:  # the same arithmetic on the same CPU: float32 rounding at most
+        np.testing.assert_allclose(np.load(tmp_path / "any" / name), np.load(tmp_path / "own" / name), atol=1e-6)
+    assert other["oracle"] == own["oracle"] and other["calibrated"] == own["calibrated"]
+
+
+def test_localize_any_model_gives_the_checkpoints_boxes(trained, as_any_model, tmp_path):
+    root, data = trained
+    images = [str(p) for p in sorted((data / "images" / "test").rglob("*.png"))[:3]]
+    common = ["localize", *images, "--method", "gradcam", "--device", "cpu", "--no-overlays", "--input-size", "48",
+              "--threshold", "0.5"]  # the checkpoint has an operating threshold; --model has none
+    assert main(common + ["--checkpoint", str(root / "run" / "best.pt"), "--out", str(tmp_path / "own")]) == 0
+    assert main(common + as_any_model + ["--out", str(tmp_path / "any")]) == 0
+    own, other = (json.loads((tmp_path / n / "localization.json").read_text())["images"] for n in ("own", "any"))
+    assert len(own) == 3
+    for a, b in zip(own, other):
+        assert a["box"] == b["box"] and [c["index"] for c in a["top_classes"]] == [c["index"] for c in b["top_classes"]]
+        for ca, cb in zip(a["top_classes"], b["top_classes"]):
+            assert ca["probability"] == pytest.approx(cb["probability"], abs=1e-6)
+
+
+def test_layers_lists_the_targets_of_any_model_and_of_a_checkpoint(trained, tmp_path, capsys):
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pt")
+    assert main(["layers", "--model", "torchvision:resnet18", "--weights", str(tmp_path / "r18.pt"),
+                 "--num-classes", "3", "--input-size", "64"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    # name, output shape (4 fields), kind, grid, stride, channels, note
+    assert rows["layer4"][5:] == ["map", "2x2", "32", "512", "auto"]
+    assert rows["layer3"][5:] == ["map", "4x4", "16", "256"]
+    assert rows["conv1"][1:5] == ["(1,", "64,", "32,", "32)"]
+    assert [r for r in rows.values() if r[-1] == "auto"] == [rows["layer4"]]
+    root, _ = trained
+    assert main(["layers", "--checkpoint", str(root / "run" / "best.pt"), "--input-size", "48"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["conv5_2"][1:] == ["(1,", "32,", "3,", "3)", "16"]
+    assert "head" in rows
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet18"], "expected torchvision:NAME, timm:NAME or module:path.to.factory"),
+    (["--model", "torchvision:resnet18", "--num-classes", "3"], "has no published weights; pass --weights FILE"),
+    (["--checkpoint", "x.pt", "--weights", "w.pt"], "--weights and --num-classes go with --model, not --checkpoint"),
+])
+def test_any_model_arguments_are_checked(trained, tmp_path, capsys, argv, message):
+    _, data = trained
+    code = main(["evaluate", "-q", *argv, "--data", str(data / "images"),
+                 "--metadata", str(data / "metadata" / "test"), "--workers", "0"])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_checkpoint_and_model_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        main(["layers", "--checkpoint", "a.pt", "--model", "torchvision:resnet18"])
+    assert "not allowed with argument" in capsys.readouterr().err

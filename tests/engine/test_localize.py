@@ -276,7 +276,7 @@ def test_parser_defaults_and_help():
     assert args.target_layer is None and args.chunk_size is None  # the methods' own defaults
     sub = add_localize_parser(argparse.ArgumentParser().add_subparsers())
     helps = {a.dest: a.help for a in sub._actions}
-    assert set(helps) == {"help", "checkpoint", "images", "out", "method", "threshold", "topk", "batch_size",
+    assert set(helps) == {"help", "checkpoint", "model", "weights", "num_classes", "images", "out", "method", "threshold", "topk", "batch_size",
                           "device", "no_overlays", "save_maps", "input_size", "ignore_exif", "target_layer",
                           "chunk_size", "no_resume"}
     assert all(text and len(text) > 20 for text in helps.values())

@@ -421,3 +421,31 @@ def test_an_in_place_relu_after_the_layer_does_not_change_what_is_read(method):
     got, _ = compute_maps(net(True), images, method=method, target_layer="0", relu=False)
     torch.testing.assert_close(got, safe, rtol=0, atol=0)
     assert float(safe.std()) > 0
+
+
+def test_on_a_one_branch_model_mnpos_is_dgl_with_its_h_factors():
+    """No second branch: MNPOs' gradients are DGL's, and H(1, 1) is the identity, so ``mnpos``
+    with ``a = b = 1`` is ``dgl`` bit for bit; its own H(8, 4) changes the map."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).double().eval()
+    images, targets = inputs(), torch.tensor([3, 7])
+    dgl, _ = compute_maps(net, images, targets, method="dgl", target_layer="layer3")
+    same, _ = compute_maps(net, images, targets, method="mnpos", a=1, b=1, target_layer="layer3")
+    own, _ = compute_maps(net, images, targets, method="mnpos", target_layer="layer3")
+    torch.testing.assert_close(same, dgl, rtol=0, atol=0)
+    assert float((own - dgl).abs().max()) > 1e-2
+
+
+def test_dgl_at_a_gap_linear_head_is_cam():
+    """At ``layer4`` of a ResNet (then GAP and fc): ``G = w_y / hw`` on every pixel, so
+    ``alpha = sum_hw G = w_y``, and ``D = W^T (p - t) / hw`` is constant over the map; the map
+    ``mean_c(w_y A) / ||A|| - const`` min-max normalizes to CAM's. Float64: equal within a
+    few hundred units of its roundoff (measured 7e-15)."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).double().eval()
+    images, targets = inputs(), torch.tensor([3, 7])
+    dgl, _ = compute_maps(net, images, targets, method="dgl", target_layer="layer4")
+    cam, _ = compute_maps(net, images, targets, method="cam")
+    torch.testing.assert_close(dgl, cam, rtol=0, atol=1e-12)
+    dgl_at_layer3, _ = compute_maps(net, images, targets, method="dgl", target_layer="layer3")
+    assert float((dgl_at_layer3 - cam).abs().max()) > 1e-2  # the identity is the head's, not any layer's

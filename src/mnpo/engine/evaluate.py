@@ -451,8 +451,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         input_size: int = EVAL_SIZE, map_precision: str = "fp32", progress: bool = True,
                         state_dir: str | Path | None = None, results: str | Path | None = None,
                         report_html: str | Path | None = None, label: str | None = None, gallery_size: int = 128,
-                        skip_unreadable: bool = False):
+                        skip_unreadable: bool = False, model_spec: str | None = None,
+                        weights: str | Path | None = None, num_classes: int | None = None):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
+
+    The model: an mnpo ``checkpoint``, or (``checkpoint=None``) any classifier by ``model_spec``
+    (``torchvision:NAME``, ``timm:NAME``, ``module:path.factory``; see
+    :mod:`mnpo.models.external`) with an optional state dict file ``weights`` and its
+    ``num_classes`` when not ImageNet's.
 
     ``input_size``: side of the network's input views (the protocol's 224; a model trained at
     another size, like the demo's, is evaluated at its own); maps are always scored in the
@@ -472,10 +478,21 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     from mnpo.metrics.boxes import threshold_grid as make_grid
     from mnpo.models import load_model
 
+    if (checkpoint is None) == (model_spec is None):
+        raise ValueError("evaluate needs exactly one of a checkpoint and a model spec")
+    if checkpoint is not None and (weights is not None or num_classes is not None):
+        raise ValueError("--weights and --num-classes go with --model, not --checkpoint")
     dev = resolve_device(device)
     prec, map_prec = resolve_precision(precision, dev), resolve_precision(map_precision, dev)
     ctx = init_distributed(dev)
-    model, payload = load_model(checkpoint)
+    if model_spec is not None:
+        from mnpo.models.external import build_external
+
+        model = build_external(model_spec, weights, num_classes, input_size)
+        payload, evaluated, key_file = {"meta": {"class_names": model.class_names}}, model_spec, weights
+    else:
+        model, payload = load_model(checkpoint)
+        evaluated, key_file = str(checkpoint), checkpoint
     model.to(dev)
     channels_last = dev.type == "cuda"
     if channels_last:
@@ -488,9 +505,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                             foreground=foreground)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
-    stat = Path(checkpoint).stat()
-    run_key = {"checkpoint": str(checkpoint), "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
-               "data": str(data), "precision": prec, "map_precision": map_prec, "input_size": input_size}
+    stat = Path(key_file).stat() if key_file is not None else None
+    run_key = {"checkpoint": evaluated, "checkpoint_bytes": stat and stat.st_size,
+               "checkpoint_mtime_ns": stat and stat.st_mtime_ns, "data": str(data), "precision": prec,
+               "map_precision": map_prec, "input_size": input_size}
+    if model_spec is not None:
+        run_key["weights"] = None if weights is None else str(weights)
 
     datasets = {}
 
@@ -511,7 +531,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     test = split("test", metadata, maps_dir)
     val = None if val_metadata is None else split("val", val_metadata, None)
     info = {
-        "checkpoint": str(checkpoint), "metadata": str(metadata), "method": method,
+        "checkpoint": evaluated, **({"weights": run_key["weights"]} if model_spec is not None else {}),
+        "metadata": str(metadata), "method": method,
         "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,
         "num_images": test.num_images,
         "unreadable_images": [{"image_id": i, "reason": r} for i, r in sorted(test.unreadable.items())],

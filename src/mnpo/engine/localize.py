@@ -766,6 +766,40 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def add_model_args(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    """``--checkpoint CKPT`` or ``--model SPEC`` (one of them), ``--weights``, ``--num-classes``."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    if checkpoint:
+        which.add_argument("--checkpoint", metavar="CKPT",
+                           help="an mnpo checkpoint (from training or `mnpo import-checkpoint`); class names and "
+                           "the operating threshold are read from its meta when it has them")
+    which.add_argument("--model", metavar="SPEC",
+                       help="any classifier instead: torchvision:NAME (its weights API's default weights, or "
+                       "--weights), timm:NAME (when timm is installed) or module:package.module.factory")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="with --model: a state dict file, loaded strictly")
+    parser.add_argument("--num-classes", type=_positive_int, metavar="K",
+                        help="with --model: its class count when it is not ImageNet's 1000")
+
+
+def model_from_args(args: argparse.Namespace):
+    """``(model in eval mode, meta dict, name)`` of ``--checkpoint`` or ``--model``."""
+    if getattr(args, "checkpoint", None) is None and (args.weights is not None or args.num_classes is not None) \
+            and args.model is None:
+        raise ValueError("--weights and --num-classes go with --model")
+    if getattr(args, "checkpoint", None) is not None:
+        if args.weights is not None or args.num_classes is not None:
+            raise ValueError("--weights and --num-classes go with --model, not --checkpoint")
+        from mnpo.models import load_model
+
+        model, payload = load_model(args.checkpoint)
+        return model, payload.get("meta") or {}, str(args.checkpoint)
+    from mnpo.models.external import build_external
+
+    model = build_external(args.model, args.weights, args.num_classes, getattr(args, "input_size", VIEW_SIZE))
+    return model, {"class_names": model.class_names}, args.model
+
+
 def add_localize_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``localize`` on an ``add_subparsers()`` object; returns its parser."""
     parser = subparsers.add_parser(
@@ -777,9 +811,7 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
         "overlay OUT/<stem>.png per image, and prints one line per image. Unreadable images are "
         "skipped with a warning and listed in the JSON.",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="an mnpo checkpoint (from training or `mnpo import-checkpoint`); class names and "
-                        "the operating threshold are read from its meta when it has them")
+    add_model_args(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files of any size, in any format Pillow reads, or folders (every image "
                         "below them)")
@@ -857,11 +889,8 @@ def expand_image_paths(paths: Sequence[str]) -> list[str]:
 
 def run_localize(args: argparse.Namespace) -> int:
     """The ``localize`` subcommand: load the checkpoint, localize, write, print a summary."""
-    from mnpo.models import load_model
-
-    model, payload = load_model(args.checkpoint)
-    meta = payload.get("meta") or {}
-    class_names, meta_threshold = _checkpoint_settings(meta, model.num_classes, str(args.checkpoint))
+    model, meta, name = model_from_args(args)
+    class_names, meta_threshold = _checkpoint_settings(meta, model.num_classes, name)
     threshold = args.threshold
     if threshold is not None:
         log.info("threshold %s from --threshold", threshold)

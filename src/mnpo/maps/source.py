@@ -56,7 +56,8 @@ def feature_source(model: nn.Module, images: Tensor, targets: Tensor | None, **o
         return NetworkSource(model, images, targets)
     from mnpo.models.hooked import HookedSource
 
-    source = HookedSource(model, **options)
+    # a classifier wrapped for the engine (mnpo.models.external) is hooked by its own layer names
+    source = HookedSource(getattr(model, "wrapped_classifier", model), **options)
     source.prepare(images)
     return source
 

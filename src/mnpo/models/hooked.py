@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from mnpo.models.map_source import Tracked
 
-__all__ = ["GridLayout", "HookedSource", "LayerError", "grid_layout", "scores_of"]
+__all__ = ["GridLayout", "HookedSource", "LayerError", "grid_layout", "layer_table", "scores_of"]
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +313,9 @@ class HookedSource:
             return t.clone()  # the rest of the network may change its input in place
 
         with torch.inference_mode(), _hook(module, keep):
-            if extra:
-                seen: dict[str, tuple] = {}
-                handles = [m.register_forward_hook(lambda m_, i, o, n=n: seen.__setitem__(n, (i, o)))
+            if extra:  # every call of each (a classifier shared by several branches runs more than once)
+                seen: dict[str, list[tuple]] = {}
+                handles = [m.register_forward_hook(lambda m_, i, o, n=n: seen.setdefault(n, []).append((i, o)))
                            for m, n in extra.items()]
                 try:
                     scores = scores_of(self.model(images))
@@ -386,20 +386,23 @@ class HookedSource:
         A = self.layout_of(state["A"], tuple(images.shape[-2:]), name).to_grid(state["A"])
         if fc_name not in state["extra"]:
             return A, scores, None, f"{fc_name!r} did not run"
-        (fc_input, *_), fc_output = state["extra"][fc_name]
-        pooled = A.mean((2, 3))
-        if fc_input.shape != pooled.shape:
-            return A, scores, None, (f"the input of {fc_name!r} has shape {tuple(fc_input.shape)}, "
-                                     f"not that of {name!r}'s spatial mean {tuple(pooled.shape)}")
         eps = torch.finfo(A.dtype).eps if A.is_floating_point() else 0.0
+        out_bound = 4 * eps * float(scores.abs().amax()) + 1e-30
+        calls = [(inputs[0], out) for inputs, out in state["extra"][fc_name]
+                 if isinstance(out, Tensor) and out.shape == scores.shape
+                 and float((out - scores).abs().amax()) <= out_bound]
+        if not calls:
+            return A, scores, None, f"the scores are not the output of {fc_name!r} (something follows it)"
+        pooled = A.mean((2, 3))
+        if all(fc_input.shape != pooled.shape for fc_input, _ in calls):
+            return A, scores, None, (f"the input of {fc_name!r} has shape {tuple(calls[0][0].shape)}, "
+                                     f"not that of {name!r}'s spatial mean {tuple(pooled.shape)}")
         hw = A.shape[-2] * A.shape[-1]
         bound = 4 * hw * eps * float(A.abs().amax()) + 1e-30
-        if float((fc_input - pooled).abs().amax()) > bound:
+        if not any(fc_input.shape == pooled.shape and float((fc_input - pooled).abs().amax()) <= bound
+                   for fc_input, _ in calls):
             return A, scores, None, (f"the input of {fc_name!r} is not the spatial mean of {name!r}'s output "
                                      "(something, such as a LayerNorm or a class token, comes between)")
-        out_bound = 4 * eps * float(fc_output.abs().amax()) + 1e-30
-        if fc_output.shape != scores.shape or float((fc_output - scores).abs().amax()) > out_bound:
-            return A, scores, None, f"the scores are not the output of {fc_name!r} (something follows it)"
         return A, scores, fc.weight, ""
 
     def head_weight(self, images: Tensor, layer: Any) -> Tensor | None:
@@ -452,3 +455,20 @@ class HookedSource:
                      "running each image %d times", name, k)
         with torch.inference_mode(), _hook(module, put):
             return scores_of(self.model(images.repeat_interleave(k, dim=0) if k > 1 else images))
+
+
+def layer_table(model: nn.Module, input_size: int = 224) -> list[dict[str, Any]]:
+    """The modules of ``model`` whose output is a map or a token grid for a ``input_size`` square
+    input, in the order they finish: name, output shape, grid, stride (input pixels per grid
+    cell), channels, how many times it runs, whether the top score's gradient reaches its grid,
+    and ``auto`` (the layer ``auto`` picks). From one forward and backward on a random image."""
+    model = getattr(model, "wrapped_classifier", model)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    images = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    source = HookedSource(model)
+    rows = [r for r in source.candidates(images) if r["layout"] is not None]
+    usable = [r["name"] for r in rows if r["reached"] and r["calls"] == 1 and r["grid"][0] * r["grid"][1] > 1]
+    for r in rows:
+        r["auto"] = bool(usable) and r["name"] == usable[-1]
+        r["kind"] = r.pop("layout").kind
+    return rows

@@ -1,0 +1,115 @@
+"""``compute_maps`` on torchvision classifiers against pytorch-grad-cam, side by side in one run.
+
+For each model (random weights: the cost does not depend on them; nothing is downloaded) and
+each method: the same target layer, images, batch and classes for both; the best of
+``--repeats`` wall-clock times of ours and of pytorch-grad-cam's, the ratio and the largest
+difference between the two maps (ours resized bilinearly, as theirs are), so the table also
+says the two computed the same thing. Ours is given the layer by name, as a user would; the
+time of ``target_layer="auto"`` (found once per model, then cached) is the same call.
+
+    python benchmarks/bench_any_model.py [--device cpu] [--batch 8] [--size 224] [--repeats 2]
+        [--models resnet50,convnext_tiny,vit_b_16,swin_t] [--methods gradcam,gradcampp,layercam,eigencam]
+
+Needs ``pip install grad-cam`` (in the test extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torchvision
+
+from machine_info import device_summary
+from mnpo.maps import compute_maps
+
+
+def vit_tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's documented ViT reshape: drop the class token, (B, h, w, C) -> (B, C, h, w)."""
+    side = int(round((t.shape[1] - 1) ** 0.5))
+    return t[:, 1:].reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def channels_last_to_grid(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+#: model -> (target layer, pytorch-grad-cam's reshape_transform): the layers their docs use
+MODELS = {
+    "resnet50": ("layer4", None),
+    "convnext_tiny": ("features.7", None),
+    "vit_b_16": ("encoder.layers.encoder_layer_11.ln_1", vit_tokens_to_grid),
+    "swin_t": ("norm", channels_last_to_grid),
+}
+THEIRS = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
+          "hirescam": "HiResCAM", "eigencam": "EigenCAM"}
+
+
+def best_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default="gradcam,gradcampp,layercam,eigencam")
+    args = parser.parse_args(argv)
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    models = [m for m in args.models.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m]
+    for given, known, flag in ((models, MODELS, "--models"), (methods, THEIRS, "--methods")):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; choose from {list(known)}")
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    targets = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+
+    print(f"device: {device_summary(device)}")
+    print(f"pytorch-grad-cam {getattr(pytorch_grad_cam, '__version__', '1.5.x')}; random weights, 1000 classes, batch {args.batch} "
+          f"of {args.size}x{args.size}, fp32; best of {args.repeats}\n")
+    print("| model | layer | method | ours ms | pytorch-grad-cam ms | speed-up | max abs diff |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for name in models:
+        layer, reshape = MODELS[name]
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).to(device).eval()
+        if name == "vit_b_16":  # torchvision zero-initializes the head: every gradient would be 0
+            torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+        kwargs = {"reshape_transform": reshape} if reshape is not None else {}
+        for method in methods:
+            ours_s, (ours, _) = best_time(
+                lambda m=method: compute_maps(model, images, targets, method=m, target_layer=layer,
+                                              resize="bilinear"), device, args.repeats)
+            cam_class = getattr(pytorch_grad_cam, THEIRS[method])
+            with cam_class(model=model, target_layers=[model.get_submodule(layer)], **kwargs) as cam:
+                theirs_s, theirs = best_time(
+                    lambda: cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets]),
+                    device, args.repeats)
+            diff = float(np.abs(ours.cpu().numpy() - theirs).max())
+            note = " (sign of the SVD)" if method == "eigencam" and diff > 1e-3 else ""
+            print(f"| {name} | `{layer}` | {method} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | "
+                  f"{theirs_s / ours_s:.2f}x | {diff:.1e}{note} |", flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()
