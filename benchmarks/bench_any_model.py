@@ -8,7 +8,12 @@ says the two computed the same thing. Ours is given the layer by name, as a user
 time of ``target_layer="auto"`` (found once per model, then cached) is the same call.
 
     python benchmarks/bench_any_model.py [--device cpu] [--batch 8] [--size 224] [--repeats 2]
-        [--models resnet50,convnext_tiny,vit_b_16,swin_t] [--methods gradcam,gradcampp,layercam,eigencam]
+        [--models resnet50,convnext_tiny,vit_b_16,swin_t] [--methods gradcam,...,ablationcam]
+        [--slow-batch 1] [--slow-repeats 1] [--slow-models resnet50,convnext_tiny]
+
+Score-CAM and Ablation-CAM run the network once per channel of the layer and image (Ablation-CAM
+in pytorch-grad-cam; ours runs only what follows the layer where the rest of the network reads
+nothing else): they run on ``--slow-batch`` images of ``--slow-models`` only.
 
 Needs ``pip install grad-cam`` (in the test extras).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from importlib.metadata import version
 
 import numpy as np
 import torch
@@ -44,7 +50,10 @@ MODELS = {
     "swin_t": ("norm", channels_last_to_grid),
 }
 THEIRS = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
-          "hirescam": "HiResCAM", "eigencam": "EigenCAM"}
+          "hirescam": "HiResCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM"}
+#: run the network once per channel of the layer (in pytorch-grad-cam; ours ablates only what
+#: follows the layer where the network allows): on ``--slow-models``, ``--slow-batch`` images
+SLOW = ("scorecam", "ablationcam")
 
 
 def best_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
@@ -67,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default="gradcam,gradcampp,layercam,eigencam")
+    parser.add_argument("--methods", default=",".join(THEIRS))
+    parser.add_argument("--slow-batch", type=int, default=1, help="images for scorecam and ablationcam")
+    parser.add_argument("--slow-repeats", type=int, default=1)
+    parser.add_argument("--slow-models", default="resnet50,convnext_tiny")
     args = parser.parse_args(argv)
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -84,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     targets = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
 
     print(f"device: {device_summary(device)}")
-    print(f"pytorch-grad-cam {getattr(pytorch_grad_cam, '__version__', '1.5.x')}; random weights, 1000 classes, batch {args.batch} "
-          f"of {args.size}x{args.size}, fp32; best of {args.repeats}\n")
+    print(f"pytorch-grad-cam {version('grad-cam')}; random weights, 1000 classes, batch {args.batch} of "
+          f"{args.size}x{args.size} ({args.slow_batch} for {', '.join(SLOW)}), fp32; best of {args.repeats} "
+          f"({args.slow_repeats} for {', '.join(SLOW)})\n")
     print("| model | layer | method | ours ms | pytorch-grad-cam ms | speed-up | max abs diff |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name in models:
@@ -95,18 +108,28 @@ def main(argv: list[str] | None = None) -> None:
         if name == "vit_b_16":  # torchvision zero-initializes the head: every gradient would be 0
             torch.nn.init.normal_(model.heads.head.weight, std=0.02)
         kwargs = {"reshape_transform": reshape} if reshape is not None else {}
+        with torch.inference_mode():  # untimed: the allocator and oneDNN's kernels warm up
+            model(images)
         for method in methods:
+            slow = method in SLOW
+            if slow and name not in args.slow_models.split(","):
+                continue
+            x, y = (images[:args.slow_batch], targets[:args.slow_batch]) if slow else (images, targets)
+            repeats = args.slow_repeats if slow else args.repeats
             ours_s, (ours, _) = best_time(
-                lambda m=method: compute_maps(model, images, targets, method=m, target_layer=layer,
-                                              resize="bilinear"), device, args.repeats)
+                lambda m=method: compute_maps(model, x, y, method=m, target_layer=layer, resize="bilinear"),
+                device, repeats)
             cam_class = getattr(pytorch_grad_cam, THEIRS[method])
             with cam_class(model=model, target_layers=[model.get_submodule(layer)], **kwargs) as cam:
+                if hasattr(cam, "batch_size"):
+                    cam.batch_size = 32 if method == "ablationcam" else 16  # their defaults, set explicitly
                 theirs_s, theirs = best_time(
-                    lambda: cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets]),
-                    device, args.repeats)
+                    lambda: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in y]),
+                    device, repeats)
             diff = float(np.abs(ours.cpu().numpy() - theirs).max())
             note = " (sign of the SVD)" if method == "eigencam" and diff > 1e-3 else ""
-            print(f"| {name} | `{layer}` | {method} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | "
+            label = f"{method} (batch {len(x)})" if slow else method
+            print(f"| {name} | `{layer}` | {label} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | "
                   f"{theirs_s / ours_s:.2f}x | {diff:.1e}{note} |", flush=True)
         del model
 

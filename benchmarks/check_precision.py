@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from mnpo.data.dataset import WSOLDataset
-from mnpo.engine.evaluate import evaluate_model, resize_for
+from mnpo.engine.evaluate import evaluate_model
+from mnpo.engine.views import resize_for
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import resolve_device, resolve_precision
 from mnpo.metrics.boxes import cam_thresholds

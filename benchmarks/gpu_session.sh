@@ -7,7 +7,8 @@
 # Each step has its own time limit and the run goes on past a failed step; every step writes its
 # table into $OUT as soon as it ends, so a run cut short still returns what it finished. $OUT
 # (the device tool's output folder; at most 8 files come back) gets:
-#   maps.md        bench_maps.py, bf16 and fp32/tf32, batch 256 (device, versions, peak memory)
+#   maps.md        bench_maps.py, bf16 and fp32/tf32, batch 256 (device, versions, peak memory);
+#                  bench_any_model.py after them
 #   pipeline.md    bench_pipeline.py: `mnpo evaluate` per method and map precision, training
 #                  images/s of the released layout against plain torchvision VGG16, peak memory;
 #                  the training rows run end to end through the training run's own input
@@ -76,6 +77,12 @@ step maps-bf16 60 "$OUT/maps.md" python3 benchmarks/bench_maps.py --device "$DEV
 echo >>"$OUT/maps.md"
 step maps-fp32 60 "$OUT/maps.md" python3 benchmarks/bench_maps.py --device "$DEVICE" --batch "$BATCH" \
   --repeats 5 --width "$WIDTH" --classes "$CLASSES" --channels-last --methods "$MAP_METHODS"
+# (1b) any model against pytorch-grad-cam (issue 22): torchvision resnet50, convnext_tiny, vit_b_16,
+# swin_t, batch 8 at 224; appended to maps.md. Needs grad-cam, which the device image may lack:
+# carry it (`pip install --target deps grad-cam ttach`); without it the step fails and the run goes on
+echo >>"$OUT/maps.md"
+step any-model 90 "$OUT/maps.md" python3 benchmarks/bench_any_model.py --device "$DEVICE" --batch 8 \
+  --repeats 3 --slow-batch 8 --slow-models resnet50,convnext_tiny
 
 # (2) end to end: evaluate per method (mnpos with strict fp32 and with tf32 maps), training MNPO
 # vs plain VGG16, peak memory; synthetic 500x375 JPEGs, 1000 classes (about 2 min)

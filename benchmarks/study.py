@@ -48,7 +48,8 @@ from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.config import config_from_dict
 from mnpo.engine.demo import method_gallery
-from mnpo.engine.evaluate import evaluate_model, resize_for
+from mnpo.engine.evaluate import evaluate_model
+from mnpo.engine.views import resize_for
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.runtime import resolve_device, resolve_precision
 from mnpo.engine.train import Trainer

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
-from mnpo.models.backbones import scale_channels
+from mnpo.models.stages import scale_channels
 from mnpo.models.release import RELEASED_CONV_NAMES
 from tiny_models import spread_batchnorm
 

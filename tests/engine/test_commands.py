@@ -123,7 +123,8 @@ def test_demo_pxap_is_the_definition_on_its_maps(demo):
     from metrics.reference import naive_pxap
 
     from mnpo.data.dataset import WSOLDataset
-    from mnpo.engine.evaluate import evaluate_model, resize_for
+    from mnpo.engine.evaluate import evaluate_model
+    from mnpo.engine.views import resize_for
     from mnpo.metrics.boxes import cam_thresholds
     from mnpo.metrics.masks import load_gt_mask
     from mnpo.models.checkpoint import load_model
@@ -387,6 +388,59 @@ def test_evaluate_any_model_gives_the_checkpoints_numbers(trained, as_any_model,
     for name in maps:  # the same arithmetic on the same CPU: float32 rounding at most
         np.testing.assert_allclose(np.load(tmp_path / "any" / name), np.load(tmp_path / "own" / name), atol=1e-6)
     assert other["oracle"] == own["oracle"] and other["calibrated"] == own["calibrated"]
+
+
+def test_evaluate_a_torchvision_state_dict_end_to_end(trained, tmp_path):
+    """`--model torchvision:resnet18 --weights FILE --num-classes 3` on the synthetic set: the saved
+    Grad-CAM maps are the network's (`evaluate-maps` scores them to the same numbers), and the
+    weights file is what was evaluated (a second random network gives other maps)."""
+    import torch
+    import torchvision
+
+    _, data = trained
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / f"r18-{seed}.pt")
+    common = ["evaluate", "-q", "--model", "torchvision:resnet18", "--num-classes", "3", "--data", str(data / "images"),
+              "--metadata", str(data / "metadata" / "test"), "--val-metadata", str(data / "metadata" / "val"),
+              "--input-size", "48", "--workers", "0", "--method", "gradcam", "--target-layer", "layer3"]
+    for seed in (0, 1):
+        assert main(common + ["--weights", str(tmp_path / f"r18-{seed}.pt"), "--json", str(tmp_path / f"{seed}.json"),
+                              "--save-maps", str(tmp_path / f"maps-{seed}")]) == 0
+    report = json.loads((tmp_path / "0.json").read_text())
+    assert report["info"]["checkpoint"] == "torchvision:resnet18" and report["info"]["num_images"] == 9
+    assert report["info"]["weights"] == str(tmp_path / "r18-0.pt")
+    names = sorted(p.relative_to(tmp_path / "maps-0") for p in (tmp_path / "maps-0").rglob("*.npy"))
+    assert len(names) == 9
+    first, second = (np.stack([np.load(tmp_path / f"maps-{s}" / n) for n in names]) for s in (0, 1))
+    assert first.shape == (9, 224, 224) and first.min() == 0 and first.max() == 1
+    assert np.abs(first - second).max() > 0.1
+    assert main(["evaluate-maps", "-q", "--maps", str(tmp_path / "maps-0"), "--metadata",
+                 str(data / "metadata" / "test"), "--json", str(tmp_path / "maps.json")]) == 0
+    from_maps = json.loads((tmp_path / "maps.json").read_text())["oracle"]
+    for key in ("max_box_acc", "max_box_acc_v2", "gt_known_loc"):
+        assert from_maps[key] == report["oracle"][key], key
+
+
+def test_any_models_results_go_beside_a_checkpoints_in_mnpo_report(trained, as_any_model, tmp_path):
+    """`evaluate --model ... --results` writes the results file `mnpo report` reads, with the same
+    per-image numbers as the checkpoint's own (the same network) and the spec as its source."""
+    from mnpo.engine.results import read_results
+
+    root, data = trained
+    common = ["evaluate", "-q", "--data", str(data / "images"), "--metadata", str(data / "metadata" / "test"),
+              "--val-metadata", str(data / "metadata" / "val"), "--input-size", "48", "--workers", "0",
+              "--method", "gradcam", "--gallery-size", "4"]
+    assert main(common + ["--checkpoint", str(root / "run" / "best.pt"), "--results", str(tmp_path / "own.npz")]) == 0
+    assert main(common + as_any_model + ["--label", "any gradcam", "--results", str(tmp_path / "any.npz")]) == 0
+    own, other = read_results(tmp_path / "own.npz"), read_results(tmp_path / "any.npz")
+    assert other.label == "any gradcam" and other.info["checkpoint"] == "module:any_model.main_branch"
+    assert list(other.image_ids) == list(own.image_ids) and len(own.image_ids) == 9
+    assert {k: m.to_json() for k, m in other.metrics()["oracle"].items()} == \
+        {k: m.to_json() for k, m in own.metrics()["oracle"].items()}
+    assert main(["report", str(tmp_path / "own.npz"), str(tmp_path / "any.npz"), "--out", str(tmp_path / "both.html")]) == 0
+    page = (tmp_path / "both.html").read_text()
+    assert 'data-label="gradcam"' in page and 'data-label="any gradcam"' in page
 
 
 def test_localize_any_model_gives_the_checkpoints_boxes(trained, as_any_model, tmp_path):

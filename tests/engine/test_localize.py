@@ -132,20 +132,6 @@ def test_map_and_box_come_from_the_224_view_of_the_top_class(model, report, file
         assert np.allclose(result.scoremap, full, rtol=0, atol=map_bound(model, torch.float32))
 
 
-def test_box_to_image_by_hand():
-    # x0: 0 -> 0; x1 = 223 covers [446, 448) -> 447 (the last column); y0: 10 * 100 / 224 = 4.46 -> 4;
-    # y1 = 111 ends at 112 * 100 / 224 = 50 -> 49.
-    assert box_to_image([0, 10, 223, 111], 448, 100) == (0, 4, 447, 49)
-    # The full frame maps onto the full image.
-    assert box_to_image([0, 0, 223, 223], 448, 100) == (0, 0, 447, 99)
-    # Shrinking: 112 * 10 / 224 = 5; 224 * 10 / 224 - 1 = 9 (the last column).
-    assert box_to_image([112, 0, 223, 223], 10, 5) == (5, 0, 9, 4)
-    # One frame pixel shrunk below one image pixel keeps a one-pixel box.
-    assert box_to_image([100, 100, 100, 100], 10, 10) == (4, 4, 4, 4)
-    # Clipped to the image when a coordinate would fall beyond it.
-    assert box_to_image([0, 0, 224, 224], 7, 3) == (0, 0, 6, 2)
-
-
 def test_unique_stems():
     assert unique_stems(["x/a.png", "y/a.jpg", "a-1.png", "A.PNG", "b.png"]) == ["a", "a-1", "a-1-1", "A-2", "b"]
 

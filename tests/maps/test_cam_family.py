@@ -201,8 +201,10 @@ def test_equals_pytorch_grad_cam(method):
 @pytest.mark.parametrize("method, layer, chunk", [("scorecam", "head", 5), ("scorecam", "conv5_2", 64),
                                                   ("ablationcam", "conv5_2", 6), ("ablationcam", "conv4_3", 1)])
 def test_rows_per_pass_are_bounded_by_the_chunk_size(method, layer, chunk):
-    """Peak memory follows the rows of one pass: at most ``chunk_size`` masked images (Score-CAM),
-    or ``max(1, chunk_size // B)`` ablated copies per image (Ablation-CAM), never C x B."""
+    """Peak memory follows the rows of one pass: at most ``chunk_size`` masked images (Score-CAM);
+    Ablation-CAM, which runs only the network after the layer here, takes ``k = copies // B``
+    copies per image, ``copies`` holding the elements of ``chunk_size`` images (at least
+    ``chunk_size``); never C x B."""
     model, images, targets = float64_setup("vgg16", n=3, size=32)
     rows = []
 
@@ -218,5 +220,11 @@ def test_rows_per_pass_are_bounded_by_the_chunk_size(method, layer, chunk):
     taps = model.backbone.taps
     channels = taps[layer].channels if layer in taps else head_features(model, images).shape[1]
     assert rows[0] == 3  # the forward that gives A
-    assert max(rows[1:]) <= max(chunk, 3) and len(rows) > 2
     assert sum(rows[1:]) == 3 * channels  # every channel of every image, once
+    if method == "scorecam":
+        assert max(rows[1:]) <= chunk and len(rows) > 2
+        return
+    side = 32 // taps[layer].stride  # conv5_2: 2x2 (stride 16); conv4_3: 4x4 (stride 8)
+    copies = max(chunk, chunk * 3 * 32 * 32 // (channels * side * side))
+    k = max(1, copies // 3)
+    assert rows[1:] == [3 * k] * (channels // k) + ([3 * (channels % k)] if channels % k else [])

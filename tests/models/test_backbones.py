@@ -5,12 +5,12 @@ from numerics import network_bound
 
 from mnpo.models.backbones import (
     ResNet50Backbone,
-    TapInfo,
     VGG16Backbone,
     VggPools,
     backbone_taps,
     build_backbone,
 )
+from mnpo.models.stages import TapInfo
 
 VGG_TAPS = [f"conv{s}_{i}" for s, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for i in range(1, n + 1)]
 

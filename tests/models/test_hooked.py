@@ -154,6 +154,32 @@ def test_ablation_at_a_token_layer_runs_each_image_again_and_equals_the_definiti
     assert float((ours - expected).abs().max()) <= 1e-9
 
 
+def test_ablation_passes_hold_the_elements_of_chunk_size_images_where_only_the_suffix_runs(monkeypatch):
+    """resnet18 at layer3 (256 x 4 x 4 at 64 px; the rest reads only its output): a pass takes
+    chunk_size 3 64 64 / (256 4 4) = 3 chunk_size copies, k = 24 // 2 = 12 per image, 22 passes;
+    at a ViT block's ln_1 (the block's residual reads its input too) k = chunk_size // 2 = 4 per
+    image, each image run again. The probe decides the same for one image as for two."""
+    seen = []
+    original = HookedSource.ablated_logits
+    monkeypatch.setattr(HookedSource, "ablated_logits",
+                        lambda self, images, layer, copies: seen.append(copies.shape[0]) or original(
+                            self, images, layer, copies))
+    resnet, vit = model_of("resnet18"), model_of("vit")
+    images = inputs(n=2, seed=4)
+    compute_maps(resnet, images, torch.tensor([0, 1]), method="ablationcam", target_layer="layer3", chunk_size=8)
+    assert seen == [24] * 21 + [2 * (256 - 21 * 12)]
+    seen.clear()
+    ln_1 = "encoder.layers.encoder_layer_1.ln_1"
+    compute_maps(vit, images, torch.tensor([0, 1]), method="ablationcam", target_layer=ln_1, chunk_size=8)
+    assert seen == [8] * 12  # 48 channels, 4 per image per pass
+    for model, layer, suffix_only in ((resnet, "layer3", True), (resnet, "layer4", True), (vit, ln_1, False),
+                                      (vit, "encoder.ln", True)):
+        for n in (1, 2):
+            source = HookedSource(model)
+            source._known.pop("suffix_only", None)  # decided again, on n images
+            assert source.ablation_runs_suffix(images[:n], layer) is suffix_only, (layer, n)
+
+
 def test_eigencam_equals_pytorch_grad_cams_projection_on_tokens():
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
@@ -279,9 +305,14 @@ def test_auto_layer_is_the_last_map_the_scores_reach_and_is_logged(name, expecte
     """ViT: the final norm's and the last block's patch tokens get no gradient from the class token,
     so the last block's ln_1 is the layer; ResNet: layer4, not layer4.2.relu (run 3 times)."""
     source = HookedSource(model_of(name))
+    source._auto.clear()  # found again here (other tests may have cached it): logged once
     with caplog.at_level(logging.INFO, logger="mnpo.models.hooked"):
         assert source.auto_layer(inputs(n=1)) == expected
-    assert expected in caplog.text or source._auto  # logged when found, cached after
+    assert f"target layer 'auto' is {expected!r}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mnpo.models.hooked"):
+        assert source.auto_layer(inputs(n=1)) == expected
+    assert "target layer 'auto'" not in caplog.text  # cached: neither searched nor logged again
 
 
 def test_auto_layer_maps_equal_the_named_layers():

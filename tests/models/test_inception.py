@@ -15,7 +15,8 @@ from torchvision.models import Inception_V3_Weights
 
 from mnpo.maps import compute_maps
 from mnpo.models import build_model
-from mnpo.models.backbones import BACKBONE_NAMES, TapInfo, backbone_taps, build_backbone
+from mnpo.models.backbones import BACKBONE_NAMES, backbone_taps, build_backbone
+from mnpo.models.stages import TapInfo
 from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.multibranch import LAYOUTS, MultiBranchNet
 from mnpo.models.weights import DROPPED_PREFIXES, WeightsError, load_backbone_weights, load_pretrained

@@ -23,7 +23,8 @@ from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.data.transforms import load_image
 from mnpo.engine.config import config_from_dict
-from mnpo.engine.evaluate import evaluate_model, protocol_overlay, resize_for
+from mnpo.engine.evaluate import evaluate_model, protocol_overlay
+from mnpo.engine.views import resize_for
 from mnpo.engine.evaluate_maps import build_report
 from mnpo.engine.overlay import save_gallery
 from mnpo.engine.report import write_report

@@ -27,16 +27,12 @@ from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, no
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, split_evaluator
 from mnpo.engine.results import EvaluationResults, SplitDetails, gallery_sample
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
+from mnpo.engine.views import box_to_image, resize_for, ten_crop_logits
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
 from mnpo.metrics.localization import BoxCurves, MaskCurves, PerImage
 
 log = logging.getLogger(__name__)
-
-
-def resize_for(crop: int) -> int:
-    """The protocol's resize side for a crop side: 256 for 224, in proportion otherwise."""
-    return round(crop * 256 / 224)
 
 
 class ShardSampler(Sampler[int]):
@@ -166,18 +162,6 @@ def _read_state(path: Path, key: Mapping[str, Any]) -> dict[str, Any]:
     if differ:
         raise ValueError(f"{path} was written by another evaluation ({'; '.join(differ)}); delete it to start over")
     return state
-
-
-def ten_crop_logits(model: torch.nn.Module, crops: torch.Tensor, chunk: int,
-                    channels_last: bool = False) -> torch.Tensor:
-    """The main branch's logits of every crop: ``(B, 10, 3, S, S)`` -> ``(B, 10, K)``, forwarded
-    ``chunk`` crops at a time under ``inference_mode`` (no graph kept; memory of one chunk)."""
-    flat = crops.flatten(0, 1)
-    if channels_last:
-        flat = flat.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        logits = torch.cat([model(flat[i:i + chunk]).logits[0] for i in range(0, len(flat), chunk)])
-    return logits.view(*crops.shape[:2], -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -566,7 +550,6 @@ def protocol_overlay(image, scoremap: np.ndarray, threshold: float, meta, image_
     """``image`` (PIL RGB) with its 224x224 ``scoremap`` as a heat map, the predicted box(es)
     (largest contour at ``threshold``, scaled from the map's frame) in green and, for a box
     split, the ground truth (scaled from the ``image_sizes.txt`` frame) in red."""
-    from mnpo.engine.localize import box_to_image
     from mnpo.engine.overlay import heatmap_overlay
     from mnpo.metrics.boxes import predicted_boxes
 

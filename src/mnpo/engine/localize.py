@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mnpo.engine.views import VIEW_SIZE, box_to_image, resize_for, ten_crop_logits
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -52,8 +54,6 @@ log = logging.getLogger(__name__)
 
 #: Box threshold when neither the caller nor the checkpoint gives one.
 DEFAULT_THRESHOLD = 0.2
-#: Side of the localization view and of the maps' frame (spec section 6).
-VIEW_SIZE = 224
 #: ``mnpo.maps.METHODS``, repeated here so that building the parser does not import torch (tested equal).
 METHOD_CHOICES = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
                   "scorecam", "ablationcam", "eigencam", "center")
@@ -205,21 +205,6 @@ class LocalizeSummary:
     skipped: list[SkippedImage]
     path: Path
     reused: int = 0
-
-
-def box_to_image(box: Sequence[int], width: int, height: int, frame: int = VIEW_SIZE) -> tuple[int, int, int, int]:
-    """An inclusive box of the ``frame x frame`` map, scaled into a W x H image.
-
-    Pixel ``x`` of the frame covers ``[x, x + 1)``, i.e. ``[x W / frame, (x + 1) W / frame)`` of
-    the image: ``x0 -> floor(x0 W / frame)``, ``x1 -> floor((x1 + 1) W / frame) - 1`` (never
-    left of ``x0``), the same for ``y``, clipped to ``[0, W - 1]`` and ``[0, H - 1]``.
-    """
-    x0, y0, x1, y1 = (int(v) for v in box)
-    left, top = x0 * width // frame, y0 * height // frame
-    right = max(left, (x1 + 1) * width // frame - 1)
-    bottom = max(top, (y1 + 1) * height // frame - 1)
-    clipped = np.clip([left, top, right, bottom], 0, [width - 1, height - 1, width - 1, height - 1])
-    return tuple(int(v) for v in clipped)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -420,7 +405,6 @@ def _classify_and_map(model, images: Sequence[Image.Image], opts: _Options):
     import torch
 
     from mnpo.data.transforms import normalize_batch, ten_crop_batch, uint8_views
-    from mnpo.engine.evaluate import resize_for
     from mnpo.maps.methods import compute_maps
 
     dtype = next(model.parameters()).dtype
@@ -440,7 +424,6 @@ def _ten_crop_probabilities(model, crops: torch.Tensor, chunk: int) -> torch.Ten
 
     ``crops`` (B, 10, 3, 224, 224), forwarded ``chunk`` crops at a time -> float64 (B, K).
     """
-    from mnpo.engine.evaluate import ten_crop_logits
 
     return ten_crop_logits(model, crops, chunk).double().mean(1).softmax(1)
 

@@ -118,12 +118,23 @@ def ablationcam(source, images: Tensor, targets: Tensor | None, opts) -> tuple[T
         return _finish(channel_weighted_sum(weights, acc(A)), opts), logits
 
 
+def ablation_copies_per_pass(source, images: Tensor, A: Tensor, layer, chunk_size: int) -> int:
+    """Ablated copies of ``A`` ``(B, C, h, w)`` per pass: ``chunk_size``, or, where a pass runs only
+    the network after ``layer`` (``source.ablation_runs_suffix``), as many copies as hold the
+    elements of ``chunk_size`` images (``chunk_size 3 H W / (C h w)``, at least ``chunk_size``):
+    memory then follows the copies, not the images, and the pass before the layer, which every
+    pass repeats on ``images`` for a hooked model, is shared by more channels."""
+    if not source.ablation_runs_suffix(images, layer):
+        return chunk_size
+    return max(chunk_size, chunk_size * images[0].numel() // A[0].numel())
+
+
 def _ablated_logits(source, images: Tensor, A: Tensor, targets: Tensor, layer, chunk_size: int) -> Tensor:
     """``y_c`` ``(B, C)``: the network after ``layer`` run on copies of ``A`` with channel ``c``
-    set to 0, ``k = chunk_size // B`` channels of every image per pass (what comes before the
-    layer runs once per pass, on ``images``)."""
+    set to 0, ``k = copies // B`` channels of every image per pass (``copies`` from
+    :func:`ablation_copies_per_pass`; what comes before the layer runs once per pass, on ``images``)."""
     B, C = A.shape[:2]
-    per_image = max(1, chunk_size // B)
+    per_image = max(1, ablation_copies_per_pass(source, images, A, layer, chunk_size) // B)
     out = torch.empty(B, C, dtype=acc(A).dtype, device=A.device)
     with torch.inference_mode():
         for first in range(0, C, per_image):

@@ -83,7 +83,9 @@ class MapOptions:
     relu: the CAM family's ReLU of the raw map (``gradcam`` ... ``eigencam``).
     size: output ``(H, W)``; default the input's.
     chunk_size: images per forward pass of ``scorecam``'s masked and ``ablationcam``'s
-        ablated copies (bounds their memory).
+        ablated copies (bounds their memory); where ablation runs only the network after the
+        layer, a pass takes as many copies of the layer's output as hold the elements of
+        ``chunk_size`` images (at least ``chunk_size``).
     reshape: any model: how a layer's output becomes ``(B, C, h, w)``: ``auto`` (token sequences
         ``(B, N, C)`` and channels-last ``(B, h, w, C)`` recognized) or a callable.
     classifier: any model: the linear layer after global average pooling that ``cam`` and

@@ -40,6 +40,10 @@ class FeatureSource(Protocol):
     def ablated_logits(self, images: Tensor, layer: Any, copies: Tensor) -> Tensor:
         """Main logits ``(k B, K)`` with ``layer``'s output replaced by ``copies`` ``(k B, C, h, w)``."""
 
+    def ablation_runs_suffix(self, images: Tensor, layer: Any) -> bool:
+        """Whether ``ablated_logits`` runs only the network after ``layer`` on the copies (else
+        each image's whole network ``k`` times)."""
+
     def branch_features(self, images: Tensor) -> tuple[Tensor, list[tuple[str, Tensor, Tensor]]]:
         """Main logits and ``(name, pre-GAP features, classifier weight (K, C))`` per branch."""
 

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from mnpo.models.backbones import ResNet50Backbone, TapInfo, VGG16Backbone, build_backbone
+from mnpo.models.backbones import ResNet50Backbone, VGG16Backbone, build_backbone
+from mnpo.models.stages import TapInfo
 from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from mnpo.models.method_nets import MethodLayout, layout_from_dict, network_kind

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnpo.models.backbones import VggPools, scale_channels
+from mnpo.models.backbones import VggPools
+from mnpo.models.stages import scale_channels
 from mnpo.models.blocks import Conv3x3ReLU, init_he
 from mnpo.models.method_nets import MethodLayout, MethodNet, class_map, gap, minmax
 

@@ -23,12 +23,14 @@ layouts do not fuse (VGG16's pools ``pool1``..``pool4``, ResNet50's ``layer3.0``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mnpo.models.blocks import Bottleneck
+from mnpo.models.inception import InceptionV3Backbone
+from mnpo.models.stages import TapInfo, gradient_leaf, run_stages, run_tracked, scale_channels, wanted_taps
 
 VGG16_CONFIG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
@@ -65,70 +67,6 @@ class VggPools:
 
     def kinds(self, large_feature_map: bool = False) -> tuple[str, ...]:
         return self.large if large_feature_map else self.default
-
-
-@dataclass(frozen=True)
-class TapInfo:
-    """A named feature map: its channel count and its stride relative to the input."""
-
-    channels: int
-    stride: int
-
-
-def scale_channels(channels: int, width: float) -> int:
-    """Channel count under a width multiplier (at least 1)."""
-    return max(1, int(round(channels * width)))
-
-
-def _wanted(known: dict[str, TapInfo], taps: Sequence[str], grad_from: str | None) -> list[str]:
-    """``taps`` plus ``grad_from``, in request order, each checked against ``known``."""
-    wanted = list(dict.fromkeys([*taps, *([grad_from] if grad_from is not None else [])]))
-    unknown = [t for t in wanted if t not in known]
-    if unknown:
-        raise KeyError(f"unknown tap(s) {unknown}; this backbone has {list(known)}")
-    return wanted
-
-
-def run_tracked(module: nn.Module | Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-    """``module(*inputs)`` with autograd if an input requires grad, else under inference mode.
-
-    In a truncated pass this keeps the graph to what depends on the target tensor: layers
-    fed only by constants record nothing and keep no activations, whatever their parameters say.
-    """
-    if any(t.requires_grad for t in inputs):
-        with torch.enable_grad():
-            return module(*inputs)
-    with torch.inference_mode():
-        return module(*inputs)
-
-
-def gradient_leaf(x: Tensor) -> Tensor:
-    """A tensor equal to ``x`` that requires grad and has no history: where a truncated pass
-    starts (a copy when ``x`` was made under inference mode, which autograd may not use)."""
-    return (x.clone() if x.is_inference() else x.detach()).requires_grad_()
-
-
-def run_stages(stages: Sequence[tuple[str, Callable[[Tensor], Tensor]]], x: Tensor, wanted: Sequence[str],
-               grad_from: str | None = None, replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Run named stages in order, up to the last one ``wanted`` names, and return those outputs.
-
-    ``grad_from``: that stage's output becomes a leaf requiring grad; the stages before it run
-    without autograd and those after record it (a truncated backward). ``replace``:
-    ``(name, value)``, the stages after ``name`` continue from ``value``.
-    """
-    names = [name for name, _ in stages]
-    last = max((names.index(t) for t in wanted), default=-1)
-    out: dict[str, Tensor] = {}
-    x = x if grad_from is None else x.detach()
-    for name, stage in stages[: last + 1]:
-        x = stage(x) if grad_from is None else run_tracked(stage, x)
-        if name == grad_from:
-            x = gradient_leaf(x)
-        if replace is not None and name == replace[0]:
-            x = replace[1]
-        if name in wanted:
-            out[name] = x
-    return {t: out[t] for t in wanted}
 
 
 def make_vgg_features(config: Sequence[int | str], width: float = 1.0, pools: Sequence[str] = ()
@@ -192,7 +130,7 @@ class VGG16Backbone(nn.Module):
         a backward pass truncated at that tap. ``replace``: ``(tap, value)``: the layers after
         the tap continue from ``value`` (any batch size) instead of what they computed.
         """
-        wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
+        wanted = wanted_taps({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         index = {self._tap_index[t]: t for t in wanted}
         out: dict[str, Tensor] = {}
         x = x if grad_from is None else x.detach()
@@ -242,7 +180,7 @@ class ResNet50Backbone(nn.Module):
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
-        wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
+        wanted = wanted_taps({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         if not wanted:
             return {}
         stages = [("stem", self.stem), ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3),
@@ -266,8 +204,6 @@ def build_backbone(name: str, width: float = 1.0, large_feature_map: bool = Fals
     if name == "resnet50":
         return ResNet50Backbone(width, large_feature_map)
     if name == "inception_v3":
-        from mnpo.models.inception import InceptionV3Backbone  # it builds on this module's helpers
-
         return InceptionV3Backbone(width, large_feature_map)
     raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES}")
 

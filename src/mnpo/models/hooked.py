@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 #: The most leading (class, distillation, register) tokens ``reshape="auto"`` drops.
 MAX_PREFIX_TOKENS = 8
-#: Per model: its number of classes and its ``auto`` layer per input size (found once).
+#: Per model: its number of classes, its ``auto`` layer per input size and, per layer, whether
+#: ablation can run the network after it alone (each found once).
 _KNOWN: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -419,12 +420,35 @@ class HookedSource:
     def own_cam(self, images: Tensor, targets: Tensor | None) -> None:
         return None
 
+    def ablation_runs_suffix(self, images: Tensor, layer: Any) -> bool:
+        """Whether replacing the layer's output alone by ``k B`` rows gives ``k B`` scores: false
+        where the rest of the network also reads an earlier tensor of ``B`` rows (a ViT block's
+        residual). Found once per layer, by one pass on two images with the layer's output doubled
+        (two, so that an earlier tensor of 2 rows cannot broadcast against 4)."""
+        name, module = self.resolve(layer, images)
+        known = self._known.setdefault("suffix_only", {})
+        if name not in known:
+            def doubled(mod, inputs, output):
+                t = _output_tensor(output, name)
+                return torch.cat([t, t])
+
+            probe = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)
+            try:
+                with torch.inference_mode(), _hook(module, doubled):
+                    known[name] = scores_of(self.model(probe)).shape[0] == 4
+            except RuntimeError:
+                known[name] = False
+            if not known[name]:
+                log.info("ablationcam at %r: the rest of the network reads more than that layer's output; "
+                         "each image is run again for its ablated copies", name)
+        return known[name]
+
     def ablated_logits(self, images: Tensor, layer: Any, copies: Tensor) -> Tensor:
         """Scores ``(k B, K)`` with the layer's output replaced by ``copies`` ``(k B, C, h, w)``.
 
-        First the layer's output alone is replaced (what comes before runs once, on ``images``);
-        where the rest of the network also reads an earlier tensor of ``B`` rows (a ViT block's
-        residual) that fails, and from then on each image is run ``k`` times and replaced whole.
+        Where the rest of the network reads only the layer's output (:meth:`ablation_runs_suffix`),
+        that output alone is replaced (what comes before runs once, on ``images``); otherwise each
+        image is run ``k`` times and its output replaced whole.
         """
         name, module = self.resolve(layer, images)
         k = copies.shape[0] // images.shape[0]
@@ -437,24 +461,10 @@ class HookedSource:
                 raise LayerError(f"ablationcam at {name!r} needs reshape='auto': a custom reshape has no inverse")
             return layout.from_grid(copies.to(t.dtype), t)
 
-        fast = getattr(self, "_fast_ablation", {})
-        self._fast_ablation = fast
-        if fast.get(name, True) and k > 1:
-            try:
-                with torch.inference_mode(), _hook(module, put):
-                    scores = scores_of(self.model(images))
-                if scores.shape[0] == copies.shape[0]:
-                    fast[name] = True
-                    return scores
-            except LayerError:
-                raise
-            except RuntimeError:
-                pass
-            fast[name] = False
-            log.info("ablationcam at %r: the rest of the network reads more than that layer's output; "
-                     "running each image %d times", name, k)
+        if k > 1 and not self.ablation_runs_suffix(images, layer):
+            images = images.repeat_interleave(k, dim=0)
         with torch.inference_mode(), _hook(module, put):
-            return scores_of(self.model(images.repeat_interleave(k, dim=0) if k > 1 else images))
+            return scores_of(self.model(images))
 
 
 def layer_table(model: nn.Module, input_size: int = 224) -> list[dict[str, Any]]:

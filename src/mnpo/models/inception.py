@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mnpo.models.backbones import TapInfo, _wanted, run_stages, scale_channels
+from mnpo.models.stages import TapInfo, run_stages, scale_channels, wanted_taps
 
 #: BatchNorm epsilon of every Inception conv (torchvision's and wsolevaluation's).
 BN_EPS = 1e-3
@@ -197,5 +197,5 @@ class InceptionV3Backbone(nn.Module):
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``); see ``VGG16Backbone.forward``."""
-        wanted = _wanted({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
+        wanted = wanted_taps({**self.taps, **self.inner_taps}, taps, grad_from or (replace[0] if replace else None))
         return run_stages([(name, getattr(self, name)) for name in self.sequence], x, wanted, grad_from, replace)

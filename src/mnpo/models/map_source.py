@@ -94,6 +94,10 @@ class NetworkSource:
         with torch.inference_mode():
             return self(images, replace=(layer, copies)).logits[0]
 
+    def ablation_runs_suffix(self, images: Tensor, layer: str) -> bool:
+        """Always: the network continues from the replaced feature (``replace=``)."""
+        return True
+
     def branch_features(self, images: Tensor) -> tuple[Tensor, list[tuple[str, Tensor, Tensor]]]:
         """Main logits and, per branch, ``(name, pre-GAP features (B, C, h, w), classifier weight
         (K, C))``, without autograd."""

@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mnpo.models.backbones import BACKBONE_NAMES, VggPools, build_backbone, gradient_leaf, run_tracked
+from mnpo.models.backbones import BACKBONE_NAMES, VggPools, build_backbone
+from mnpo.models.stages import gradient_leaf, run_tracked
 from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchOutput, NetworkLayout
 
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3).

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mnpo.models.backbones import TapInfo, backbone_taps, build_backbone, gradient_leaf, run_tracked, scale_channels
+from mnpo.models.backbones import backbone_taps, build_backbone
+from mnpo.models.stages import TapInfo, gradient_leaf, run_tracked, scale_channels
 from mnpo.models.blocks import Bottleneck, Conv3x3ReLU, Reduce1x1, concat, init_he
 
 BLOCK_KINDS = ("bottleneck", "reduce1x1", "conv3x3_relu", "concat")

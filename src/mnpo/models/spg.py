@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnpo.models.backbones import VggPools, scale_channels
+from mnpo.models.backbones import VggPools
+from mnpo.models.stages import scale_channels
 from mnpo.models.blocks import Conv3x3ReLU, init_he
 from mnpo.models.method_nets import MethodLayout, MethodNet, gap
 
