@@ -81,7 +81,9 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
         threshold_grid=args.threshold_grid, logits=args.logits,
         val_logits=args.val_logits, workers=args.workers, progress=not args.quiet, center=args.center,
         data=args.data, results=args.results, report_html=args.report, label=args.label,
-        gallery_size=args.gallery_size,
+        gallery_size=args.gallery_size, faithfulness=_faithfulness_settings(args),
+        checkpoint=args.checkpoint, model_spec=args.model, weights=args.weights, num_classes=args.num_classes,
+        input_size=args.input_size, device=args.device, batch_size=args.batch_size,
     )
     print(report.table())
     if report.calibrated is None and report.info["kind"] == "box":
@@ -161,6 +163,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, results=args.results, report_html=args.report, label=args.label,
         gallery_size=args.gallery_size, skip_unreadable=args.skip_unreadable,
         model_spec=args.model, weights=args.weights, num_classes=args.num_classes,
+        faithfulness=_faithfulness_settings(args),
     )
     if not _is_main_process():
         return 0  # under torchrun, rank 0 reports for all
@@ -242,6 +245,41 @@ def _add_output_args(parser: argparse.ArgumentParser, default_label: str) -> Non
                         help="images sampled for the report's gallery (default 128)")
 
 
+def _add_faithfulness_args(parser: argparse.ArgumentParser) -> None:
+    """The faithfulness pass, shared by evaluate and evaluate-maps."""
+    parser.add_argument("--faithfulness", metavar="METRICS",
+                        help="also score the maps' faithfulness to the model: a comma list of avgdrop, deletion, "
+                             "insertion, road, pointing (boxes or masks needed), or all; on a split without "
+                             "localization.txt these are the only metrics")
+    parser.add_argument("--faithfulness-steps", type=int, default=112,
+                        help="deletion / insertion steps (default 112: 448 pixels a step at 224, as RISE)")
+    parser.add_argument("--road-percentiles", default="10,20,30,40,50,60,70,80,90",
+                        help="ROAD's percentiles of removed pixels (default 10,...,90)")
+    parser.add_argument("--road-noise", type=float, default=0.01,
+                        help="ROAD imputation noise, on the model input's scale (default 0.01)")
+    parser.add_argument("--faithfulness-seed", type=int, default=0,
+                        help="seed of the random-map baseline and of ROAD's noise (default 0)")
+    parser.add_argument("--no-faithfulness-baselines", action="store_true",
+                        help="score only the maps, not the random-map and center-map baselines (a third of the time)")
+
+
+def _faithfulness_settings(args: argparse.Namespace):
+    """``FaithfulnessSettings`` from the command line (None without ``--faithfulness``)."""
+    if not args.faithfulness:
+        return None
+    from mnpo.engine.faithfulness import BASELINES, FaithfulnessSettings
+
+    try:
+        percentiles = tuple(int(p) for p in args.road_percentiles.split(","))
+    except ValueError:
+        raise ValueError(f"--road-percentiles must be integers separated by commas, got {args.road_percentiles!r}")
+    return FaithfulnessSettings(
+        metrics=args.faithfulness, steps=args.faithfulness_steps, road_percentiles=percentiles,
+        road_noise=args.road_noise, seed=args.faithfulness_seed,
+        chunk_size=getattr(args, "chunk_size", None) or 16,
+        baselines=() if args.no_faithfulness_baselines else BASELINES)
+
+
 def _add_threshold_args(parser: argparse.ArgumentParser) -> None:
     """The score-map threshold grid, shared by evaluate and evaluate-maps."""
     parser.add_argument("--cam-curve-interval", type=float, default=0.01,
@@ -320,7 +358,19 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_threshold_args(ev)
     ev.add_argument("--workers", type=int, default=None, help="threads (default: available cores, at most 8)")
     _add_output_args(ev, "center, or the maps folder's name")
-    ev.add_argument("--data", help="image root (needed by --results and --report for their gallery)")
+    ev.add_argument("--data", help="image root (needed by --results and --report for their gallery, and by "
+                                   "--faithfulness)")
+    _add_faithfulness_args(ev)
+    ev.add_argument("--checkpoint", help="(--faithfulness) the mnpo checkpoint whose maps these are")
+    ev.add_argument("--model", metavar="SPEC", help="(--faithfulness) or any classifier: torchvision:NAME, "
+                                                    "timm:NAME, module:pkg.factory (as evaluate --model)")
+    ev.add_argument("--weights", help="(--model) a state dict file")
+    ev.add_argument("--num-classes", type=int, help="(--model) its class count when not ImageNet's")
+    ev.add_argument("--input-size", type=int, default=224, help="(--faithfulness) the model's input side (224)")
+    ev.add_argument("--device", default="auto", help="(--faithfulness) auto, cpu, cuda or cuda:N")
+    ev.add_argument("--batch-size", type=int, default=64, help="(--faithfulness) images per batch (64)")
+    ev.add_argument("--chunk-size", dest="chunk_size", type=int,
+                    help="(--faithfulness) perturbed copies per forward pass (default 16)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evaluate_maps)
 
@@ -389,7 +439,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--target-layer", dest="target_layer",
                      help="layer of the gradient methods and the CAM family (e.g. conv5_2, head)")
     ev2.add_argument("--chunk-size", dest="chunk_size", type=int,
-                     help="masked or ablated copies per forward pass of scorecam / ablationcam (default 16)")
+                     help="masked, ablated or perturbed copies per forward pass of scorecam / ablationcam and of "
+                          "the faithfulness metrics (default 16)")
     ev2.add_argument("--fusion", choices=("max", "mean"), help="branch fusion of mnpo (default max)")
     ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
     ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),
@@ -409,6 +460,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--save-maps", help="write each 224x224 map as DIR/<image_id>.npy")
     ev2.add_argument("--save-overlays", help="write DIR/<image_id>.png: map, predicted and true boxes")
     _add_output_args(ev2, "the method")
+    _add_faithfulness_args(ev2)
     ev2.add_argument("--skip-unreadable", action="store_true",
                      help="count an unreadable image as a miss for every metric (IoU 0, wrong class; PxAP: a map "
                           "of zeros) and list it, instead of stopping with an error that names every such file")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, split_evaluator
+from mnpo.engine.faithfulness import FaithfulnessAccumulator, FaithfulnessSettings, regions_of_split
 from mnpo.engine.results import EvaluationResults, SplitDetails, gallery_sample
 from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.engine.views import box_to_image, resize_for, ten_crop_logits
@@ -117,8 +118,10 @@ def unreadable_headers(dataset: WSOLDataset, indices: Sequence[int], threads: in
 
 @dataclass
 class SplitResult:
-    """Curves (box or mask), classification counts and unreadable images of one split, and its
-    per-image details when ``EvalSettings.details`` asked for them.
+    """Curves (box or mask; None on a split without localization labels), classification counts
+    and unreadable images of one split, its per-image details when ``EvalSettings.details`` asked
+    for them, and its faithfulness result when ``EvalSettings.faithfulness`` did
+    (:meth:`~mnpo.engine.faithfulness.FaithfulnessAccumulator.result`).
 
     num_images: every image of the split, read or not (unreadable ones count as misses).
     unreadable: image id -> why it could not be read (empty unless ``skip_unreadable``).
@@ -130,6 +133,7 @@ class SplitResult:
     top5_correct: int
     unreadable: dict[str, str]
     details: SplitDetails | None = None
+    faithfulness: dict[str, Any] | None = None
 
     @property
     def classification(self) -> dict[str, float]:
@@ -137,8 +141,8 @@ class SplitResult:
         return {"top1_cls": 100.0 * self.top1_correct / n, "top5_cls": 100.0 * self.top5_correct / n}
 
 
-def _sum_curves(curves: BoxCurves | MaskCurves, ctx: DistContext) -> BoxCurves | MaskCurves:
-    if not ctx.enabled:
+def _sum_curves(curves: BoxCurves | MaskCurves | None, ctx: DistContext) -> BoxCurves | MaskCurves | None:
+    if not ctx.enabled or curves is None:
         return curves
     n = int(all_reduce_sum(np.array([curves.num_images], np.int64), ctx)[0])
     if isinstance(curves, MaskCurves):
@@ -187,6 +191,8 @@ class EvalSettings:
     details: also keep what the report needs (``SplitResult.details``): each image's IoU at
     every threshold (box) or own PxAP (mask), its five best classes, and thumbnails of a fixed
     sample of ``gallery_size`` images (see :mod:`mnpo.engine.results`).
+    faithfulness: also score the maps' faithfulness to the model (:mod:`mnpo.engine.faithfulness`);
+    the only metrics of a split without localization labels.
     """
 
     thresholds: np.ndarray
@@ -203,13 +209,15 @@ class EvalSettings:
     details: bool = False
     gallery_size: int = 128
     foreground: bool = False
+    faithfulness: FaithfulnessSettings | None = None
 
     def run_key(self, dataset: WSOLDataset, ctx: DistContext) -> dict[str, Any]:
         """The settings a progress file must match to be continued (besides the caller's)."""
         return {"method": self.method, "map_options": dict(self.map_options), "ten_crop": self.ten_crop,
                 "images": len(dataset), "rank": ctx.rank, "world": ctx.world, "foreground": self.foreground,
                 "details": self.details, "gallery_size": self.gallery_size if self.details else None,
-                "skip_unreadable": self.skip_unreadable}
+                "skip_unreadable": self.skip_unreadable,
+                "faithfulness": None if self.faithfulness is None else self.faithfulness.to_json()}
 
 
 def _settings(settings: EvalSettings | None, fields_given: dict[str, Any]) -> EvalSettings:
@@ -248,15 +256,24 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
     if dataset.mode != "evaluate":
         raise ValueError(f"evaluate_model needs an 'evaluate'-mode data set, got {dataset.mode!r}")
     model.eval()
+    faithfulness = None
+    if settings.faithfulness is not None:
+        if settings.foreground:
+            raise ValueError("faithfulness metrics read a class's probability; a foreground model has no classes")
+        faithfulness = FaithfulnessAccumulator(settings.faithfulness,
+                                               regions_of_split(dataset.meta, dataset.mask_root, EVAL_SIZE))
+    elif dataset.meta.kind == "none":
+        raise ValueError("the evaluated split has no localization.txt, so there is no box or mask to "
+                         "evaluate against; give --faithfulness to score the maps against the model instead")
     evaluator = split_evaluator(dataset.meta, settings.thresholds, dataset.mask_root, settings.metric_workers,
-                                settings.details)
+                                settings.details, classification_only=faithfulness is not None)
     counts: dict[str, Any] = {"top1": 0, "top5": 0, "unreadable": {}}
     details = SplitDetails(PerImage((), np.zeros(0))) if settings.details else None
     sample = gallery_sample(dataset.image_ids, settings.gallery_size) if settings.details else set()
     sampler = ShardSampler(len(dataset), ctx)
     key = {**dict(run_key or {}), **settings.run_key(dataset, ctx)}
     if state_file is not None and Path(state_file).is_file():
-        counts = _resume(Path(state_file), key, evaluator, sampler, dataset, details)
+        counts = _resume(Path(state_file), key, evaluator, sampler, dataset, details, faithfulness)
 
     def unreadable(found: Mapping[str, str]) -> None:
         """Images that cannot be read: listed; counted as misses, or kept for the error at the end."""
@@ -277,6 +294,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
 
     def save_state() -> None:
         extra = {} if details is None else {"details": details.to_state()}
+        if faithfulness is not None:
+            extra["faithfulness"] = faithfulness.state_dict()
         write_json_atomic(state_file, {"key": key, "evaluator": evaluator.state_dict(), **counts, **extra})
 
     last_save = time.monotonic()
@@ -297,7 +316,7 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
                 unreadable(dict(zip(batch["skipped"], batch["skipped_reasons"])))
             if "image" not in batch:
                 continue
-            maps, logits, hits = evaluate_batch(model, batch, settings, device)
+            maps, logits, hits = evaluate_batch(model, batch, settings, device, faithfulness)
             counts["top1"] += hits[0]
             counts["top5"] += hits[1]
             if pending is not None:
@@ -328,14 +347,16 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
         everywhere = _gather_unreadable(counts["unreadable"], ctx)
         if everywhere:  # the progress file keeps the rest: a rerun after the repair reads only them
             raise UnreadableImagesError(dataset.image_root, everywhere)
-    return _gather(evaluator.compute(), counts, ctx, details)
+    return _gather(evaluator.compute(), counts, ctx, details, faithfulness, len(evaluator.seen_ids))
 
 
 def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: EvalSettings,
-                   device: torch.device) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+                   device: torch.device, faithfulness: FaithfulnessAccumulator | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """One batch of ``collate_evaluation``: the 224x224 maps of the ground-truth classes
     ``(B, 224, 224)``, the classification logits ``(B, K)`` (ten-crop average or 224 view) and
-    the batch's top-1 and top-5 hits."""
+    the batch's top-1 and top-5 hits. ``faithfulness``: also score the maps there (on the
+    device, at the classification's precision)."""
     images = batch["image"].to(device, non_blocking=True)
     if images.dtype == torch.uint8:  # uint8 views: normalize (and crop, below) on the device
         images = normalize_batch(images)
@@ -346,6 +367,9 @@ def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: E
     targets = torch.zeros_like(labels) if settings.foreground else labels
     with autocast(device, settings.map_precision):
         maps, logits = compute_maps(model, images, targets, method=settings.method, **options)
+    if faithfulness is not None:
+        with autocast(device, settings.precision):
+            faithfulness.update(model, images, maps, labels, list(batch["image_id"]))
     if settings.foreground:
         return maps.cpu().numpy(), logits.cpu().numpy(), (0, 0)
     if settings.ten_crop:
@@ -365,10 +389,13 @@ def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: E
 
 
 def _resume(path: Path, key: Mapping[str, Any], evaluator, sampler: ShardSampler,
-            dataset: WSOLDataset, details: SplitDetails | None) -> dict[str, Any]:
+            dataset: WSOLDataset, details: SplitDetails | None,
+            faithfulness: FaithfulnessAccumulator | None = None) -> dict[str, Any]:
     """Load an interrupted evaluation's progress; leave in ``sampler`` only the images it lacks."""
     state = _read_state(path, key)
     evaluator.load_state_dict(state["evaluator"])
+    if faithfulness is not None:
+        faithfulness.load_state_dict(state["faithfulness"])
     if details is not None:
         details.load_state(state["details"])
     misses = evaluator.misses  # unreadable images counted as misses; others are tried again
@@ -402,9 +429,11 @@ def _keep_details(details: SplitDetails, batch: Mapping[str, Any], maps: np.ndar
         details.gallery[image_id] = gallery_item(image_id, view.permute(1, 2, 0).cpu().numpy(), maps[k], evaluator)
 
 
-def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: DistContext,
-            details: SplitDetails | None = None) -> SplitResult:
-    """This rank's curves, counts and details summed over the ranks (a single process: as they are)."""
+def _gather(curves: BoxCurves | MaskCurves | None, counts: Mapping[str, Any], ctx: DistContext,
+            details: SplitDetails | None = None, faithfulness: FaithfulnessAccumulator | None = None,
+            seen: int = 0) -> SplitResult:
+    """This rank's curves, counts, details and faithfulness summed over the ranks (a single
+    process: as they are). ``seen``: this rank's images, counted when there are no curves."""
     curves = _sum_curves(curves, ctx)
     top1, top5 = (int(c) for c in all_reduce_sum(np.array([counts["top1"], counts["top5"]], np.int64), ctx))
     unreadable = _gather_unreadable(counts["unreadable"], ctx)
@@ -413,7 +442,22 @@ def _gather(curves: BoxCurves | MaskCurves, counts: Mapping[str, Any], ctx: Dist
             parts: list[SplitDetails | None] = [None] * ctx.world
             torch.distributed.all_gather_object(parts, details)
             details = SplitDetails.merge(parts)
-    return SplitResult(curves, curves.num_images, top1, top5, unreadable, details)
+        if faithfulness is not None:
+            states: list[dict | None] = [None] * ctx.world
+            torch.distributed.all_gather_object(states, faithfulness.state_dict())
+            faithfulness.merge([_accumulator_from(faithfulness, st) for st in states[:ctx.rank] + states[ctx.rank + 1:]])
+    faithful = None if faithfulness is None else faithfulness.result()
+    if curves is None:  # no localization labels: every image the evaluator counted
+        num_images = int(all_reduce_sum(np.array([seen], np.int64), ctx)[0])
+    else:
+        num_images = curves.num_images
+    return SplitResult(curves, num_images, top1, top5, unreadable, details, faithful)
+
+
+def _accumulator_from(like: FaithfulnessAccumulator, state: Mapping[str, Any]) -> FaithfulnessAccumulator:
+    other = FaithfulnessAccumulator(like.settings, like.regions)
+    other.load_state_dict(state)
+    return other
 
 
 def _gather_unreadable(found: Mapping[str, str], ctx: DistContext) -> dict[str, str]:
@@ -436,7 +480,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         state_dir: str | Path | None = None, results: str | Path | None = None,
                         report_html: str | Path | None = None, label: str | None = None, gallery_size: int = 128,
                         skip_unreadable: bool = False, model_spec: str | None = None,
-                        weights: str | Path | None = None, num_classes: int | None = None):
+                        weights: str | Path | None = None, num_classes: int | None = None,
+                        faithfulness: FaithfulnessSettings | None = None):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
 
     The model: an mnpo ``checkpoint``, or (``checkpoint=None``) any classifier by ``model_spec``
@@ -455,7 +500,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     ``Report`` of the evaluated split; its ``info`` holds the classification accuracy
     (ten-crop), the unreadable images and what was evaluated. ``skip_unreadable``: count an
     unreadable image as a miss instead of raising :class:`UnreadableImagesError` (see
-    :class:`EvalSettings`).
+    :class:`EvalSettings`). ``faithfulness``: also score the maps' faithfulness to the model on
+    the evaluated split (:mod:`mnpo.engine.faithfulness`; ``info["faithfulness"]``); on a split
+    with classification labels only, the only metrics.
     """
     from mnpo.engine.evaluate_maps import build_report, write_evaluation
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
@@ -486,7 +533,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     settings = EvalSettings(make_grid(threshold_grid, cam_curve_interval), method, dict(map_options or {}), prec,
                             map_prec, batch_size, workers, ten_crop and not foreground, channels_last,
                             skip_unreadable=skip_unreadable, details=details, gallery_size=gallery_size,
-                            foreground=foreground)
+                            foreground=foreground, faithfulness=faithfulness)
     maps_dir = save_maps if save_maps is not None else (Path(save_overlays) / "maps" if save_overlays else None)
 
     stat = Path(key_file).stat() if key_file is not None else None
@@ -508,15 +555,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         if state_dir is not None:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             state_file = Path(state_dir) / f"{name}{'' if ctx.world == 1 else f'.rank{ctx.rank}'}.json"
-        split_settings = replace(settings, details=details and name == "test")  # val: curves only
+        split_settings = replace(settings, details=details and name == "test",  # val: curves only
+                                 faithfulness=settings.faithfulness if name == "test" else None)
         return evaluate_model(model, dataset, split_settings, device=dev, ctx=ctx, save_maps=maps_to, progress=progress,
                               state_file=state_file, run_key={**run_key, "metadata": str(meta_dir)})
 
     test = split("test", metadata, maps_dir)
+    if test.curves is None and val_metadata is not None:
+        raise ValueError(f"{metadata} has no localization labels, so there is no threshold to calibrate on "
+                         f"{val_metadata}; leave --val-metadata out")
     val = None if val_metadata is None else split("val", val_metadata, None)
     info = {
         "checkpoint": evaluated, **({"weights": run_key["weights"]} if model_spec is not None else {}),
-        "metadata": str(metadata), "method": method,
+        "metadata": str(metadata), "kind": datasets["test"].meta.kind, "method": method,
         "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,
         "num_images": test.num_images,
         "unreadable_images": [{"image_id": i, "reason": r} for i, r in sorted(test.unreadable.items())],
@@ -528,6 +579,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         "calibrated": ("thresholds chosen on val, applied to the evaluated split (wsolevaluation's protocol)"
                        if val is not None else "not computed: no --val-metadata given"),
     }
+    if test.faithfulness is not None:
+        info["faithfulness"] = test.faithfulness
     if val is not None:
         info.update(val_metadata=str(val_metadata), val_num_images=val.num_images,
                     val_unreadable_images=[{"image_id": i, "reason": r} for i, r in sorted(val.unreadable.items())],

@@ -33,6 +33,7 @@ from mnpo.metrics.localization import (
     MaskCurves,
     MaskEvaluator,
     Metric,
+    NoLocalizationEvaluator,
     calibrated_metrics,
     oracle_metrics,
 )
@@ -100,6 +101,8 @@ def gallery_item(image_id: str, image: np.ndarray, scoremap: np.ndarray,
     thumb = cv2.resize(np.ascontiguousarray(image), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
     small = cv2.resize(scoremap.astype(np.float32), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
     small = np.clip(np.round(small * 255), 0, 255).astype(np.uint8)
+    if isinstance(evaluator, NoLocalizationEvaluator):
+        return GalleryItem(image_id, thumb, small, None, np.zeros((0, 4), np.int64))
     if isinstance(evaluator, BoxEvaluator):
         gt = evaluator.gt_boxes[image_id]
         boxes = box_ious(scoremap, evaluator.thresholds, gt, multi=False).largest_boxes
@@ -109,9 +112,14 @@ def gallery_item(image_id: str, image: np.ndarray, scoremap: np.ndarray,
 
 
 def split_evaluator(meta: SplitMetadata, thresholds: np.ndarray, mask_root=None, workers: int | None = None,
-                    per_image: bool = False) -> BoxEvaluator | MaskEvaluator:
+                    per_image: bool = False, classification_only: bool = False,
+                    ) -> BoxEvaluator | MaskEvaluator | NoLocalizationEvaluator:
     """The streaming evaluator of a box split (boxes in the 224 frame) or a mask split (its masks
-    read under ``mask_root``); ``per_image``: it keeps every image's values too."""
+    read under ``mask_root``); ``per_image``: it keeps every image's values too.
+    ``classification_only``: a split without localization labels is allowed (its evaluator
+    counts the maps and computes no curve)."""
+    if meta.kind == "none" and classification_only:
+        return NoLocalizationEvaluator(meta.image_ids, thresholds, EVAL_SIZE, per_image)
     if meta.kind == "box":
         return BoxEvaluator(gt_boxes_in_frame(meta), meta.labels, thresholds, image_size=EVAL_SIZE, workers=workers,
                             per_image=per_image)
@@ -124,7 +132,8 @@ def split_evaluator(meta: SplitMetadata, thresholds: np.ndarray, mask_root=None,
             return load_gt_mask(root, meta.mask_paths[image_id], meta.ignore_paths.get(image_id, ""), EVAL_SIZE)
 
         return MaskEvaluator(load_mask, meta.image_ids, thresholds, EVAL_SIZE, workers, per_image)
-    raise ValueError("the split has no localization.txt: nothing to evaluate against")
+    raise ValueError("the split has no localization.txt: nothing to evaluate against (its maps can still be "
+                     "scored against a model with --faithfulness)")
 
 
 def _batches(ids: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -142,8 +151,8 @@ def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, m
 
 
 def _score_split(maps_dir, meta: SplitMetadata, *, mask_root=None, thresholds=None, logits=None, workers=None,
-                 batch_size: int = 64, progress: bool = False, images=None, gallery_size: int = 0
-                 ) -> tuple[BoxCurves | MaskCurves, SplitDetails | None]:
+                 batch_size: int = 64, progress: bool = False, images=None, gallery_size: int = 0,
+                 classification_only: bool = False) -> tuple[BoxCurves | MaskCurves | None, SplitDetails | None]:
     """``evaluate_split``; with ``images`` (an ``evaluate``-mode ``WSOLDataset`` of the split with
     ``uint8_views``) also the split's ``SplitDetails``: every image's values, its five best
     classes from ``logits`` (none without) and the gallery of ``gallery_size`` sampled images."""
@@ -163,7 +172,8 @@ def _score_split(maps_dir, meta: SplitMetadata, *, mask_root=None, thresholds=No
         def read(image_id: str) -> np.ndarray:
             return load_map(maps_dir / f"{image_id}.npy")
     keep = images is not None
-    evaluator = split_evaluator(meta, thresholds, mask_root, workers, per_image=keep)
+    evaluator = split_evaluator(meta, thresholds, mask_root, workers, per_image=keep,
+                                classification_only=classification_only)
     row = {image_id: k for k, image_id in enumerate(meta.image_ids)}
     sample = gallery_sample(meta.image_ids, gallery_size) if keep else set()
     position = {image_id: k for k, image_id in enumerate(images.image_ids)} if keep else {}
@@ -211,18 +221,37 @@ class Report:
         return out
 
     def table(self) -> str:
-        """A plain-text table: protocol, metric, value (percent), threshold(s)."""
-        lines = [f"{'protocol':<11}{'metric':<16}{'value':>8}  threshold"]
+        """A plain-text table: protocol, metric, value (percent), threshold(s); then the
+        faithfulness metrics of the maps and the baselines, when computed."""
+        lines = []
+        if self.oracle:
+            lines.append(f"{'protocol':<11}{'metric':<16}{'value':>8}  threshold")
         for name, metrics in (("oracle", self.oracle), ("calibrated", self.calibrated)):
             for key, m in (metrics or {}).items():
                 t = m.threshold
                 shown = "-" if t is None else (", ".join(f"{x:.2f}" for x in t) if isinstance(t, tuple) else f"{t:.2f}")
                 lines.append(f"{name:<11}{key:<16}{m.value:8.2f}  {shown}")
+        faithful = self.info.get("faithfulness")
+        if faithful:
+            from mnpo.engine.faithfulness import SUMMARY_NAMES
+
+            summary = faithful["summary"]
+            sources = list(summary)
+            if lines:
+                lines.append("")
+            lines.append(f"{'faithfulness':<24}" + "".join(f"{s:>10}" for s in sources) + "  better")
+            for key, (_, shown, higher) in SUMMARY_NAMES.items():
+                if key in summary[sources[0]]:
+                    lines.append(f"{shown:<24}" + "".join(f"{summary[s][key]:10.4f}" for s in sources)
+                                 + ("  higher" if higher else "  lower"))
         return "\n".join(lines)
 
 
-def build_report(test: BoxCurves | MaskCurves, val: BoxCurves | MaskCurves | None, info: dict) -> Report:
-    """Oracle metrics of ``test``, and calibrated ones when ``val`` is given."""
+def build_report(test: BoxCurves | MaskCurves | None, val: BoxCurves | MaskCurves | None, info: dict) -> Report:
+    """Oracle metrics of ``test``, and calibrated ones when ``val`` is given (none of either for a
+    split without localization labels, ``test`` None)."""
+    if test is None:
+        return Report({}, None, info)
     calibrated = None if val is None else calibrated_metrics(val, test)
     return Report(oracle_metrics(test), calibrated, info)
 
@@ -233,13 +262,31 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
                          logits=None, val_logits=None, workers: int | None = None,
                          progress: bool = False, center: bool = False, data: str | os.PathLike | None = None,
                          results: str | os.PathLike | None = None, report_html: str | os.PathLike | None = None,
-                         label: str | None = None, gallery_size: int = 128) -> Report:
+                         label: str | None = None, gallery_size: int = 128, faithfulness=None,
+                         checkpoint: str | os.PathLike | None = None, model_spec: str | None = None,
+                         weights: str | os.PathLike | None = None, num_classes: int | None = None,
+                         input_size: int = EVAL_SIZE, device: str = "auto", batch_size: int = 64) -> Report:
     """The ``mnpo evaluate-maps`` job: read, evaluate, report (see module doc). ``center``:
     score the center baseline instead of saved maps (``maps`` and ``val_maps`` must be None;
     val is then scored when ``val_metadata`` is given). ``results`` / ``report_html``: also write
     the results file / the HTML report of the evaluated split; both need ``data``, the image
     root, for the gallery's ``gallery_size`` images; ``label``: the result's name there (default
-    ``center`` or the maps folder's name)."""
+    ``center`` or the maps folder's name). ``faithfulness``
+    (:class:`~mnpo.engine.faithfulness.FaithfulnessSettings`): also score the saved maps'
+    faithfulness to a model, an mnpo ``checkpoint`` or ``model_spec`` (with ``weights`` and
+    ``num_classes``, as ``mnpo evaluate --model``), on the images under ``data`` at the
+    ``input_size`` view, ``batch_size`` at a time on ``device``; a split without localization
+    labels is then scored by these alone."""
+    if faithfulness is not None:
+        if center:
+            raise ValueError("--faithfulness scores saved maps (its random and center baselines come with it); "
+                             "give --maps, not --center")
+        if data is None:
+            raise ValueError("--faithfulness needs --data, the image root (the metrics perturb the images)")
+        if (checkpoint is None) == (model_spec is None):
+            raise ValueError("--faithfulness needs the model the maps explain: --checkpoint or --model")
+    elif checkpoint is not None or model_spec is not None:
+        raise ValueError("--checkpoint and --model go with --faithfulness (saved maps need no model otherwise)")
     if center:
         if maps is not None or val_maps is not None:
             raise ValueError("the center baseline needs no maps: give --center or --maps, not both")
@@ -259,9 +306,13 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
 
         images = WSOLDataset(data, meta, "evaluate", mask_root=mask_root, uint8_views=True, ten_crop=False)
     test, test_details = _score_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
-                                      workers=workers, progress=progress, images=images, gallery_size=gallery_size)
+                                      workers=workers, progress=progress, images=images, gallery_size=gallery_size,
+                                      classification_only=faithfulness is not None)
     val = vmeta = None
     if val_metadata is not None:
+        if test is None:
+            raise ValueError(f"{metadata} has no localization labels, so there is no threshold to calibrate on "
+                             f"{val_metadata}; leave --val-maps and --val-metadata out")
         vmeta = read_split(val_metadata)
         if vmeta.kind != meta.kind:
             raise ValueError(f"val split is a {vmeta.kind} split but the evaluated one is a {meta.kind} split")
@@ -273,7 +324,7 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
         "maps": "center baseline" if center else str(maps),
         "method": "center" if center else "saved maps",
         "kind": meta.kind,
-        "num_images": test.num_images,
+        "num_images": len(meta.image_ids) if test is None else test.num_images,
         "cam_curve_interval": cam_curve_interval,
         "threshold_grid": threshold_grid,
         "num_thresholds": int(len(thresholds)),
@@ -285,6 +336,12 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
     if val is not None:
         info.update(val_metadata=str(val_metadata), val_maps="center baseline" if center else str(val_maps),
                     val_num_images=val.num_images)
+    if faithfulness is not None:
+        info["checkpoint"] = str(checkpoint) if checkpoint is not None else model_spec
+        info["faithfulness"] = saved_maps_faithfulness(
+            maps, data, meta, faithfulness, checkpoint=checkpoint, model_spec=model_spec, weights=weights,
+            num_classes=num_classes, mask_root=mask_root, input_size=input_size, device=device,
+            batch_size=batch_size, progress=progress)
     report = build_report(test, val, info)
     if details:
         num_classes = meta.num_classes if test_logits is None else max(meta.num_classes, test_logits.shape[1])
@@ -292,6 +349,51 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
                                              test_details, meta, vmeta, num_classes, info)
         write_evaluation(evaluation, results, report_html)
     return report
+
+
+def saved_maps_faithfulness(maps_dir: str | os.PathLike, data: str | os.PathLike, meta: SplitMetadata, settings, *,
+                            checkpoint=None, model_spec: str | None = None, weights=None,
+                            num_classes: int | None = None, mask_root=None, input_size: int = EVAL_SIZE,
+                            device: str = "auto", batch_size: int = 64, progress: bool = False) -> dict:
+    """The faithfulness result (:meth:`~mnpo.engine.faithfulness.FaithfulnessAccumulator.result`)
+    of saved 224 x 224 maps ``maps_dir/<image_id>.npy`` to a model, on the split's images at the
+    evaluation's ``input_size`` view (resize ``resize_for(input_size)``, center crop)."""
+    import torch
+
+    from mnpo.data.dataset import WSOLDataset, collate_evaluation
+    from mnpo.data.transforms import normalize_batch
+    from mnpo.engine.faithfulness import FaithfulnessAccumulator, regions_of_split
+    from mnpo.engine.runtime import resolve_device
+    from mnpo.engine.views import resize_for
+
+    dev = resolve_device(device)
+    if model_spec is not None:
+        from mnpo.models.external import build_external
+
+        model = build_external(model_spec, weights, num_classes, input_size)
+    else:
+        from mnpo.models import load_model
+
+        model, _ = load_model(checkpoint)
+    model.to(dev).eval()
+    dataset = WSOLDataset(data, meta, "evaluate", mask_root=mask_root, crop_size=input_size,
+                          resize_size=resize_for(input_size), uint8_views=True, ten_crop=False)
+    accumulator = FaithfulnessAccumulator(settings, regions_of_split(meta, mask_root, EVAL_SIZE))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_evaluation)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(dataset), desc="faithfulness", unit="img")
+    for batch in loader:
+        ids = list(batch["image_id"])
+        maps = torch.from_numpy(np.stack([load_map(Path(maps_dir) / f"{i}.npy") for i in ids])).float().to(dev)
+        images = normalize_batch(batch["image"].to(dev))
+        accumulator.update(model, images, maps, batch["label"].to(dev), ids)
+        if bar is not None:
+            bar.update(len(ids))
+    if bar is not None:
+        bar.close()
+    return accumulator.result()
 
 
 def write_evaluation(evaluation: EvaluationResults, results: str | os.PathLike | None,

@@ -12,6 +12,9 @@ inline SVG, galleries inline JPEG; it opens offline):
 * per-class accuracy (GT-known Loc at the calibrated MaxBoxAcc threshold, or the oracle one
   without val; mean per-image PxAP for masks), as a sorted plot and a sortable table;
 * the distribution of per-image IoU (masks: per-image PxAP);
+* with ``--faithfulness``: a table of every faithfulness metric of each result's maps and of its
+  random and center baselines, and the mean deletion / insertion curves (one colour per result,
+  its baselines dashed and dotted); a split without localization labels has only these;
 * galleries from the sample each result keeps: the best and worst images (mean over results)
   and, with several results, those where the results disagree most; each image beside each
   result's map, its box at the chosen threshold (green) and the ground truth (red).
@@ -325,6 +328,74 @@ def _per_class_table(per_class: Sequence[tuple], labels: Sequence[str], kind: st
     return _table(header, rows, "per-class", sortable=True)
 
 
+def _faithfulness_table(results: Sequence[EvaluationResults], labels: Sequence[str]) -> str:
+    """One row per result and map source (its maps, then its baselines): every faithfulness
+    value the results hold; "-" where a result did not compute it."""
+    from mnpo.engine.faithfulness import SUMMARY_NAMES
+
+    summaries = [(r.info.get("faithfulness") or {}).get("summary") or {} for r in results]
+    keys = [k for k in SUMMARY_NAMES if any(k in row for summary in summaries for row in summary.values())]
+    header = ["result", "maps", "images"] + [SUMMARY_NAMES[k][1] + (" \u2191" if SUMMARY_NAMES[k][2] else " \u2193")
+                                             for k in keys]
+    rows = []
+    for summary, label in zip(summaries, labels):
+        for source, row in summary.items():
+            cells = [html.escape(label), html.escape(source), str(row.get("num_images", "-"))]
+            cells += ["-" if k not in row else f"{row[k]:.4f}" for k in keys]
+            rows.append(cells)
+    return _table(header, rows, "faithfulness", sortable=True)
+
+
+def _faithfulness_plot(results: Sequence[EvaluationResults], labels: Sequence[str]) -> str:
+    """Mean deletion and insertion curves: probability of the target against the fraction of
+    pixels changed; each result's maps solid, its random baseline dashed, center dotted."""
+    fig = _figure(10, 3.6)
+    styles = {"maps": "-", "random": "--", "center": ":"}
+    for k, mode in enumerate(("deletion", "insertion")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for i, (r, label) in enumerate(zip(results, labels)):
+            curves = ((r.info.get("faithfulness") or {}).get("curves") or {}).get(mode)
+            if not curves:
+                continue
+            summary = r.info["faithfulness"]["summary"]
+            for source, style in styles.items():
+                if source in curves:
+                    area = summary[source].get(f"{mode}_auc", float("nan"))
+                    ax.plot(curves["fractions"], curves[source], style, color=f"C{i % 10}", linewidth=1.2,
+                            label=f"{label}: {source} (AUC {area:.3f})")
+        ax.set_title(f"{mode} ({'lower' if mode == 'deletion' else 'higher'} is better)", fontsize=9)
+        ax.set_xlabel("fraction of pixels " + ("removed" if mode == "deletion" else "revealed"))
+        ax.set_ylabel("probability of the class")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return _svg(fig)
+
+
+def _faithfulness(results: Sequence[EvaluationResults], labels: Sequence[str]) -> list[str]:
+    """The faithfulness section (empty when no result computed it)."""
+    if not any(r.info.get("faithfulness") for r in results):
+        return []
+    notes = []
+    for r, label in zip(results, labels):
+        f = r.info.get("faithfulness")
+        if f:
+            st = f["settings"]
+            notes.append(f"{html.escape(label)}: {', '.join(st['metrics'])}; {st['steps']} deletion/insertion steps, "
+                         f"ROAD at {st['road_percentiles']} percent, noise {st['road_noise']}; forwards per image "
+                         + html.escape(str(f.get("forwards_per_image"))))
+    out = ["<h2>Faithfulness</h2>",
+           '<p class="note">Does the map show what the classifier used? Probabilities of the ground-truth class '
+           "after perturbing the image by the map (Average Drop, Deletion, Insertion, ROAD) and, with boxes or "
+           "masks, the pointing game. Each result's random-map and center-map baselines give the scale: a "
+           "map is informative only where it beats both. Arrows: the better direction.</p>",
+           f'<div class="wide">{_faithfulness_table(results, labels)}</div>',
+           f'<p class="note">{"<br>".join(notes)}</p>']
+    if any(((r.info.get("faithfulness") or {}).get("curves")) for r in results):
+        out.append(f'<figure class="plot" id="plot-faithfulness">{_faithfulness_plot(results, labels)}</figure>')
+    return out
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
@@ -378,7 +449,6 @@ def build_html(results: Sequence[EvaluationResults], sources: Sequence[str] | No
     first = results[0]
     split = first.split
     protocol = _protocol(first)
-    per_class = [_per_class(r) for r in results]
     sections = [
         f"<h1>mnpo report: {html.escape(', '.join(labels))}</h1>",
         f'<p class="note">Split <code>{html.escape(str(split["metadata"]))}</code>: {split["num_images"]} images '
@@ -391,6 +461,14 @@ def build_html(results: Sequence[EvaluationResults], sources: Sequence[str] | No
     unreadable = _unreadable(results, labels)
     if unreadable:
         sections += ["<h2>Unreadable images</h2>", unreadable]
+    sections += _faithfulness(results, labels)
+    if first.kind == "none":
+        sections.append('<p class="note">The split has classification labels only (no localization.txt): '
+                        "no box or mask metric, no per-class localization, no gallery.</p>")
+        body = "\n".join(sections)
+        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>mnpo report</title>'
+                f"<style>{_STYLE}</style></head><body>\n{body}\n<script>{_SCRIPT}</script></body></html>\n")
+    per_class = [_per_class(r) for r in results]
     if first.kind == "box":
         sections += ["<h2>Box accuracy against the threshold</h2>",
                      f'<figure class="plot" id="plot-curves">{_curves_plot(results, labels)}</figure>']

@@ -8,14 +8,17 @@ S = ``THUMBNAIL`` pixels):
 ``format``, ``version``
     ``"mnpo-results"`` and ``1``; a reader refuses a newer version.
 ``header``
-    JSON text: ``label`` (the result's name in the report), ``kind`` (``box`` / ``mask``),
+    JSON text: ``label`` (the result's name in the report), ``kind`` (``box`` / ``mask``, or
+    ``none`` for a split without localization labels, scored by faithfulness alone),
     ``split`` and ``val_split`` (``metadata``, ``num_images`` and ``digest``, the SHA-1 of the
     ``id<TAB>label`` lines; ``val_split`` is null without calibration), ``iou_thresholds``,
-    ``num_classes``, ``info`` (``mnpo evaluate``'s report info) and ``gallery_gt`` (box splits:
-    each gallery image's ground-truth boxes in the 224x224 frame).
+    ``num_classes``, ``info`` (``mnpo evaluate``'s report info; with ``--faithfulness`` its
+    ``faithfulness`` entry holds the settings, each map source's means and the mean deletion /
+    insertion curves with their fractions, see :mod:`mnpo.engine.faithfulness`) and
+    ``gallery_gt`` (box splits: each gallery image's ground-truth boxes in the 224x224 frame).
 ``thresholds``
-    float64 (T,), the score-map thresholds.
-``test_*`` / ``val_*`` (val only when calibrated)
+    float64 (T,), the score-map thresholds (empty for ``none``).
+``test_*`` / ``val_*`` (val only when calibrated; neither for ``none``)
     the curves: box splits ``largest`` int64 (T,) (images with the largest-contour box at
     IoU >= 0.5), ``multi`` int64 (len(iou_thresholds), T), ``top`` int64 (2, T) (Top-1 / Top-5
     Loc counts) and ``num_images``; mask splits ``positive`` / ``negative`` float64 (T + 2,),
@@ -172,7 +175,7 @@ class EvaluationResults:
     num_classes: int
     info: dict[str, Any]
     thresholds: np.ndarray
-    test: BoxCurves | MaskCurves
+    test: BoxCurves | MaskCurves | None
     val: BoxCurves | MaskCurves | None
     image_ids: tuple[str, ...]
     labels: np.ndarray
@@ -189,7 +192,10 @@ class EvaluationResults:
         return self.val is not None
 
     def metrics(self) -> dict[str, dict]:
-        """``{"oracle": {name: Metric}, "calibrated": {...}}`` (calibrated only with val)."""
+        """``{"oracle": {name: Metric}, "calibrated": {...}}`` (calibrated only with val; no
+        metric for a split without localization labels)."""
+        if self.test is None:
+            return {"oracle": {}}
         out = {"oracle": oracle_metrics(self.test)}
         if self.val is not None:
             out["calibrated"] = calibrated_metrics(self.val, self.test)
@@ -215,7 +221,7 @@ class EvaluationResults:
         ids = tuple(ids[k] for k in rank)
         values = details.records.values[rank]
         per_image: dict[str, np.ndarray]
-        thresholds = np.asarray(test_curves.thresholds)
+        thresholds = np.zeros(0) if test_curves is None else np.asarray(test_curves.thresholds)
         boxes: dict[str, np.ndarray] = {}
         gallery_ids = tuple(sorted(details.gallery))
         items = [details.gallery[i] for i in gallery_ids]
@@ -229,6 +235,8 @@ class EvaluationResults:
                 per_image[f"iou_{protocol}"] = (np.full(len(ids), np.nan) if index is None else values[:, index])
                 boxes[protocol] = (np.full((len(items), 4), -1, np.int64) if index is None
                                    else np.array([g.boxes[index] for g in items], np.int64).reshape(-1, 4))
+        elif test_curves is None:
+            per_image = {}
         else:
             per_image = {"pxap": values}
 
@@ -241,7 +249,8 @@ class EvaluationResults:
             val_split = {**split_info(val_meta), "metadata": str(info.get("val_metadata", ""))}
         s = THUMBNAIL
         return EvaluationResults(
-            label=label, kind="box" if isinstance(test_curves, BoxCurves) else "mask",
+            label=label, kind=("none" if test_curves is None else "box" if isinstance(test_curves, BoxCurves)
+                               else "mask"),
             split=split_info(meta), val_split=val_split, num_classes=int(num_classes),
             info=json.loads(json.dumps(dict(info))), thresholds=thresholds, test=test_curves, val=val_curves,
             image_ids=ids, labels=np.array([meta.labels[i] for i in ids], np.int64),
@@ -269,7 +278,7 @@ def write_results(path: str | Path, results: EvaluationResults) -> Path:
               "gallery_gt": [g.tolist() for g in results.gallery_gt] if results.kind == "box" else None}
     arrays: dict[str, Any] = {
         "format": np.array(FORMAT), "version": np.int64(VERSION), "header": np.array(json.dumps(header)),
-        "thresholds": results.thresholds, **_curve_arrays("test", results.test),
+        "thresholds": results.thresholds, **({} if results.test is None else _curve_arrays("test", results.test)),
         "image_ids": np.array(results.image_ids, dtype=str), "labels": results.labels, "top5": results.top5,
         "gallery_ids": np.array(results.gallery_ids, dtype=str), "gallery_image": results.gallery_image,
         "gallery_map": results.gallery_map,
@@ -279,7 +288,7 @@ def write_results(path: str | Path, results: EvaluationResults) -> Path:
         arrays.update(_curve_arrays("val", results.val))
     if results.kind == "box":
         arrays.update({f"gallery_box_{p}": b for p, b in results.gallery_boxes.items()})
-    else:
+    elif results.kind == "mask":
         arrays["gallery_mask"] = np.array(results.gallery_gt, np.uint8).reshape(results.gallery_map.shape)
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -321,15 +330,19 @@ def read_results(path: str | Path) -> EvaluationResults:
         header = json.loads(str(arrays["header"]))
         kind = header["kind"]
         thresholds = arrays["thresholds"]
-        test = _curves(arrays, "test", kind, thresholds, header["iou_thresholds"])
+        if kind not in ("box", "mask", "none"):
+            raise ValueError(f"unknown kind {kind!r}")
+        test = None if kind == "none" else _curves(arrays, "test", kind, thresholds, header["iou_thresholds"])
         val = (_curves(arrays, "val", kind, thresholds, header["iou_thresholds"])
                if header["val_split"] is not None else None)
-        per_image_keys = ("iou_oracle", "iou_calibrated") if kind == "box" else ("pxap",)
+        per_image_keys = {"box": ("iou_oracle", "iou_calibrated"), "mask": ("pxap",), "none": ()}[kind]
         per_image = {k: arrays[k] for k in per_image_keys}
         gallery_map = arrays["gallery_map"]
         if kind == "box":
             boxes = {p: arrays[f"gallery_box_{p}"] for p in ("oracle", "calibrated")}
             gt = [np.asarray(g, np.int64).reshape(-1, 4) for g in header["gallery_gt"]]
+        elif kind == "none":
+            boxes, gt = {}, [np.zeros((0, 4), np.int64) for _ in arrays["gallery_ids"]]
         else:
             boxes, gt = {}, list(arrays["gallery_mask"])
         results = EvaluationResults(

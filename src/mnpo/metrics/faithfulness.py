@@ -41,6 +41,7 @@ Baselines that give each number a scale: :func:`random_maps` (seeded uniform noi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -356,29 +357,34 @@ class RoadScores:
 
 
 def road(model: torch.nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-         percentiles: tuple[int, ...] = ROAD_PERCENTILES, noise: float = 0.01, seed: int = 0,
+         percentiles: tuple[int, ...] = ROAD_PERCENTILES, noise: float = 0.01, seed: int | Sequence[int] = 0,
          chunk_size: int = 16) -> RoadScores:
     """ROAD MoRF, LeRF and combined (:class:`RoadScores`); ``1 + 2 P`` forwards and ``2 P``
     sparse solves per image. ``noise``: the imputation's Gaussian noise (absolute, on the model's
-    input scale), drawn from a generator seeded with ``seed`` so that a run repeats."""
+    input scale), drawn from a generator seeded with ``seed`` so that a run repeats; a sequence
+    of ``B`` seeds gives each image its own generator (the noise then depends on the image alone,
+    not on its batch)."""
     targets = _check(images, maps, targets)
     percentiles = tuple(percentiles)
     if not percentiles or any(isinstance(p, bool) or not 0 <= p <= 100 for p in percentiles):
         raise ValueError(f"percentiles must be numbers in [0, 100], got {percentiles!r}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    base = class_probabilities(model, images, targets, chunk_size)
     B, P = len(images), len(percentiles)
+    seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+    if not isinstance(seed, int) and len(seeds) != B:
+        raise ValueError(f"seed must be an int or {B} ints (one per image), got {len(seeds)}")
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    base = class_probabilities(model, images, targets, chunk_size)
+    quantiles = torch.tensor(percentiles, dtype=torch.float64) / 100
     imputed = []
     for order in ("morf", "lerf"):
         for i in range(B):
+            generator = generators[i if len(generators) > 1 else 0]
             relevance = (maps[i] if order == "morf" else 1 - maps[i]).double()
-            thresholds = torch.quantile(relevance.flatten(), torch.tensor(percentiles, dtype=torch.float64) / 100)
-            for threshold in thresholds:
-                filled = linear_impute(images[i], relevance < threshold)
-                removed = ~(relevance < threshold)
-                filled = filled + noise * torch.randn(filled.shape, generator=generator, dtype=filled.dtype).to(
-                    filled.device) * removed
-                imputed.append(filled)
+            for threshold in torch.quantile(relevance.flatten(), quantiles.to(relevance.device)):
+                keep = relevance < threshold
+                filled = linear_impute(images[i], keep)
+                draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype).to(filled.device)
+                imputed.append(filled + noise * draw * ~keep)
     scores = class_probabilities(model, torch.stack(imputed), targets.repeat_interleave(P).repeat(2), chunk_size)
     scores = scores.view(2, B, P) - base.view(1, B, 1)
     return RoadScores(percentiles=percentiles, morf=scores[0], lerf=scores[1])

@@ -43,6 +43,7 @@ from mnpo.metrics.boxes import box_ious, cam_thresholds, check_scoremap
 
 __all__ = [
     "BoxCurves",
+    "NoLocalizationEvaluator",
     "PerImage",
     "BoxEvaluator",
     "MaskCurves",
@@ -552,6 +553,41 @@ def _image_pxap(positive: np.ndarray, negative: np.ndarray) -> float:
     if positive.sum() <= 0:
         return float("nan")
     return pxap_from_histograms(positive, negative)
+
+
+class NoLocalizationEvaluator(_Streaming):
+    """The evaluator of a split without localization labels (classification metadata only): it
+    checks and counts the maps like the others (ids of the split, once each, in [0, 1], of the
+    frame's size) but has no curve to compute (:meth:`compute` is None). Per-image records are
+    empty rows."""
+
+    _row_shape = (0,)
+
+    def __init__(self, image_ids: Iterable[str], thresholds=None, image_size: int = 224, per_image: bool = False):
+        super().__init__(image_ids, thresholds, image_size, workers=1, per_image=per_image)
+        self._n = 0
+
+    def update(self, maps, image_ids: Sequence[str], logits=None) -> None:
+        image_ids = list(image_ids)
+        self._check_batch(maps, image_ids)
+        self._record(image_ids, [np.zeros(0)] * len(image_ids))
+        self._n += len(image_ids)
+
+    def add_misses(self, image_ids: Sequence[str]) -> None:
+        image_ids = self._check_new_ids(image_ids)
+        self._seen.update(image_ids)
+        self._misses.update(image_ids)
+        self._record(image_ids, [np.zeros(0)] * len(image_ids))
+        self._n += len(image_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._base_state("none")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._load_base_state(state, "none")
+
+    def compute(self) -> None:
+        return None
 
 
 class MaskEvaluator(_Streaming):
