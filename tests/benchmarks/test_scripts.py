@@ -322,3 +322,16 @@ def test_float32_maps_measures_the_difference_and_its_parts(tmp_path):
     assert len(steps) == 3 and all(0 < float(v) < 1e-4 for row in steps for v in row[1:])
     boxes = [line for line in text.splitlines() if line.startswith(("| mnpos | float", "| dgl | float"))]
     assert len(boxes) == 4 and "(network 0; oracle threshold)" in text
+
+
+def test_bench_faithfulness_times_all_three_and_they_agree():
+    """Every row, and the numbers of the three implementations equal to float32 rounding."""
+    out = run("bench_faithfulness.py", "--images", "2", "--size", "48", "--steps", "3", "--chunk", "4")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[1] for r in rows] == ["ours", "pytorch-grad-cam", "torchcam", "ours", "torchcam", "ours",
+                                                "pytorch-grad-cam"]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        if cells[1] != "ours":
+            # float32 probabilities of a 50-layer network: differences of a few 1e-7
+            assert float(cells[4].split()[0]) < 1e-5, row
