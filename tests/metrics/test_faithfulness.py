@@ -260,12 +260,22 @@ def test_linear_impute_solves_the_neighbour_equations_and_keeps_linear_ramps():
     hole = torch.ones(9, 7, dtype=torch.bool)
     hole[2:6, 1:5] = False
     torch.testing.assert_close(linear_impute(ramp, hole), ramp, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="every pixel is removed"):
-        linear_impute(image, torch.zeros(9, 7, dtype=torch.bool))
+    # nothing kept: every constant solves the system; the least-norm one, zeros
+    assert torch.equal(linear_impute(image, torch.zeros(9, 7, dtype=torch.bool)), torch.zeros_like(image))
 
 
-@pytest.mark.parametrize("percentile", [20, 80])
-def test_road_equals_pytorch_grad_cams_without_noise(percentile, monkeypatch):
+def _one_hot_and_constant(maps):
+    """Image 0's map one-hot (MoRF below 100 % removes every pixel: its zeros reach the
+    percentile), image 1's constant (both orders remove every pixel), image 2's as given."""
+    maps = maps.clone()
+    maps[0] = 0
+    maps[0, 2, 5] = 1
+    maps[1] = 0.5
+    return maps
+
+
+@pytest.mark.parametrize("percentile, kind", [(20, "random"), (80, "random"), (50, "one-hot, constant")])
+def test_road_equals_pytorch_grad_cams_without_noise(percentile, kind, monkeypatch):
     from pytorch_grad_cam.metrics import road as their_road
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
@@ -274,6 +284,10 @@ def test_road_equals_pytorch_grad_cams_without_noise(percentile, monkeypatch):
     monkeypatch.setattr(their_road.NoisyLinearImputer.__init__, "__defaults__",
                         (0.0, their_road.neighbors_weights))  # their noise is unseeded: compare without it
     model, images, maps, targets = setup(size=8)
+    if kind != "random":
+        maps = _one_hot_and_constant(maps)
+    if kind != "random":
+        maps = _one_hot_and_constant(maps)
     model32 = SmallNet(8).float().eval()
     model32.load_state_dict(model.state_dict())
     images32, maps32 = images.float(), maps.float()
@@ -320,6 +334,77 @@ def test_road_prefers_a_map_on_the_used_half():
     got = road(LeftHalf(), images, maps, torch.tensor([0, 0]), percentiles=(50,), noise=0.0)
     assert float(got.morf[0, 0]) < -1e-3 and float(got.morf[1, 0]) == pytest.approx(0, abs=1e-15)
     assert float(got.combined[0]) > float(got.combined[1])
+
+
+class OnePixel(nn.Module):
+    """Two classes; class 0's logit is 3 x channel 0 at pixel (2, 5): a one-pixel object."""
+
+    def forward(self, x):
+        logit = 3 * x[:, 0, 2, 5]
+        return torch.stack([logit, torch.zeros_like(logit)], 1)
+
+
+def test_a_one_pixel_object_by_hand():
+    """On images of ones, class 0's probability is sigmoid(3) with the pixel and 1/2 without it
+    (its value 0). A one-hot map on the pixel loses it in deletion's first step of 8 pixels;
+    one on (0, 0) ranks the rest in raster order and reaches it (raster index 21) in the third.
+    Insertion from the blurred image regains it in the first step. ROAD at 50 %: MoRF removes
+    every pixel (the zeros reach the median; the image becomes zeros), LeRF keeps the pixel alone
+    and imputes the constant 1 everywhere else. Pointing game on its one-pixel box."""
+    from mnpo.metrics.faithfulness import road
+
+    images = torch.ones(2, 3, 8, 8, dtype=torch.float64)
+    maps = torch.zeros(2, 8, 8, dtype=torch.float64)
+    maps[0, 2, 5], maps[1, 0, 0] = 1.0, 1.0
+    targets = torch.tensor([0, 0])
+    full, gone = 1 / (1 + math.exp(-3)), 0.5
+    f = 1 / 8  # each step changes 8 of the 64 pixels
+    deletion = deletion_insertion(OnePixel(), images, maps, targets, "deletion", steps=8)
+    assert deletion.curves[0].tolist() == pytest.approx([full] + [gone] * 8, rel=1e-15)
+    assert deletion.curves[1].tolist() == pytest.approx([full] * 3 + [gone] * 6, rel=1e-15)
+    assert deletion.auc.tolist() == pytest.approx([(full + gone) / 2 * f + gone * 7 * f,
+                                                   full * 2 * f + (full + gone) / 2 * f + gone * 5 * f], rel=1e-14)
+    insertion = deletion_insertion(OnePixel(), images[:1], maps[:1], targets[:1], "insertion", steps=8)
+    blurred = 1 / (1 + math.exp(-3 * float(blur(images[:1])[0, 0, 2, 5])))
+    assert blurred < full - 0.01  # the zero padding darkens the blur near the border
+    assert insertion.curves[0].tolist() == pytest.approx([blurred] + [full] * 8, rel=1e-15)
+    scores = road(OnePixel(), images[:1], maps[:1], targets[:1], percentiles=(50,), noise=0.0)
+    assert float(scores.morf[0, 0]) == pytest.approx(gone - full, rel=1e-14)
+    assert float(scores.lerf[0, 0]) == pytest.approx(0, abs=1e-14)
+    assert float(scores.combined[0]) == pytest.approx((full - gone) / 2, rel=1e-14)
+    box = boxes_to_regions([[[5, 2, 5, 2]]] * 2, 8, 8)
+    assert box[0].sum() == 1 and box[0, 2, 5]
+    soft = maps.clone()
+    soft[0, 2, 4] = 0.5  # the peak on the object, a third of the mass beside it
+    game = pointing_game(soft, box)
+    assert game.hit.tolist() == [True, False]
+    assert game.energy.tolist() == pytest.approx([2 / 3, 0.0], rel=1e-15)
+
+
+def test_a_constant_map_by_hand():
+    """A constant map orders no pixel: deletion follows raster order (a descending raster ramp
+    gives the same curve), Average Drop reads the image times the constant, and ROAD removes
+    every pixel in both orders (combined 0)."""
+    from mnpo.metrics.faithfulness import road
+
+    images = torch.ones(1, 3, 8, 8, dtype=torch.float64)
+    constant = torch.full((1, 8, 8), 0.5, dtype=torch.float64)
+    ramp = torch.linspace(1, 0, 64, dtype=torch.float64).view(1, 8, 8)
+    target = torch.tensor([0])
+    flat = deletion_insertion(LeftHalf(), images, constant, target, "deletion", steps=8)
+    ordered = deletion_insertion(LeftHalf(), images, ramp, target, "deletion", steps=8)
+    assert torch.equal(flat.curves, ordered.curves)
+    # raster order removes one row (8 pixels) a step: the left half's mean falls by 1/8 a step
+    expected = [1 / (1 + math.exp(-4 * (1 - s / 8))) for s in range(9)]
+    assert flat.curves[0].tolist() == pytest.approx(expected, rel=1e-14)
+    full, halved = 1 / (1 + math.exp(-4)), 1 / (1 + math.exp(-2))
+    change = confidence_change(LeftHalf(), images, constant, target)
+    assert float(change.drop[0]) == pytest.approx((full - halved) / full, rel=1e-14)
+    assert not bool(change.increase[0])
+    scores = road(LeftHalf(), images, constant, target, percentiles=(30, 70), noise=0.0)
+    torch.testing.assert_close(scores.morf, torch.full((1, 2), 0.5 - full, dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(scores.lerf, scores.morf, rtol=0, atol=0)
+    assert float(scores.combined[0]) == 0
 
 
 def test_center_and_random_baselines():

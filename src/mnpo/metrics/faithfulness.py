@@ -294,7 +294,10 @@ def linear_impute(image: Tensor, keep: Tensor) -> Tensor:
     ``s_i x_i = sum_j w_j x_j`` over its in-image neighbours ``j`` (:data:`ROAD_NEIGHBOURS`,
     ``s_i`` their weights' sum), kept neighbours entering with their values: one sparse
     linear system per image, solved once for every channel (SuperLU, float64). The result has
-    the image's dtype; kept pixels are unchanged.
+    the image's dtype; kept pixels are unchanged. Where no pixel is kept (a constant map, or a
+    map whose zeros reach the percentile, removes them all) the system has every constant as a
+    solution and no value to pin it: the image becomes its least-norm solution, zeros (the
+    normalization's mean), as pytorch-grad-cam's imputer returns.
     """
     import numpy as np
     from scipy.sparse import csc_matrix
@@ -309,7 +312,7 @@ def linear_impute(image: Tensor, keep: Tensor) -> Tensor:
     if removed.size == 0:
         return out
     if kept.sum() == 0:
-        raise ValueError("linear_impute: every pixel is removed; nothing to impute from")
+        return torch.zeros_like(out)
     values = image.detach().cpu().double().numpy().reshape(C, -1)
     variable = np.full(H * W, -1)
     variable[removed] = np.arange(removed.size)
