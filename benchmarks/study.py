@@ -22,9 +22,17 @@ networks, scored by their own maps; ACoL also by MNPO's fusion of its two branch
 boxes minus one image per class, calibrated on that held-out image) and ``center`` (the
 center baseline: no network, thresholds calibrated on val).
 
+Beside MaxBoxAccV2, each row of a network is scored for faithfulness to it on the test split
+(``--faithfulness``, default all five: Average Drop / Increase in Confidence, Deletion and
+Insertion AUC over ``--faithfulness-steps`` steps, ROAD combined at 10 .. 90 %, pointing game and
+energy; ``mnpo.engine.faithfulness``), and each network gets two more rows, ``random map`` and
+``center map``: the same metrics of those baselines' maps on the same network, the scale to read
+the others against. An FSL network (no classes) and the center baseline have no faithfulness.
+
     python benchmarks/study.py [--presets parts,shapes] [--image-size 224] [--classes 8]
         [--train-per-class 200] [--epochs 30] [--batch 64] [--width 1.0] [--device auto]
-        [--train-seeds 0,1,2] [--cam-family] [--models vgg16-mnpo,vgg16-cam,...] [--out study-output]
+        [--train-seeds 0,1,2] [--cam-family] [--models vgg16-mnpo,vgg16-cam,...]
+        [--faithfulness avgdrop,deletion,insertion,road,pointing|none] [--faithfulness-steps 28] [--out study-output]
 
 Writes ``OUT/study.md`` (the table: mean ± standard deviation over the training seeds, on one
 synthetic data set), ``OUT/study.json`` (every seed's numbers too) and ``OUT/figure-PRESET.png``
@@ -51,6 +59,7 @@ from mnpo.engine.demo import method_gallery
 from mnpo.engine.evaluate import evaluate_model
 from mnpo.engine.views import resize_for
 from mnpo.engine.evaluate_maps import build_report
+from mnpo.engine.faithfulness import BASELINES, SUMMARY_NAMES, FaithfulnessSettings
 from mnpo.engine.runtime import resolve_device, resolve_precision
 from mnpo.engine.train import Trainer
 from mnpo.io import atomic_path, write_json_atomic
@@ -152,12 +161,32 @@ def evaluate_center(data: Path, rows) -> list[dict]:
                 for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")}}]
 
 
+#: the rows of the baselines' maps scored for faithfulness on each network: (label, source)
+BASELINE_ROWS = (("random map", "random"), ("center map", "center"))
+
+
+def faithfulness_settings(args, baselines: bool) -> FaithfulnessSettings | None:
+    """The study's faithfulness pass (None with ``--faithfulness none``); ``baselines``: also
+    score the random and center maps (once per network: they do not depend on the method)."""
+    if args.faithfulness == "none":
+        return None
+    return FaithfulnessSettings(metrics=args.faithfulness, steps=args.faithfulness_steps, seed=args.seed,
+                                chunk_size=args.batch, baselines=BASELINES if baselines else ())
+
+
+def _faithfulness_values(result: dict | None, source: str) -> dict[str, float]:
+    summary = (result or {}).get("summary", {}).get(source, {})
+    return {key: summary.get(key, float("nan")) for key in SUMMARY_NAMES}
+
+
 def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> list[dict]:
-    """Every row's metrics on the test split (thresholds calibrated on val and oracle). With
-    ``kept``: also ``kept[label] = {image_id: map}`` for the test images in ``shown`` and
+    """Every row's metrics on the test split (thresholds calibrated on val and oracle), and its
+    maps' faithfulness (:func:`faithfulness_settings`), followed by the rows of the random and
+    center maps (:data:`BASELINE_ROWS`; faithfulness alone). With ``kept``: also
+    ``kept[label] = {image_id: map}`` for the test images in ``shown`` and
     ``kept["thresholds"][label]``, the calibrated MaxBoxAcc threshold, for the figure. An FSL
     checkpoint (a foreground model) is calibrated on the val images it held out, and has no
-    classification."""
+    classification and no faithfulness."""
     device = resolve_device(args.device)
     precision = resolve_precision("fp32" if args.fp32_maps else "auto", device)
     model, payload = load_model(checkpoint)
@@ -167,8 +196,9 @@ def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> l
     val_meta = checkpoint.parent / "fsl-holdout" if foreground else data / "metadata" / "val"
     val = WSOLDataset(data / "images", val_meta, "evaluate", **kwargs)
     test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs)
-    results = []
-    for label, method, options in rows:
+    results, baselines = [], None
+    for index, (label, method, options) in enumerate(rows):
+        faithfulness = None if foreground else faithfulness_settings(args, baselines=index == 0)
         common = dict(thresholds=cam_thresholds(0.01), method=method, map_options=options, device=device,
                       precision=precision, batch_size=args.batch, workers=args.workers, foreground=foreground)
         maps = {}
@@ -177,7 +207,10 @@ def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> l
             maps.update((i, m) for i, m in zip(batch["image_id"], batch_maps) if i in shown)
 
         v = evaluate_model(model, val, **common)
-        t = evaluate_model(model, test, on_batch=keep if kept is not None else None, **common)
+        t = evaluate_model(model, test, on_batch=keep if kept is not None else None, faithfulness=faithfulness,
+                           **common)
+        if index == 0 and faithfulness is not None:
+            baselines = t.faithfulness
         report = build_report(t.curves, v.curves, {})
         if kept is not None and label in FIGURE_ROWS:
             kept[label] = maps
@@ -185,12 +218,20 @@ def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> l
         top1 = float("nan") if foreground else t.classification["top1_cls"]
         results.append({"label": label, "method": method, "options": options, "top1_cls": top1,
                         **{f"{p}_{k}": getattr(report, p)[k].value if k in getattr(report, p) else float("nan")
-                           for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")}})
+                           for p in ("oracle", "calibrated") for k in ("gt_known_loc", "top1_loc", "max_box_acc_v2")},
+                        **_faithfulness_values(t.faithfulness, "maps")})
+    if baselines is not None:
+        nan = float("nan")
+        for label, source in BASELINE_ROWS:
+            results.append({"label": label, "method": source, "options": {}, "top1_cls": nan,
+                            **{k: nan for k in LOCALIZATION_METRICS}, **_faithfulness_values(baselines, source)})
     return results
 
 
-METRICS = ("top1_cls", "calibrated_gt_known_loc", "oracle_gt_known_loc", "calibrated_top1_loc", "oracle_top1_loc",
-           "calibrated_max_box_acc_v2", "oracle_max_box_acc_v2")
+LOCALIZATION_METRICS = ("calibrated_gt_known_loc", "oracle_gt_known_loc", "calibrated_top1_loc", "oracle_top1_loc",
+                        "calibrated_max_box_acc_v2", "oracle_max_box_acc_v2")
+#: what the table summarizes per row; the faithfulness keys are absent from runs made without it
+METRICS = ("top1_cls", *LOCALIZATION_METRICS, *SUMMARY_NAMES)
 
 
 def summarize(runs: list[list[dict]]) -> list[dict]:
@@ -199,29 +240,42 @@ def summarize(runs: list[list[dict]]) -> list[dict]:
     for per_seed in zip(*runs):
         row = {"label": per_seed[0]["label"]}
         for key in METRICS:
-            values = np.array([r[key] for r in per_seed])
+            values = np.array([r.get(key, float("nan")) for r in per_seed])
             row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
         rows.append(row)
     return rows
 
 
-def _cell(value: tuple[float, float | None]) -> str:
+def _cell(value: tuple[float, float | None], digits: int = 1) -> str:
     mean, std = value
     if np.isnan(mean):
-        return "-"  # not computed (no classification: a baseline without classes)
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+        return "-"  # not computed (no classification: a baseline without classes; no faithfulness)
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+#: the faithfulness columns: (header, the keys shown in it, decimals); arrows mark lower-is-better
+FAITHFULNESS_COLUMNS = (("Avg Drop % ↓ / Incr Conf %", ("average_drop", "increase_in_confidence"), 1),
+                        ("Deletion ↓ / Insertion AUC", ("deletion_auc", "insertion_auc"), 3),
+                        ("ROAD combined", ("road_combined",), 3),
+                        ("Pointing / Energy %", ("pointing_game", "pointing_energy"), 1))
 
 
 def table(summary: dict) -> str:
+    """The markdown table; the faithfulness columns where any row has one of their values."""
+    nan = (float("nan"), None)
+    every = [r for rows in summary.values() for r in rows]
+    shown = [c for c in FAITHFULNESS_COLUMNS if any(not np.isnan(r.get(k, nan)[0]) for r in every for k in c[1])]
     lines = ["| preset | model | maps | top-1 cls | GT-known Loc cal. / oracle | Top-1 Loc cal. / oracle "
-             "| MaxBoxAccV2 cal. / oracle |", "|---|---|---|---:|---:|---:|---:|"]
+             "| MaxBoxAccV2 cal. / oracle |" + "".join(f" {header} |" for header, _, _ in shown),
+             "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(shown)]
     for (preset, layout), rows in summary.items():
         for r in rows:
             lines.append(
                 f"| {preset} | {layout} | {r['label']} | {_cell(r['top1_cls'])} | "
                 f"{_cell(r['calibrated_gt_known_loc'])} / {_cell(r['oracle_gt_known_loc'])} | "
                 f"{_cell(r['calibrated_top1_loc'])} / {_cell(r['oracle_top1_loc'])} | "
-                f"{_cell(r['calibrated_max_box_acc_v2'])} / {_cell(r['oracle_max_box_acc_v2'])} |")
+                f"{_cell(r['calibrated_max_box_acc_v2'])} / {_cell(r['oracle_max_box_acc_v2'])} |"
+                + "".join(f" {' / '.join(_cell(r.get(k, nan), digits) for k in keys)} |" for _, keys, digits in shown))
     return "\n".join(lines)
 
 
@@ -255,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="epochs of vgg16-cam+fsl, which trains on val only (default: --epochs)")
     parser.add_argument("--models", default="vgg16-mnpo,vgg16-cam",
                         help=f"comma-separated, from {', '.join(MODEL_NAMES)} (default vgg16-mnpo,vgg16-cam)")
+    parser.add_argument("--faithfulness", default="avgdrop,deletion,insertion,road,pointing",
+                        help="faithfulness metrics of every row on the test split (as mnpo evaluate "
+                             "--faithfulness), or 'none'")
+    parser.add_argument("--faithfulness-steps", type=int, default=28,
+                        help="deletion / insertion steps (default 28: 1,792 pixels a step at 224; the papers' 112 "
+                             "quadruples their cost)")
     parser.add_argument("--merge", nargs="+", metavar="STUDY_JSON",
                         help="write one table (OUT/study.md, study.json) from these runs' study.json files, "
                              "each (preset, model) pooled over the training seeds they hold; trains nothing")
@@ -320,7 +380,7 @@ def write_results(out: Path, all_results: dict, diverged: list[str], args, run_s
     header = (f"device: {device}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
               f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
-              f"training seeds {seeds}; {took}")
+              f"training seeds {seeds}; {_faithfulness_header(args)}{took}")
     summary = {key: summarize(runs) for key, runs in all_results.items()}
     text = f"{header}\n\n{table(summary)}\n"
     if diverged:
@@ -333,9 +393,18 @@ def write_results(out: Path, all_results: dict, diverged: list[str], args, run_s
     return text
 
 
-#: settings that must agree between the studies ``--merge`` combines (the data and the training)
+def _faithfulness_header(args) -> str:
+    metrics = getattr(args, "faithfulness", "none")
+    if metrics == "none":
+        return ""
+    return (f"faithfulness on test ({metrics}; {args.faithfulness_steps} deletion / insertion steps, ROAD at "
+            f"10 .. 90 % with noise 0.01, seed {args.seed}); ")
+
+
+#: settings that must agree between the studies ``--merge`` combines (the data, the training and
+#: the faithfulness pass)
 MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
-                  "lr", "clip_grad_norm", "width", "seed", "fp32_maps")
+                  "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps")
 
 
 def merge(paths: list[str], out: Path) -> str:

@@ -102,7 +102,8 @@ def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
     out = run("study.py", *args)
     table = (tmp_path / "study.md").read_text()
     assert table.strip() == out.strip()
-    assert table.count("| parts | vgg16-mnpo |") == 7 and table.count("| parts | vgg16-cam |") == 4
+    # 7 and 4 rows of maps, and each network's random and center maps scored for faithfulness
+    assert table.count("| parts | vgg16-mnpo |") == 9 and table.count("| parts | vgg16-cam |") == 6
     with Image.open(tmp_path / "figure-parts.png") as figure:  # CAM, DGL, MNPO, MNPOs x 3 test images
         assert figure.width == 3 * 160 and figure.height == 4 * (160 + caption_height())
     csv = tmp_path / "parts-vgg16-mnpo-seed0" / "metrics.csv"
@@ -113,9 +114,57 @@ def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
     assert again.split("\n", 1)[1] == out.split("\n", 1)[1]  # all but the header line (it holds the time)
     # --cam-family: the same checkpoints, seven more rows for the two-branch network
     family = run("study.py", *args, "--resume", "--cam-family")
-    assert family.count("| parts | vgg16-mnpo |") == 14 and family.count("| parts | vgg16-cam |") == 4
+    assert family.count("| parts | vgg16-mnpo |") == 16 and family.count("| parts | vgg16-cam |") == 6
     for label in ("Grad-CAM++", "XGrad-CAM", "LayerCAM", "HiResCAM", "Score-CAM", "Ablation-CAM", "Eigen-CAM"):
         assert f"| parts | vgg16-mnpo | {label} |" in family
+
+
+def test_study_faithfulness_columns_are_evaluates_numbers_on_the_same_checkpoint(tmp_path):
+    """The study's faithfulness cells of a method's row and of the random and center map rows
+    are ``evaluate_model``'s faithfulness summary on the trained checkpoint with the same
+    settings (the right source in the right row); ``--faithfulness none`` drops the columns and
+    the baseline rows, and the localization numbers stay."""
+    import math
+
+    from mnpo.data.dataset import WSOLDataset
+    from mnpo.engine.evaluate import evaluate_model
+    from mnpo.engine.faithfulness import FaithfulnessSettings
+    from mnpo.engine.runtime import resolve_precision
+    from mnpo.engine.views import resize_for
+    from mnpo.metrics.boxes import cam_thresholds
+    from mnpo.models import load_model
+
+    study = script_module("study")
+    common = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
+              "--val-per-class", "2", "--test-per-class", "3", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+              "--workers", "0", "--device", "cpu", "-q", "--models", "vgg16-cam", "--seed", "3"]
+    study.main([*common, "--faithfulness", "deletion,road,pointing", "--faithfulness-steps", "5",
+                "--out", str(tmp_path / "on")])
+    rows = {r["label"]: r for r in json.loads((tmp_path / "on" / "study.json").read_text())
+            ["results"]["parts/vgg16-cam"]["per_seed"][0]}
+    assert list(rows)[-2:] == ["random map", "center map"]
+    model, _ = load_model(tmp_path / "on" / "parts-vgg16-cam-seed0" / "best.pt")
+    data = tmp_path / "on" / "parts"
+    test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=32,
+                       resize_size=resize_for(32), uint8_views=True)
+    settings = FaithfulnessSettings(metrics=("deletion", "road", "pointing"), steps=5, seed=3, chunk_size=4)
+    got = evaluate_model(model, test, thresholds=cam_thresholds(0.01), method="dgl", batch_size=4,
+                         precision=resolve_precision("auto", torch.device("cpu")), faithfulness=settings).faithfulness["summary"]
+    for label, source in (("DGL", "maps"), ("random map", "random"), ("center map", "center")):
+        for key in ("deletion_auc", "road_morf", "road_lerf", "road_combined", "pointing_game", "pointing_energy"):
+            assert rows[label][key] == pytest.approx(got[source][key], rel=1e-12, abs=1e-15), (label, key)
+        assert math.isnan(rows[label]["insertion_auc"]) and math.isnan(rows[label]["average_drop"])
+    assert got["random"]["pointing_energy"] != got["center"]["pointing_energy"]
+    assert math.isnan(rows["random map"]["calibrated_max_box_acc_v2"])
+    text = (tmp_path / "on" / "study.md").read_text()
+    assert "| Deletion ↓ / Insertion AUC | ROAD combined | Pointing / Energy % |" in text
+    assert "Avg Drop" not in text and "5 deletion / insertion steps" in text
+    study.main([*common, "--faithfulness", "none", "--out", str(tmp_path / "off")])
+    off = (tmp_path / "off" / "study.md").read_text()
+    assert "ROAD" not in off and "random map" not in off and off.count("| parts | vgg16-cam |") == 4
+    on_rows = [line for line in text.splitlines() if "| DGL |" in line]
+    off_rows = [line for line in off.splitlines() if "| DGL |" in line]
+    assert off_rows[0] + " " == on_rows[0][:len(off_rows[0]) + 1]  # the same localization cells
 
 
 def test_study_scores_the_wsol_methods_and_both_baselines(tmp_path):
@@ -243,8 +292,8 @@ def test_study_reports_a_diverged_run_and_leaves_it_out_of_the_means(tmp_path, m
                          "- parts / vgg16-mnpo, training seed 1: training diverged: the loss is nan at epoch 3, step 2\n")
     mnpo_rows = [line for line in text.splitlines() if line.startswith("| parts | vgg16-mnpo |")]
     cam_rows = [line for line in text.splitlines() if line.startswith("| parts | vgg16-cam |")]
-    assert len(mnpo_rows) == 7 and all("±" not in row for row in mnpo_rows)  # one seed left: no spread
-    assert len(cam_rows) == 4 and all("±" in row for row in cam_rows)  # two seeds
+    assert len(mnpo_rows) == 9 and all("±" not in row for row in mnpo_rows)  # one seed left: no spread
+    assert len(cam_rows) == 6 and all("±" in row for row in cam_rows)  # two seeds
     assert (tmp_path / "figure-parts.png").is_file()  # drawn from the seed that trained
     assert json.loads((tmp_path / "study.json").read_text())["diverged"] == [text.splitlines()[-1][2:]]
 
@@ -264,8 +313,11 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     study.main(["--merge", *files, "--out", str(tmp_path / "merged")])
     merged, both = ((tmp_path / d / "study.md").read_text() for d in ("merged", "both"))
     assert merged.split("\n", 1)[1] == both.split("\n", 1)[1]  # all but the header line
-    assert "training seeds [0, 1]; merged from 2 study.json files" in merged.splitlines()[0]
-    assert merged.count("±") == 4 * 7  # vgg16-cam's four rows x seven columns; the center baseline has none
+    assert "training seeds [0, 1]; faithfulness on test (" in merged.splitlines()[0]
+    assert merged.splitlines()[0].endswith("; merged from 2 study.json files")
+    # vgg16-cam's four rows x seven localization values, its six rows (with the random and
+    # center maps) x seven faithfulness values; the center baseline has none
+    assert merged.count("±") == 4 * 7 + 6 * 7
     pooled = json.loads((tmp_path / "merged" / "study.json").read_text())["results"]
     assert pooled["parts/vgg16-cam"]["seeds"] == [0, 1] and pooled["parts/center"]["seeds"] is None
     old = json.loads(Path(files[1]).read_text())  # written before study.json kept the seeds
@@ -284,6 +336,10 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     other["settings"]["epochs"] = 3
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert "other.json: epochs is 3 but" in refused(files[0], tmp_path / "other.json")
+    other["settings"]["epochs"] = 1
+    other["settings"]["faithfulness"] = "road"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "other.json: faithfulness is 'road' but" in refused(files[0], tmp_path / "other.json")
     (tmp_path / "junk.json").write_text("{}")
     assert "junk.json: not a study.json written by study.py" in refused(tmp_path / "junk.json")
 

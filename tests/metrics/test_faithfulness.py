@@ -316,6 +316,12 @@ def test_road_noise_is_seeded_and_only_on_removed_pixels():
     c = road(model, images, maps, targets, percentiles=(50,), seed=2)
     assert torch.equal(a.morf, b.morf) and torch.equal(a.lerf, b.lerf)
     assert not torch.equal(a.morf, c.morf)
+    # the solves in one thread or three: the same imputations, the same noise
+    one = road(model, images, maps, targets, percentiles=(30, 50), seed=[4, 5], workers=1)
+    three = road(model, images, maps, targets, percentiles=(30, 50), seed=[4, 5], workers=3)
+    assert torch.equal(one.morf, three.morf) and torch.equal(one.lerf, three.lerf)
+    with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
+        road(model, images, maps, targets, workers=0)
     with pytest.raises(ValueError, match=r"percentiles must be numbers in \[0, 100\]"):
         road(model, images, maps, targets, percentiles=(120,))
 

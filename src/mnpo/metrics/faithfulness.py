@@ -361,12 +361,14 @@ class RoadScores:
 
 def road(model: torch.nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
          percentiles: tuple[int, ...] = ROAD_PERCENTILES, noise: float = 0.01, seed: int | Sequence[int] = 0,
-         chunk_size: int = 16) -> RoadScores:
+         chunk_size: int = 16, workers: int | None = None) -> RoadScores:
     """ROAD MoRF, LeRF and combined (:class:`RoadScores`); ``1 + 2 P`` forwards and ``2 P``
     sparse solves per image. ``noise``: the imputation's Gaussian noise (absolute, on the model's
     input scale), drawn from a generator seeded with ``seed`` so that a run repeats; a sequence
     of ``B`` seeds gives each image its own generator (the noise then depends on the image alone,
-    not on its batch)."""
+    not on its batch). The solves (on the CPU, 0.02 to 0.4 s each at 224 x 224) run in
+    ``workers`` threads (default ``torch.get_num_threads()``; SuperLU releases the GIL); the
+    result does not depend on their number."""
     targets = _check(images, maps, targets)
     percentiles = tuple(percentiles)
     if not percentiles or any(isinstance(p, bool) or not 0 <= p <= 100 for p in percentiles):
@@ -375,19 +377,30 @@ def road(model: torch.nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
     seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
     if not isinstance(seed, int) and len(seeds) != B:
         raise ValueError(f"seed must be an int or {B} ints (one per image), got {len(seeds)}")
+    workers = torch.get_num_threads() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     base = class_probabilities(model, images, targets, chunk_size)
     quantiles = torch.tensor(percentiles, dtype=torch.float64) / 100
-    imputed = []
+    jobs = []  # (image, kept pixels) in the order the noise is drawn: order, image, percentile
     for order in ("morf", "lerf"):
         for i in range(B):
-            generator = generators[i if len(generators) > 1 else 0]
             relevance = (maps[i] if order == "morf" else 1 - maps[i]).double()
             for threshold in torch.quantile(relevance.flatten(), quantiles.to(relevance.device)):
-                keep = relevance < threshold
-                filled = linear_impute(images[i], keep)
-                draw = torch.randn(filled.shape, generator=generator, dtype=filled.dtype).to(filled.device)
-                imputed.append(filled + noise * draw * ~keep)
+                jobs.append((i, relevance < threshold))
+    if workers == 1 or len(jobs) == 1:
+        filled = [linear_impute(images[i], keep) for i, keep in jobs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+            filled = list(pool.map(lambda job: linear_impute(images[job[0]], job[1]), jobs))
+    imputed = []
+    for (i, keep), image in zip(jobs, filled):
+        generator = generators[i if len(generators) > 1 else 0]
+        draw = torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device)
+        imputed.append(image + noise * draw * ~keep)
     scores = class_probabilities(model, torch.stack(imputed), targets.repeat_interleave(P).repeat(2), chunk_size)
     scores = scores.view(2, B, P) - base.view(1, B, 1)
     return RoadScores(percentiles=percentiles, morf=scores[0], lerf=scores[1])
