@@ -32,6 +32,9 @@ OUT=${OUT:-gpu-out}
 # DEVICE=cpu BATCH=4 IMAGES=8 CLASSES=5 WIDTH=0.0625 SIZE=32 PER_CLASS=4 EPOCHS=1 WORKERS=0 sh benchmarks/gpu_session.sh
 DEVICE=${DEVICE:-cuda} BATCH=${BATCH:-256} IMAGES=${IMAGES:-2048} CLASSES=${CLASSES:-1000} WIDTH=${WIDTH:-1.0}
 SIZE=${SIZE:-224} PER_CLASS=${PER_CLASS:-100} EPOCHS=${EPOCHS:-30} WORKERS=${WORKERS:-12}
+# the study's faithfulness columns, sized for the budget: 20 forwards per test image and row
+# (ROAD, whose sparse solves run on the CPU, is left out; deletion / insertion in 8 steps)
+FAITHFULNESS=${FAITHFULNESS:-avgdrop,deletion,insertion,pointing} FAITHFULNESS_STEPS=${FAITHFULNESS_STEPS:-8}
 mkdir -p "$OUT"
 export PYTHONPATH="src:deps${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
@@ -98,7 +101,8 @@ step pipeline 150 "$OUT/pipeline.md" python3 benchmarks/bench_pipeline.py --devi
 study() {  # study NAME SECONDS PRESETS SEEDS
     step "$1" "$2" "$LOG" python3 benchmarks/study.py --presets "$3" --train-seeds "$4" --image-size "$SIZE" \
       --classes 8 --train-per-class "$PER_CLASS" --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" \
-      --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" --out "$STUDY" -q --resume
+      --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" --out "$STUDY" -q --resume \
+      --faithfulness "$FAITHFULNESS" --faithfulness-steps "$FAITHFULNESS_STEPS"
     keep_study
 }
 study study-parts 150 parts 0
@@ -117,7 +121,7 @@ step study-methods 180 "$LOG" python3 benchmarks/study.py --presets parts --trai
   --classes 8 --train-per-class "$PER_CLASS" --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" \
   --fsl-epochs $((EPOCHS * 5)) --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" \
   --models center,vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-acol,vgg16-spg,vgg16-cam+fsl \
-  --out "$STUDY-methods" -q --resume
+  --faithfulness "$FAITHFULNESS" --faithfulness-steps "$FAITHFULNESS_STEPS" --out "$STUDY-methods" -q --resume
 
 study study-seeds012 600 parts,shapes 0,1,2
 echo "== done" >>"$LOG"

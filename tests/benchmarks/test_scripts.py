@@ -316,8 +316,8 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     assert "training seeds [0, 1]; faithfulness on test (" in merged.splitlines()[0]
     assert merged.splitlines()[0].endswith("; merged from 2 study.json files")
     # vgg16-cam's four rows x seven localization values, its six rows (with the random and
-    # center maps) x seven faithfulness values; the center baseline has none
-    assert merged.count("±") == 4 * 7 + 6 * 7
+    # center maps) x six faithfulness values (ROAD is not in the default); the center baseline has none
+    assert merged.count("±") == 4 * 7 + 6 * 6 and "ROAD" not in merged
     pooled = json.loads((tmp_path / "merged" / "study.json").read_text())["results"]
     assert pooled["parts/vgg16-cam"]["seeds"] == [0, 1] and pooled["parts/center"]["seeds"] is None
     old = json.loads(Path(files[1]).read_text())  # written before study.json kept the seeds

@@ -108,8 +108,10 @@ def test_evaluate_faithfulness_equals_the_metrics_on_the_same_views_and_maps(tra
     curves = faithful["curves"]["deletion"]
     assert curves["fractions"] == pytest.approx(deletion.fractions.tolist(), abs=1e-15)
     assert curves["maps"] == pytest.approx(deletion.curves.mean(0).tolist(), abs=tol)
-    # the center baseline is the same cone for every image
-    center = fm.center_maps((len(ids), 48, 48))
+    # the center baseline is the same cone for every image, in the maps' 224 frame and resized
+    # to the view as the maps are (its ties broken in raster order: the same resized values needed)
+    center = F.interpolate(fm.center_maps((len(ids), 224, 224))[:, None], size=(48, 48), mode="bilinear",
+                           align_corners=False)[:, 0].clamp(0, 1)
     assert faithful["summary"]["center"]["deletion_auc"] == pytest.approx(
         float(fm.deletion_insertion(model, images, center, labels, "deletion", 8).auc.mean()), abs=tol)
 

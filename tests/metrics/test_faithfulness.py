@@ -60,6 +60,40 @@ def probability(model, image, target):
         return float(model(image[None]).double().softmax(1)[0, target])
 
 
+class Recording(nn.Module):
+    """SmallNet that records each input's layout; with ``flat``, it reads its input through
+    ``view`` (which a channels-last tensor cannot take) instead of a convolution."""
+
+    def __init__(self, flat=False):
+        super().__init__()
+        self.net, self.flat, self.layouts = SmallNet(8).double(), flat, []
+        self.linear = nn.Linear(3 * 64, 5).double()
+
+    def forward(self, x):
+        self.layouts.append("channels_last" if x.is_contiguous(memory_format=torch.channels_last)
+                            and not x.is_contiguous() else "contiguous")
+        return self.linear(x.view(len(x), -1)) if self.flat else self.net(x)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_class_probabilities_go_channels_last_on_the_cpu_and_equal_a_plain_forward(flat):
+    """CPU chunks reach a convolutional model channels-last (oneDNN's faster layout), and the
+    probabilities are a plain contiguous forward's (float64: equal to rounding); a model that
+    views its input falls back to contiguous chunks, from the failed chunk on."""
+    from mnpo.metrics.faithfulness import class_probabilities
+
+    model = Recording(flat)
+    _, images, _, targets = setup(n=3)
+    with torch.no_grad():
+        wanted = (model.linear(images.reshape(3, -1)) if flat else model.net(images)).softmax(1)
+    got = class_probabilities(model, images, targets, chunk_size=2)
+    torch.testing.assert_close(got, wanted[torch.arange(3), targets], rtol=1e-13, atol=0)
+    if flat:
+        assert model.layouts == ["channels_last", "contiguous", "contiguous"]  # tried once, then plain
+    else:
+        assert model.layouts == ["channels_last", "channels_last"]
+
+
 def test_confidence_change_equals_the_definition_image_by_image():
     model, images, maps, targets = setup()
     got = confidence_change(model, images, maps, targets, chunk_size=2)
