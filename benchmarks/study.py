@@ -125,6 +125,27 @@ CAM_FAMILY_ROWS = [
     ("Eigen-CAM", "eigencam", {}),
 ]
 
+#: how ``--normalize`` names a normalization in a row's label
+NORMALIZATION_LABELS = {"max": "max", "pas": "PaS", "ivr": "IVR"}
+
+
+def normalization_rows(rows: list, modes: str) -> list:
+    """``rows`` with, after each CAM row (method ``cam``: CAM, ACoL's, SPG's, FSL's map), one row per
+    normalization in ``modes`` (comma-separated, from max, pas, ivr; ``none``: no row added) that
+    scores the same map normalized that way (``MapOptions.normalize``; every other row is min-max's)."""
+    chosen = [] if modes == "none" else modes.split(",")
+    for mode in chosen:
+        if mode not in NORMALIZATION_LABELS:
+            raise SystemExit(f"study: --normalize {mode!r}: choose from {', '.join(NORMALIZATION_LABELS)} or none "
+                             "(min-max is every row's)")
+    out = []
+    for label, method, options in rows:
+        out.append((label, method, options))
+        if method == "cam":
+            out += [(f"{label}, {NORMALIZATION_LABELS[m]}", method, {**options, "normalize": m}) for m in chosen]
+    return out
+
+
 #: the rows drawn in the figure (two-branch network, first training seed)
 FIGURE_ROWS = ("CAM", "DGL", "MNPO", "MNPOs")
 
@@ -317,6 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faithfulness-steps", type=int, default=28,
                         help="deletion / insertion steps (default 28: 1,792 pixels a step at 224; the papers' 112 "
                              "quadruples their cost)")
+    parser.add_argument("--normalize", default="ivr",
+                        help="after each CAM row, a row per normalization listed (max, pas, ivr; comma-separated) "
+                             "scoring the same map normalized so (IVR: percentile 0.45), or 'none'; every other "
+                             "row is min-max normalized (default ivr)")
     parser.add_argument("--merge", nargs="+", metavar="STUDY_JSON",
                         help="write one table (OUT/study.md, study.json) from these runs' study.json files, "
                              "each (preset, model) pooled over the training seeds they hold; trains nothing")
@@ -344,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
             layout, method, rows = model_plan(name)
             if args.cam_family and name == "vgg16-mnpo":
                 rows = rows + CAM_FAMILY_ROWS
+            if layout is not None:
+                rows = normalization_rows(rows, args.normalize)
             if layout is None:  # the center baseline: nothing to train, the same for every seed
                 all_results[(preset, name)] = [evaluate_center(data, rows)]
                 run_seeds[(preset, name)] = None
@@ -410,7 +437,8 @@ def _faithfulness_header(args) -> str:
 #: settings that must agree between the studies ``--merge`` combines (the data, the training and
 #: the faithfulness pass)
 MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
-                  "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps")
+                  "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps",
+                  "normalize")
 
 
 def merge(paths: list[str], out: Path) -> str:

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from mnpo import __version__
 from mnpo.engine.config import PRECISIONS  # light (no torch): the precision choices of the parser
-from mnpo.engine.localize import METHOD_CHOICES, add_model_args  # light too: the map methods
+from mnpo.engine.localize import (  # light too: the map methods
+    METHOD_CHOICES,
+    add_model_args,
+    add_normalize_args,
+    normalize_options,
+)
 
 log = logging.getLogger("mnpo")
 
@@ -84,6 +89,7 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
         gallery_size=args.gallery_size, faithfulness=_faithfulness_settings(args),
         checkpoint=args.checkpoint, model_spec=args.model, weights=args.weights, num_classes=args.num_classes,
         input_size=args.input_size, device=args.device, batch_size=args.batch_size,
+        **normalize_options(args),
     )
     print(report.table())
     if report.calibrated is None and report.info["kind"] == "box":
@@ -146,7 +152,7 @@ def _map_options(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             options[key] = value
-    return options
+    return {**options, **normalize_options(args)}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -355,6 +361,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask-root", help="folder the mask paths of a mask split are relative to (PxAP)")
     ev.add_argument("--logits", help=".npy (N, C) class scores, rows in image_ids.txt order (Top-1/5 Loc)")
     ev.add_argument("--val-logits", help=".npy (N, C) class scores of the val split")
+    add_normalize_args(ev, default="the maps as saved (max cannot undo a saved min-max)")
     _add_threshold_args(ev)
     ev.add_argument("--workers", type=int, default=None, help="threads (default: available cores, at most 8)")
     _add_output_args(ev, "center, or the maps folder's name")
@@ -445,6 +452,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
     ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),
                      help="MNPOs loss gradient (default released)")
+    add_normalize_args(ev2)
     _add_threshold_args(ev2)
     ev2.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     ev2.add_argument("--workers", type=int, default=4, help="data loader processes (default 4)")

@@ -102,8 +102,12 @@ def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
     out = run("study.py", *args)
     table = (tmp_path / "study.md").read_text()
     assert table.strip() == out.strip()
-    # 7 and 4 rows of maps, and each network's random and center maps scored for faithfulness
-    assert table.count("| parts | vgg16-mnpo |") == 9 and table.count("| parts | vgg16-cam |") == 6
+    # 7 and 4 rows of maps, CAM with IVR after each CAM row (--normalize ivr, the default), and
+    # each network's random and center maps scored for faithfulness
+    assert table.count("| parts | vgg16-mnpo |") == 10 and table.count("| parts | vgg16-cam |") == 7
+    for name in ("vgg16-mnpo", "vgg16-cam"):
+        labels = [line.split("|")[3].strip() for line in table.splitlines() if f"| parts | {name} |" in line]
+        assert labels[:2] == ["CAM", "CAM, IVR"]
     with Image.open(tmp_path / "figure-parts.png") as figure:  # CAM, DGL, MNPO, MNPOs x 3 test images
         assert figure.width == 3 * 160 and figure.height == 4 * (160 + caption_height())
     csv = tmp_path / "parts-vgg16-mnpo-seed0" / "metrics.csv"
@@ -114,7 +118,7 @@ def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
     assert again.split("\n", 1)[1] == out.split("\n", 1)[1]  # all but the header line (it holds the time)
     # --cam-family: the same checkpoints, seven more rows for the two-branch network
     family = run("study.py", *args, "--resume", "--cam-family")
-    assert family.count("| parts | vgg16-mnpo |") == 16 and family.count("| parts | vgg16-cam |") == 6
+    assert family.count("| parts | vgg16-mnpo |") == 17 and family.count("| parts | vgg16-cam |") == 7
     for label in ("Grad-CAM++", "XGrad-CAM", "LayerCAM", "HiResCAM", "Score-CAM", "Ablation-CAM", "Eigen-CAM"):
         assert f"| parts | vgg16-mnpo | {label} |" in family
 
@@ -159,7 +163,7 @@ def test_study_faithfulness_columns_are_evaluates_numbers_on_the_same_checkpoint
     text = (tmp_path / "on" / "study.md").read_text()
     assert "| Deletion ↓ / Insertion AUC | ROAD combined | Pointing / Energy % |" in text
     assert "Avg Drop" not in text and "5 deletion / insertion steps" in text
-    study.main([*common, "--faithfulness", "none", "--out", str(tmp_path / "off")])
+    study.main([*common, "--faithfulness", "none", "--normalize", "none", "--out", str(tmp_path / "off")])
     off = (tmp_path / "off" / "study.md").read_text()
     assert "ROAD" not in off and "random map" not in off and off.count("| parts | vgg16-cam |") == 4
     on_rows = [line for line in text.splitlines() if "| DGL |" in line]
@@ -185,6 +189,21 @@ def test_study_scores_the_wsol_methods_and_both_baselines(tmp_path):
     assert len(metrics) == 1 + 2  # --fsl-epochs
     assert "unknown model 'nope'" in subprocess.run(
         [sys.executable, str(SCRIPTS / "study.py"), *args[:-1], "nope"], capture_output=True, text=True).stderr
+
+
+def test_study_normalization_rows_follow_each_cam_row():
+    """Each CAM-method row gets one row per listed normalization, its options kept; other
+    methods get none; a bad name is refused by name."""
+    study = script_module("study")
+    rows = [("ACoL", "cam", {"x": 1}), ("MNPO", "mnpo", {}), ("SPG", "cam", {})]
+    assert study.normalization_rows(rows, "none") == rows
+    assert study.normalization_rows(rows, "ivr,pas") == [
+        ("ACoL", "cam", {"x": 1}), ("ACoL, IVR", "cam", {"x": 1, "normalize": "ivr"}),
+        ("ACoL, PaS", "cam", {"x": 1, "normalize": "pas"}), ("MNPO", "mnpo", {}),
+        ("SPG", "cam", {}), ("SPG, IVR", "cam", {"normalize": "ivr"}), ("SPG, PaS", "cam", {"normalize": "pas"})]
+    assert rows[0][2] == {"x": 1}  # not changed in place
+    with pytest.raises(SystemExit, match="--normalize 'minmax': choose from max, pas, ivr or none"):
+        study.normalization_rows(rows, "minmax")
 
 
 def test_study_summary_over_seeds():
@@ -292,8 +311,8 @@ def test_study_reports_a_diverged_run_and_leaves_it_out_of_the_means(tmp_path, m
                          "- parts / vgg16-mnpo, training seed 1: training diverged: the loss is nan at epoch 3, step 2\n")
     mnpo_rows = [line for line in text.splitlines() if line.startswith("| parts | vgg16-mnpo |")]
     cam_rows = [line for line in text.splitlines() if line.startswith("| parts | vgg16-cam |")]
-    assert len(mnpo_rows) == 9 and all("±" not in row for row in mnpo_rows)  # one seed left: no spread
-    assert len(cam_rows) == 6 and all("±" in row for row in cam_rows)  # two seeds
+    assert len(mnpo_rows) == 10 and all("±" not in row for row in mnpo_rows)  # one seed left: no spread
+    assert len(cam_rows) == 7 and all("±" in row for row in cam_rows)  # two seeds
     assert (tmp_path / "figure-parts.png").is_file()  # drawn from the seed that trained
     assert json.loads((tmp_path / "study.json").read_text())["diverged"] == [text.splitlines()[-1][2:]]
 
@@ -315,9 +334,10 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     assert merged.split("\n", 1)[1] == both.split("\n", 1)[1]  # all but the header line
     assert "training seeds [0, 1]; faithfulness on test (" in merged.splitlines()[0]
     assert merged.splitlines()[0].endswith("; merged from 2 study.json files")
-    # vgg16-cam's four rows x seven localization values, its six rows (with the random and
-    # center maps) x six faithfulness values (ROAD is not in the default); the center baseline has none
-    assert merged.count("±") == 4 * 7 + 6 * 6 and "ROAD" not in merged
+    # vgg16-cam's five rows (CAM with IVR too) x seven localization values, its seven rows (with
+    # the random and center maps) x six faithfulness values (ROAD is not in the default); the
+    # center baseline has none
+    assert merged.count("±") == 5 * 7 + 7 * 6 and "ROAD" not in merged
     pooled = json.loads((tmp_path / "merged" / "study.json").read_text())["results"]
     assert pooled["parts/vgg16-cam"]["seeds"] == [0, 1] and pooled["parts/center"]["seeds"] is None
     old = json.loads(Path(files[1]).read_text())  # written before study.json kept the seeds
@@ -340,6 +360,10 @@ def test_study_merge_pools_seeds_of_separate_runs_as_one_run_with_them_all(tmp_p
     other["settings"]["faithfulness"] = "road"
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert "other.json: faithfulness is 'road' but" in refused(files[0], tmp_path / "other.json")
+    other["settings"]["faithfulness"] = old["settings"]["faithfulness"]
+    other["settings"]["normalize"] = "pas"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "other.json: normalize is 'pas' but" in refused(files[0], tmp_path / "other.json")
     (tmp_path / "junk.json").write_text("{}")
     assert "junk.json: not a study.json written by study.py" in refused(tmp_path / "junk.json")
 

@@ -235,6 +235,35 @@ def test_train_pretrained_flag_loads_a_local_file(trained, tmp_path):
     torch.testing.assert_close(model.backbone.features[0].weight, state["features.0.weight"], atol=1e-6, rtol=0)
 
 
+def test_evaluate_normalize_reaches_the_maps_and_evaluate_maps_renormalizes_alike(trained, tmp_path):
+    """`evaluate --normalize ivr --percentile 0.6` saves IVR's maps of the raw CAM; the same
+    command's min-max maps, re-normalized by IVR (as `evaluate-maps --normalize ivr` does), are
+    those maps within float32 rounding (IVR ignores the min-max's affine change); the option is
+    recorded; a percentile without IVR is refused."""
+    from mnpo.engine.evaluate_maps import renormalize
+
+    root, data = trained
+    base = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+            "--metadata", str(data / "metadata" / "test"), "--input-size", "48", "--workers", "0", "--method", "cam"]
+    assert main(base + ["--normalize", "ivr", "--percentile", "0.6", "--save-maps", str(tmp_path / "ivr"),
+                        "--json", str(tmp_path / "ivr.json")]) == 0
+    assert main(base + ["--save-maps", str(tmp_path / "minmax")]) == 0
+    assert json.loads((tmp_path / "ivr.json").read_text())["info"]["map_options"] == {"normalize": "ivr",
+                                                                                        "percentile": 0.6}
+    names = sorted(p.relative_to(tmp_path / "ivr") for p in (tmp_path / "ivr").rglob("*.npy"))
+    assert len(names) == 9
+    ivr = np.stack([np.load(tmp_path / "ivr" / n) for n in names])
+    minmax = np.stack([np.load(tmp_path / "minmax" / n) for n in names])
+    assert (ivr == 0).mean() > 0.55 and (minmax == 0).mean() < 0.1  # IVR at 0.6 zeroes 60 % of each map
+    # float32 maps in [0, 1], each side's rounding a few 2^-24, divided by IVR's 1 - q (q: the
+    # min-max map's value at the 60 % point): below 1e-5 while q < 0.9
+    level = np.sort(minmax.reshape(9, -1), axis=1)[:, int(224 * 224 * 0.6)]
+    assert level.max() < 0.9
+    np.testing.assert_allclose(renormalize(minmax, "ivr", 0.6), ivr, rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit, match="--percentile 0.6 is IVR's"):
+        main(base + ["--percentile", "0.6"])
+
+
 def test_paper_threshold_grid_oracle_is_bounded_by_the_full_grid(trained, tmp_path):
     root, data = trained
     base = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),

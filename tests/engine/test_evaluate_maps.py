@@ -199,3 +199,61 @@ def test_center_baseline_by_hand_and_equal_to_saved_center_maps(box_split, tmp_p
     assert "give --center or --maps, not both" in capsys.readouterr().err
     assert main(["evaluate-maps", "-q", "--metadata", str(meta)]) == 2
     assert "give --maps (a folder of score maps) or --center" in capsys.readouterr().err
+
+
+def test_normalize_renormalizes_saved_maps_by_hand(box_split, tmp_path, capsys):
+    """Image a's map: 0 on rows 180.. (19.6 % of the pixels), 1 in its box (14.1 %), 0.25 elsewhere.
+    Saved as it is (min-max already), the box is found only above 0.25: the oracle's first right
+    threshold is 0.25 (0.26 where 0.25 rounds below it). IVR at 0.45 takes the 0.25 plateau as its
+    level and leaves the box alone at 1: right from threshold 0. Both 50 % (b is empty)."""
+    meta, maps = box_split
+    a = np.full((224, 224), 0.25, np.float32)
+    a[180:] = 0.0
+    a[30:101, 50:151] = 1.0
+    np.save(maps / "x" / "a.jpg.npy", a)
+    saved = evaluate_map_folders(maps, meta, workers=1)
+    ivr = evaluate_map_folders(maps, meta, workers=1, normalize="ivr")
+    assert saved.oracle["max_box_acc"].value == ivr.oracle["max_box_acc"].value == 50.0
+    assert saved.oracle["max_box_acc"].threshold == pytest.approx(0.255, abs=0.006)
+    assert ivr.oracle["max_box_acc"].threshold == 0.0
+    assert ivr.info["normalize"] == "ivr" and ivr.info["percentile"] == 0.45 and saved.info["normalize"] == "as saved"
+    # IVR at 0.1 takes 0 (the bottom rows) as its level: the map is min-max's again
+    low = evaluate_map_folders(maps, meta, workers=1, normalize="ivr", percentile=0.1)
+    assert low.oracle["max_box_acc"].threshold == saved.oracle["max_box_acc"].threshold
+    assert main(["evaluate-maps", "-q", "--maps", str(maps), "--metadata", str(meta), "--normalize", "ivr",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["oracle"]["max_box_acc"]["threshold"] == 0.0
+    with pytest.raises(ValueError, match="percentile 0.3 is IVR's"):
+        evaluate_map_folders(maps, meta, normalize="pas", percentile=0.3)
+    with pytest.raises(ValueError, match="unknown normalization 'l1'"):
+        evaluate_map_folders(maps, meta, normalize="l1")
+    with pytest.raises(SystemExit, match="--percentile 0.3 is IVR's"):
+        main(["evaluate-maps", "-q", "--maps", str(maps), "--metadata", str(meta), "--percentile", "0.3"])
+
+
+@pytest.mark.parametrize("mode", ["minmax", "pas", "ivr"])
+def test_renormalizing_min_max_maps_equals_normalizing_the_raw_maps(box_split, tmp_path, mode):
+    """min-max, PaS and IVR do not change under s -> a s + b (a > 0), so re-normalizing saved
+    min-max maps gives the maps the raw ones would: the same metrics as saving those."""
+    import torch
+
+    from mnpo.maps import normalize_maps
+
+    meta, _ = box_split
+    g = np.random.default_rng(5)
+    yy, xx = np.mgrid[:224, :224]
+    raw = np.stack([np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s ** 2)) + 0.3 * g.random((224, 224)) - 0.4
+                    for cx, cy, s in ((100, 65, 40), (30, 30, 15))])
+    folders = {}
+    for name, maps in (("minmax", normalize_maps(torch.from_numpy(raw))),
+                       ("direct", normalize_maps(torch.from_numpy(raw), mode))):
+        folders[name] = tmp_path / name
+        (folders[name] / "x").mkdir(parents=True)
+        for image, m in zip(("a", "b"), maps.numpy()):
+            np.save(folders[name] / "x" / f"{image}.jpg.npy", m)
+    again = evaluate_map_folders(folders["minmax"], meta, workers=1, normalize=mode)
+    direct = evaluate_map_folders(folders["direct"], meta, workers=1)
+    assert {k: m.to_json() for k, m in again.oracle.items()} == {k: m.to_json() for k, m in direct.oracle.items()}
+    if mode != "minmax":  # and the normalization matters to these maps
+        plain = evaluate_map_folders(folders["minmax"], meta, workers=1)
+        assert {k: m.to_json() for k, m in plain.oracle.items()} != {k: m.to_json() for k, m in direct.oracle.items()}

@@ -17,6 +17,7 @@ from PIL import Image
 from mnpo.data.transforms import load_image, localization_transform, ten_crop
 from mnpo.engine.localize import (
     METHOD_CHOICES,
+    NORMALIZATION_CHOICES,
     LocalizeError,
     add_localize_parser,
     box_to_image,
@@ -24,7 +25,7 @@ from mnpo.engine.localize import (
     unique_stems,
     write_localization,
 )
-from mnpo.maps import METHODS, compute_maps
+from mnpo.maps import METHODS, NORMALIZATIONS, compute_maps
 from mnpo.metrics.boxes import predicted_boxes
 from mnpo.models import build_model, save_checkpoint
 
@@ -245,6 +246,7 @@ def test_unknown_map_option_is_refused(model, files):
 
 def test_method_choices_are_the_map_methods():
     assert METHOD_CHOICES == METHODS
+    assert NORMALIZATION_CHOICES == NORMALIZATIONS
 
 
 def _parser():
@@ -264,7 +266,7 @@ def test_parser_defaults_and_help():
     helps = {a.dest: a.help for a in sub._actions}
     assert set(helps) == {"help", "checkpoint", "model", "weights", "num_classes", "images", "out", "method", "threshold", "topk", "batch_size",
                           "device", "no_overlays", "save_maps", "input_size", "ignore_exif", "target_layer",
-                          "chunk_size", "no_resume"}
+                          "chunk_size", "no_resume", "normalize", "percentile"}
     assert all(text and len(text) > 20 for text in helps.values())
     assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
     assert sub.description and "localization.json" in sub.description
@@ -328,6 +330,32 @@ def test_run_localize_passes_the_cam_family_options(model, files, tmp_path):
                              map_options={"target_layer": "conv5_2", "chunk_size": 3}).images[0].scoremap
     assert np.array_equal(saved["conv5_2"], direct)  # the same call: the options reached compute_maps
     assert not np.allclose(saved["conv5_2"], saved["head"], atol=1e-3)  # and they matter
+
+
+def test_run_localize_passes_the_normalization(model, files, tmp_path):
+    """--normalize / --percentile reach compute_maps (the saved map is the direct call's and not
+    min-max's); a percentile without IVR, or outside [0, 1), is refused naming the value."""
+    paths, _ = files
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model)
+    saved = {}
+    for name, extra in (("minmax", []), ("ivr", ["--normalize", "ivr", "--percentile", "0.6"])):
+        out = tmp_path / name
+        args = _parser().parse_args(["localize", "--checkpoint", str(ckpt), paths[0], "--out", str(out),
+                                     "--method", "cam", "--no-overlays", "--save-maps", "--device", "cpu", *extra])
+        assert args.func(args) == 0
+        (saved[name],) = [np.load(p) for p in out.glob("*.npy")]
+    direct = localize_images(model, paths[:1], method="cam",
+                             map_options={"normalize": "ivr", "percentile": 0.6}).images[0].scoremap
+    assert np.array_equal(saved["ivr"], direct)
+    assert (saved["ivr"] == 0).mean() > (saved["minmax"] == 0).mean() + 0.3  # IVR zeroes 60 % of the 224 map
+    for extra, message in ((["--percentile", "0.6"], "--percentile 0.6 is IVR's"),
+                           (["--normalize", "pas", "--percentile", "0.6"], "--percentile 0.6 is IVR's"),
+                           (["--normalize", "ivr", "--percentile", "1.5"], r"--percentile must lie in \[0, 1\), got 1.5")):
+        args = _parser().parse_args(["localize", "--checkpoint", str(ckpt), paths[0], "--out", str(tmp_path / "x"),
+                                     *extra])
+        with pytest.raises(SystemExit, match=message):
+            args.func(args)
 
 
 @pytest.mark.parametrize("meta, msg", [

@@ -30,6 +30,31 @@ def normalize_numpy(cam):
     return cam / cam.max()
 
 
+def naive_normalization(cam, mode, percentile=0.45):
+    """One map, from the spec (section 1 of modern-wsol.md) and IVR's ``normalize_scoremap``,
+    in numpy float64: NaN, infinity, a constant map or a zero divisor -> zeros."""
+    cam = np.array(cam, dtype=np.float64)
+    zeros = np.zeros_like(cam)
+    if not np.isfinite(cam).all() or cam.min() == cam.max():
+        return zeros
+    ordered = np.sort(cam.ravel())
+    if mode == "minmax":
+        shifted, divisor = cam - cam.min(), cam.max() - cam.min()
+    elif mode == "max":
+        shifted = np.maximum(0, cam)
+        divisor = shifted.max()
+    elif mode == "pas":
+        shifted = cam - cam.min()
+        divisor = np.sort(shifted.ravel())[int(shifted.size * 0.9)]
+    else:
+        shifted = np.maximum(0, cam - ordered[int(cam.size * percentile)])
+        divisor = shifted.max()
+    if divisor == 0:
+        return zeros
+    out = shifted / divisor
+    return np.minimum(1, out) if mode == "pas" else out
+
+
 def weighted_mean(weights, features):
     return sum(weights[c] * features[c] for c in range(len(weights))) / len(weights)
 
@@ -154,9 +179,10 @@ def naive_cam_family(model, x, y, method, layer, relu):
 
 def naive_maps(model, images, targets, method, h_mode="scale", a=None, b=None, target_layer=None,
                fusion="max", resize_mode="bicubic", loss_gradient="released", loss_scale=10.0, relu=True,
-               dtype=torch.float64):
+               dtype=torch.float64, normalize="minmax", percentile=0.45):
     """Maps ``(B, H, W)`` float64. The network runs in ``dtype`` (float32 to run it under an
-    autocast context); everything after the network is float64 NumPy."""
+    autocast context); everything after the network is float64 NumPy; each map is normalized
+    last (``normalize``: :func:`naive_normalization`'s modes)."""
     model = copy.deepcopy(model).to(dtype).eval()
     size = tuple(images.shape[-2:])
     default_h = {"mnpo": (10.0, 5.0), "mnpos": (8.0, 4.0)}.get(method, (1.0, 1.0))
@@ -210,5 +236,5 @@ def naive_maps(model, images, targets, method, h_mode="scale", a=None, b=None, t
             alpha = h_numpy(G.sum(axis=(1, 2)), h_mode, a, b)
             enhanced = A / np.sqrt((A ** 2).sum()) - D / np.sqrt((D ** 2).sum())
             cam = resize(weighted_mean(alpha, enhanced), size, resize_mode)
-        maps.append(normalize_numpy(cam))
+        maps.append(normalize_numpy(cam) if normalize == "minmax" else naive_normalization(cam, normalize, percentile))
     return np.stack(maps)

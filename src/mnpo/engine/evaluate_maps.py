@@ -67,6 +67,30 @@ def load_map(path: str | os.PathLike, size: int = EVAL_SIZE) -> np.ndarray:
     return scoremap
 
 
+def renormalize(maps: np.ndarray, normalize: str | None, percentile: float | None = None) -> np.ndarray:
+    """Saved maps ``(B, H, W)`` in [0, 1] normalized again by :func:`mnpo.maps.normalize_maps`
+    (``normalize`` None: returned as they are), in float64 and back to their dtype.
+
+    ``minmax``, ``pas`` and ``ivr`` give a raw map's result from its min-max normalized copy
+    (they are unchanged by ``s -> a s + b``, ``a > 0``); ``max`` cannot (min-max removed the sign)
+    and is the identity on min-max maps.
+    """
+    if normalize is None:
+        if percentile is not None:
+            raise ValueError(f"percentile {percentile} is IVR's: give it with normalize='ivr'")
+        return maps
+    import torch
+
+    from mnpo.maps import normalize_maps
+    from mnpo.maps.postprocess import IVR_PERCENTILE
+
+    if percentile is not None and normalize != "ivr":
+        raise ValueError(f"percentile {percentile} is IVR's: give it with normalize='ivr'")
+    out = normalize_maps(torch.from_numpy(np.asarray(maps, np.float64)), normalize,
+                         IVR_PERCENTILE if percentile is None else percentile)
+    return out.numpy().astype(maps.dtype, copy=False)
+
+
 def load_logits(path: str | os.PathLike, meta: SplitMetadata) -> np.ndarray:
     """Read class scores float (N, C), one row per image in ``image_ids.txt`` order."""
     path = Path(path)
@@ -143,16 +167,19 @@ def _batches(ids: Sequence[str], size: int) -> Iterator[list[str]]:
 
 def evaluate_split(maps_dir: str | os.PathLike | None, meta: SplitMetadata, *, mask_root=None, thresholds=None,
                    logits: np.ndarray | None = None, workers: int | None = None,
-                   batch_size: int = 64, progress: bool = False) -> BoxCurves | MaskCurves:
+                   batch_size: int = 64, progress: bool = False, normalize: str | None = None,
+                   percentile: float | None = None) -> BoxCurves | MaskCurves:
     """Curves of one split from its saved maps (every image id must have a map); ``maps_dir``
-    None scores the center baseline (:func:`mnpo.maps.center_map`, the same map for every image)."""
+    None scores the center baseline (:func:`mnpo.maps.center_map`, the same map for every image);
+    ``normalize`` / ``percentile``: each map normalized again first (:func:`renormalize`)."""
     return _score_split(maps_dir, meta, mask_root=mask_root, thresholds=thresholds, logits=logits, workers=workers,
-                        batch_size=batch_size, progress=progress)[0]
+                        batch_size=batch_size, progress=progress, normalize=normalize, percentile=percentile)[0]
 
 
 def _score_split(maps_dir, meta: SplitMetadata, *, mask_root=None, thresholds=None, logits=None, workers=None,
                  batch_size: int = 64, progress: bool = False, images=None, gallery_size: int = 0,
-                 classification_only: bool = False) -> tuple[BoxCurves | MaskCurves | None, SplitDetails | None]:
+                 classification_only: bool = False, normalize: str | None = None, percentile: float | None = None,
+                 ) -> tuple[BoxCurves | MaskCurves | None, SplitDetails | None]:
     """``evaluate_split``; with ``images`` (an ``evaluate``-mode ``WSOLDataset`` of the split with
     ``uint8_views``) also the split's ``SplitDetails``: every image's values, its five best
     classes from ``logits`` (none without) and the gallery of ``gallery_size`` sampled images."""
@@ -185,7 +212,7 @@ def _score_split(maps_dir, meta: SplitMetadata, *, mask_root=None, thresholds=No
         bar = tqdm(total=len(meta.image_ids), desc=f"evaluating {maps_dir or 'the center baseline'}", unit="map")
     with evaluator:
         for ids in _batches(meta.image_ids, batch_size):
-            maps = np.stack([read(i) for i in ids])
+            maps = renormalize(np.stack([read(i) for i in ids]), normalize, percentile)
             batch_logits = None if logits is None else logits[[row[i] for i in ids]]
             evaluator.update(maps, ids, batch_logits)
             if keep and batch_logits is not None:
@@ -265,7 +292,8 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
                          label: str | None = None, gallery_size: int = 128, faithfulness=None,
                          checkpoint: str | os.PathLike | None = None, model_spec: str | None = None,
                          weights: str | os.PathLike | None = None, num_classes: int | None = None,
-                         input_size: int = EVAL_SIZE, device: str = "auto", batch_size: int = 64) -> Report:
+                         input_size: int = EVAL_SIZE, device: str = "auto", batch_size: int = 64,
+                         normalize: str | None = None, percentile: float | None = None) -> Report:
     """The ``mnpo evaluate-maps`` job: read, evaluate, report (see module doc). ``center``:
     score the center baseline instead of saved maps (``maps`` and ``val_maps`` must be None;
     val is then scored when ``val_metadata`` is given). ``results`` / ``report_html``: also write
@@ -276,7 +304,9 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
     faithfulness to a model, an mnpo ``checkpoint`` or ``model_spec`` (with ``weights`` and
     ``num_classes``, as ``mnpo evaluate --model``), on the images under ``data`` at the
     ``input_size`` view, ``batch_size`` at a time on ``device``; a split without localization
-    labels is then scored by these alone."""
+    labels is then scored by these alone. ``normalize`` / ``percentile``: every map (the center
+    baseline's too) normalized again before it is scored (:func:`renormalize`)."""
+    renormalize(np.zeros((0, 1, 1)), normalize, percentile)  # refuses a bad mode or a lone percentile first
     if faithfulness is not None:
         if center:
             raise ValueError("--faithfulness scores saved maps (its random and center baselines come with it); "
@@ -307,7 +337,8 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
         images = WSOLDataset(data, meta, "evaluate", mask_root=mask_root, uint8_views=True, ten_crop=False)
     test, test_details = _score_split(maps, meta, mask_root=mask_root, thresholds=thresholds, logits=test_logits,
                                       workers=workers, progress=progress, images=images, gallery_size=gallery_size,
-                                      classification_only=faithfulness is not None)
+                                      classification_only=faithfulness is not None, normalize=normalize,
+                                      percentile=percentile)
     val = vmeta = None
     if val_metadata is not None:
         if test is None:
@@ -318,7 +349,7 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
             raise ValueError(f"val split is a {vmeta.kind} split but the evaluated one is a {meta.kind} split")
         v_logits = None if val_logits is None else load_logits(val_logits, vmeta)
         val = evaluate_split(val_maps, vmeta, mask_root=mask_root, thresholds=thresholds, logits=v_logits,
-                             workers=workers, progress=progress)
+                             workers=workers, progress=progress, normalize=normalize, percentile=percentile)
     info = {
         "metadata": str(metadata),
         "maps": "center baseline" if center else str(maps),
@@ -328,6 +359,7 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
         "cam_curve_interval": cam_curve_interval,
         "threshold_grid": threshold_grid,
         "num_thresholds": int(len(thresholds)),
+        "normalize": normalize or "as saved",
         "iou_thresholds_v2": list(test.iou_thresholds) if isinstance(test, BoxCurves) else None,
         "oracle": "thresholds chosen on the evaluated split itself (optimistic; the MNPO paper's protocol)",
         "calibrated": ("thresholds chosen on val, applied to the evaluated split (wsolevaluation's protocol)"
@@ -341,7 +373,11 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
         info["faithfulness"] = saved_maps_faithfulness(
             maps, data, meta, faithfulness, checkpoint=checkpoint, model_spec=model_spec, weights=weights,
             num_classes=num_classes, mask_root=mask_root, input_size=input_size, device=device,
-            batch_size=batch_size, progress=progress)
+            batch_size=batch_size, progress=progress, normalize=normalize, percentile=percentile)
+    if normalize == "ivr":
+        from mnpo.maps.postprocess import IVR_PERCENTILE
+
+        info["percentile"] = IVR_PERCENTILE if percentile is None else percentile
     report = build_report(test, val, info)
     if details:
         num_classes = meta.num_classes if test_logits is None else max(meta.num_classes, test_logits.shape[1])
@@ -354,7 +390,8 @@ def evaluate_map_folders(maps: str | os.PathLike | None, metadata: str | os.Path
 def saved_maps_faithfulness(maps_dir: str | os.PathLike, data: str | os.PathLike, meta: SplitMetadata, settings, *,
                             checkpoint=None, model_spec: str | None = None, weights=None,
                             num_classes: int | None = None, mask_root=None, input_size: int = EVAL_SIZE,
-                            device: str = "auto", batch_size: int = 64, progress: bool = False) -> dict:
+                            device: str = "auto", batch_size: int = 64, progress: bool = False,
+                            normalize: str | None = None, percentile: float | None = None) -> dict:
     """The faithfulness result (:meth:`~mnpo.engine.faithfulness.FaithfulnessAccumulator.result`)
     of saved 224 x 224 maps ``maps_dir/<image_id>.npy`` to a model, on the split's images at the
     evaluation's ``input_size`` view (resize ``resize_for(input_size)``, center crop)."""
@@ -386,7 +423,8 @@ def saved_maps_faithfulness(maps_dir: str | os.PathLike, data: str | os.PathLike
         bar = tqdm(total=len(dataset), desc="faithfulness", unit="img")
     for batch in loader:
         ids = list(batch["image_id"])
-        maps = torch.from_numpy(np.stack([load_map(Path(maps_dir) / f"{i}.npy") for i in ids])).float().to(dev)
+        saved = np.stack([load_map(Path(maps_dir) / f"{i}.npy") for i in ids])
+        maps = torch.from_numpy(renormalize(saved, normalize, percentile)).float().to(dev)
         images = normalize_batch(batch["image"].to(dev))
         accumulator.update(model, images, maps, batch["label"].to(dev), ids)
         if bar is not None:

@@ -57,6 +57,8 @@ DEFAULT_THRESHOLD = 0.2
 #: ``mnpo.maps.METHODS``, repeated here so that building the parser does not import torch (tested equal).
 METHOD_CHOICES = ("cam", "mnpo", "mnpos", "gradcam", "dgl", "gradcampp", "xgradcam", "layercam", "hirescam",
                   "scorecam", "ablationcam", "eigencam", "center")
+#: ``mnpo.maps.NORMALIZATIONS``, likewise (tested equal).
+NORMALIZATION_CHOICES = ("minmax", "max", "pas", "ivr")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 REPORT_NAME = "localization.json"
 #: The streamed records, one JSON object per line, beside :data:`REPORT_NAME`.
@@ -749,6 +751,28 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def add_normalize_args(parser: argparse.ArgumentParser, default: str = "minmax, wsolevaluation's") -> None:
+    """``--normalize`` and ``--percentile``: how each map becomes [0, 1] (``MapOptions.normalize``)."""
+    parser.add_argument("--normalize", choices=NORMALIZATION_CHOICES, default=None,
+                        help=f"map normalization: minmax, max, pas (PaS) or ivr (IVR, ICCV 2021); default: {default}")
+    parser.add_argument("--percentile", type=float, default=None, metavar="P",
+                        help="IVR's percentile in [0, 1) (default 0.45; only with --normalize ivr)")
+
+
+def normalize_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The map options ``--normalize`` and ``--percentile`` give; a percentile without IVR is refused."""
+    options: dict[str, Any] = {}
+    if getattr(args, "normalize", None) is not None:
+        options["normalize"] = args.normalize
+    if getattr(args, "percentile", None) is not None:
+        if options.get("normalize") != "ivr":
+            raise SystemExit(f"--percentile {args.percentile} is IVR's: give it with --normalize ivr")
+        if not 0 <= args.percentile < 1:
+            raise SystemExit(f"--percentile must lie in [0, 1), got {args.percentile}")
+        options["percentile"] = args.percentile
+    return options
+
+
 def add_model_args(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     """``--checkpoint CKPT`` or ``--model SPEC`` (one of them), ``--weights``, ``--num-classes``."""
     which = parser.add_mutually_exclusive_group(required=True)
@@ -809,6 +833,7 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         "default: the method's)")
     parser.add_argument("--chunk-size", type=_positive_int, metavar="N",
                         help="masked or ablated copies per forward pass of scorecam / ablationcam (default 16)")
+    add_normalize_args(parser)
     parser.add_argument("--threshold", type=_unit_float, default=None, metavar="T",
                         help="score-map threshold in [0, 1] for the box (default: the checkpoint's "
                         f"operating_threshold, else {DEFAULT_THRESHOLD})")
@@ -892,8 +917,9 @@ def run_localize(args: argparse.Namespace) -> int:
                                 method=args.method, threshold=threshold, topk=args.topk, class_names=class_names,
                                 batch_size=args.batch_size, device=args.device, input_size=args.input_size,
                                 exif_orientation=not args.ignore_exif,
-                                map_options={k: v for k, v in (("target_layer", args.target_layer),
-                                                               ("chunk_size", args.chunk_size)) if v is not None})
+                                map_options={**{k: v for k, v in (("target_layer", args.target_layer),
+                                                                  ("chunk_size", args.chunk_size)) if v is not None},
+                                             **normalize_options(args)})
     path = report.path
     reused = f" ({report.reused} from an earlier run)" if report.reused else ""
     print(f"{report.method} at threshold {report.threshold:g}: {len(report.images)} images{reused}, "

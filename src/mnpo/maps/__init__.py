@@ -3,6 +3,7 @@
 
 from mnpo.maps.methods import METHODS, MapOptions, center_map, compute_maps
 from mnpo.maps.postprocess import (
+    NORMALIZATIONS,
     channel_weighted_mean,
     fuse_maps,
     normalize_maps,
@@ -11,6 +12,6 @@ from mnpo.maps.postprocess import (
 )
 
 __all__ = [
-    "METHODS", "MapOptions", "center_map", "channel_weighted_mean", "compute_maps", "fuse_maps", "normalize_maps",
+    "METHODS", "NORMALIZATIONS", "MapOptions", "center_map", "channel_weighted_mean", "compute_maps", "fuse_maps", "normalize_maps",
     "resize_maps", "weight_postprocess",
 ]

@@ -48,6 +48,8 @@ from mnpo.maps.passes import acc, full_precision, predicted, selector, vjp
 from mnpo.maps.postprocess import (
     FUSIONS,
     H_MODES,
+    IVR_PERCENTILE,
+    NORMALIZATIONS,
     RESIZE_MODES,
     channel_weighted_mean,
     fuse_maps,
@@ -90,6 +92,9 @@ class MapOptions:
         ``(B, N, C)`` and channels-last ``(B, h, w, C)`` recognized) or a callable.
     classifier: any model: the linear layer after global average pooling that ``cam`` and
         ``mnpo`` read (``auto``: the last ``nn.Linear`` giving the scores), by dotted name.
+    normalize: how each map, at its output size, becomes [0, 1] (:func:`normalize_maps`):
+        ``minmax`` (wsolevaluation's), ``max``, ``pas`` or ``ivr`` (IVR, ICCV 2021) at
+        ``percentile`` (default 0.45, IVR's).
     """
 
     h_mode: str = "scale"
@@ -105,11 +110,14 @@ class MapOptions:
     chunk_size: int = 16
     reshape: Any = "auto"
     classifier: str = "auto"
+    normalize: str = "minmax"
+    percentile: float = IVR_PERCENTILE
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("h_mode", self.h_mode, H_MODES), ("fusion", self.fusion, FUSIONS),
                                      ("resize", self.resize, RESIZE_MODES),
-                                     ("loss_gradient", self.loss_gradient, LOSS_GRADIENTS)):
+                                     ("loss_gradient", self.loss_gradient, LOSS_GRADIENTS),
+                                     ("normalize", self.normalize, NORMALIZATIONS)):
             if value not in allowed:
                 raise ValueError(f"map option {name}={value!r}: choose one of {allowed}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
@@ -118,6 +126,9 @@ class MapOptions:
             raise ValueError(f"map option reshape={self.reshape!r}: expected 'auto' or a callable")
         if not isinstance(self.classifier, str) or not self.classifier:
             raise ValueError(f"map option classifier={self.classifier!r}: expected 'auto' or a module name")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0 <= self.percentile < 1:
+            raise ValueError(f"map option percentile={self.percentile!r}: expected a number in [0, 1)")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"map option chunk_size={self.chunk_size!r}: expected a positive int")
 
@@ -176,7 +187,7 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
                 first_logits = logits
             raws.append(raw)
     with torch.no_grad(), full_precision(images):
-        maps = torch.stack([normalize_maps(acc(raw)) for raw in raws], dim=1)
+        maps = torch.stack([normalize_maps(acc(raw), opts.normalize, opts.percentile) for raw in raws], dim=1)
     maps = maps[:, 0] if targets is None or targets.ndim == 1 else maps
     logits = first_logits
     return maps, acc(logits.detach())

@@ -1,5 +1,5 @@
 """The map arithmetic every method shares: weight post-processing H, channel weighting,
-resizing, fusion and min-max normalization. All batched; shapes in each docstring."""
+resizing, fusion and normalization (min-max, max, PaS, IVR). All batched; shapes in each docstring."""
 
 from __future__ import annotations
 
@@ -65,16 +65,55 @@ def fuse_maps(maps: list[Tensor], fusion: str = "max") -> Tensor:
     return stacked.amax(0) if fusion == "max" else stacked.mean(0)
 
 
-def normalize_maps(maps: Tensor) -> Tensor:
-    """Per-image min-max to [0, 1]: ``(B, H, W) -> (B, H, W)``.
+#: map normalizations (Kim et al., ICCV 2021, "Normalization Matters in WSOL")
+NORMALIZATIONS = ("minmax", "max", "pas", "ivr")
+#: IVR's default percentile (the IVR repository's ``config.py: --percentile``)
+IVR_PERCENTILE = 0.45
+#: PaS's fixed percentile of the shifted map (Bae et al., ECCV 2020)
+PAS_PERCENTILE = 0.9
 
-    A constant map, or one holding a NaN or an infinity, becomes all zeros (as the released
-    ``normalize_scoremap``, which checks NaN; an infinity would give NaN there).
+
+def normalize_maps(maps: Tensor, mode: str = "minmax", percentile: float = IVR_PERCENTILE) -> Tensor:
+    """Per-image normalization to [0, 1]: ``(B, H, W) -> (B, H, W)``, in the maps' dtype.
+
+    For one map ``s`` of ``N`` pixels and ``q(p)`` the value at index ``int(N p)`` of its
+    ascending sort (0-based, as IVR's ``normalize_scoremap``):
+
+    * ``minmax`` (wsolevaluation's, the default): ``(s - min) / (max - min)``;
+    * ``max``: ``max(0, s) / max(max(0, s))``;
+    * ``pas`` (PaS): ``min(1, (s - min) / q'(0.9))``, ``q'`` of ``s - min``;
+    * ``ivr``: ``max(0, s - q(percentile)) / max(max(0, s - q(percentile)))``.
+
+    A map holding a NaN or an infinity, a constant map, and one whose divisor is 0 (``max`` on
+    a map without a positive value, ``pas`` where nine tenths of the pixels hold the minimum,
+    ``ivr`` where the percentile's value is the maximum) become all zeros; IVR's code divides
+    by 0 there and gives NaN, which thresholds as no foreground, as zeros do.
     """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {mode!r}; choose one of {NORMALIZATIONS}")
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 1:
+        raise ValueError(f"normalization percentile must be a number in [0, 1), got {percentile!r}")
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (B, H, W), got {tuple(maps.shape)}")
     flat = maps.flatten(1)
+    finite = torch.isfinite(flat).all(1)
+    flat = torch.where(finite[:, None], flat, torch.zeros_like(flat))
     low, high = flat.amin(1), flat.amax(1)
-    span = high - low
-    valid = torch.isfinite(flat).all(1) & (span > 0)
-    safe_span = torch.where(valid, span, torch.ones_like(span))
-    out = (maps - low[:, None, None]) / safe_span[:, None, None]
-    return torch.where(valid[:, None, None], out, torch.zeros_like(out))
+    n = flat.shape[1]
+    if mode == "minmax":
+        shifted, divisor = flat - low[:, None], high - low
+    elif mode == "max":
+        shifted = flat.clamp_min(0)
+        divisor = shifted.amax(1)
+    elif mode == "pas":
+        shifted = flat - low[:, None]
+        divisor = shifted.kthvalue(int(n * PAS_PERCENTILE) + 1, dim=1).values
+    else:
+        level = flat.kthvalue(int(n * percentile) + 1, dim=1).values
+        shifted = (flat - level[:, None]).clamp_min(0)
+        divisor = shifted.amax(1)
+    valid = finite & (high > low) & (divisor > 0)
+    out = shifted / torch.where(valid, divisor, torch.ones_like(divisor))[:, None]
+    if mode == "pas":
+        out = out.clamp_max(1)
+    return torch.where(valid[:, None], out, torch.zeros_like(out)).view_as(maps)
