@@ -103,9 +103,57 @@ def recipe(data: str, backbone: str, method: str) -> str:
     return header + yaml.safe_dump(body, sort_keys=False)
 
 
+#: BAS's optimization per data set (``modern-wsol.md`` section 2, the authors' ``train.py`` and
+#: ``utils/``): (epochs, lr milestones, batch, loss weights); OpenImages has none of theirs
+BAS_RECIPES = {"cub": (100, [80], 32, "cub"), "ilsvrc": (9, [3, 6], 128, "ilsvrc"),
+               "openimages": (40, [30], 32, "cub")}
+BAS_BACKBONES = ("vgg16", "resnet50")
+BAS_HEADER = """# {title}: {backbone} BAS (background activation suppression, Wu et al., CVPR 2022).
+# Written by configs/make_recipes.py; edit that file, not this one.
+# The authors' values (modern-wsol.md section 2; their train.py, utils/optimizer.py, utils/lr.py):
+# SGD Nesterov, momentum 0.9, weight decay 5e-4, lr 1e-3, backbone biases x2, new layers x10 and
+# their biases x20, {schedule}; loss weights beta / lambda_fg for {weights} ({beta} / {lambda_fg}),
+# resize 256 + random crop 224 + flip.
+# Ours: the data paths and workers, val images per class, the checkpoint choice on val (the
+# authors keep every epoch's) and the calibrated evaluation of the generator's map (eval.method
+# cam; their own protocol differs: see the README).{ours}
+"""
+
+
+def bas_recipe(data: str, backbone: str) -> str:
+    """The text of one BAS recipe file."""
+    from mnpo.engine.training_methods import BAS_WEIGHTS
+
+    title, data_section, metric = DATA[data]
+    epochs, milestones, batch, weights = BAS_RECIPES[data]
+    beta, lambda_fg = BAS_WEIGHTS[weights][backbone]
+    body = {
+        "data": dict(data_section),
+        "model": {"layout": f"{backbone}-bas", "pretrained": "imagenet"},
+        "method": {"name": "bas", "bas_weights": weights},
+        "optim": {"epochs": epochs, "batch_size": batch, "lr": 0.001, "new_layer_lr_ratio": 10, "bias_lr_ratio": 2,
+                  "momentum": 0.9, "weight_decay": 5.0e-4, "nesterov": True, "lr_milestones": milestones,
+                  "lr_gamma": 0.1},
+        "eval": {"method": "cam", "metric": metric},
+        "runtime": {"out": f"runs/{data}-{backbone}-bas"},
+    }
+    schedule = f"{epochs} epochs, lr x0.1 at epoch{'s' if len(milestones) > 1 else ''} " + \
+        ", ".join(map(str, milestones)) + f", batch {batch}"
+    if data == "openimages":
+        schedule = "the schedule below (ours)"
+    ours = ("\n# OpenImages: no BAS recipe of the authors; its schedule (40 epochs, x0.1 at 30, batch 32) and "
+            "CUB's\n# loss weights are ours." if data == "openimages" else "")
+    header = BAS_HEADER.format(title=title, backbone=BACKBONES[backbone], schedule=schedule,
+                               weights=weights.upper() if weights == "cub" else "ILSVRC", beta=beta,
+                               lambda_fg=lambda_fg, ours=ours)
+    return header + yaml.safe_dump(body, sort_keys=False)
+
+
 def recipes() -> dict[str, str]:
-    """File name -> text, for every data set, backbone and method."""
-    return {f"{d}-{b}-{m}.yaml": recipe(d, b, m) for d in DATA for b in BACKBONES for m in METHODS}
+    """File name -> text, for every data set, backbone and method (BAS on its two backbones)."""
+    files = {f"{d}-{b}-{m}.yaml": recipe(d, b, m) for d in DATA for b in BACKBONES for m in METHODS}
+    files.update({f"{d}-{b}-bas.yaml": bas_recipe(d, b) for d in DATA for b in BAS_BACKBONES})
+    return files
 
 
 def main() -> None:

@@ -102,6 +102,16 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    if args.source == "bas":
+        from mnpo.models.bas_checkpoint import import_checkpoint as import_bas
+
+        if args.large_feature_map is not None or args.acol_threshold is not None:
+            raise ValueError("--large-feature-map and --acol-threshold are for --from wsolevaluation")
+        summary = import_bas(args.src, args.dst, trust_pickle=args.trust_pickle)
+        copies = f" ({summary['dropped_copies']} tensors of its frozen copies left out)" if summary["dropped_copies"] else ""
+        print(f"imported {args.src} -> {args.dst}: the BAS authors' {summary['layout']}, {summary['num_classes']} "
+              f"classes, {summary['tensors']} tensors{copies}, {summary['parameters'] / 1e6:.2f} M parameters")
+        return 0
     if args.source == "release":
         from mnpo.models.release import import_released_checkpoint
 
@@ -148,7 +158,7 @@ def _is_main_process() -> bool:
 
 def _map_options(args: argparse.Namespace) -> dict:
     options = {}
-    for key in ("h_mode", "a", "b", "target_layer", "fusion", "resize", "loss_gradient", "chunk_size"):
+    for key in ("h_mode", "a", "b", "target_layer", "fusion", "resize", "loss_gradient", "chunk_size", "top_k"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -383,19 +393,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser(
         "import-checkpoint",
-        help="convert the MNPO authors' released checkpoint, or one wsolevaluation trained, into an mnpo checkpoint",
+        help="convert the MNPO authors' released checkpoint, or one wsolevaluation or the BAS code trained, into an "
+             "mnpo checkpoint",
         description="Convert a checkpoint of the authors' release (a torch.save dict whose "
         "'state_dict' names the VGG16 convs conv1..conv13, the head conv6, fc and branch1_layer), or with "
         "--from wsolevaluation one of clovaai/wsolevaluation's (its main.py's {last,best}_checkpoint.pth.tar), "
+        "or with --from bas a state dict of the BAS authors' code, "
         "into an mnpo checkpoint holding the layout, the class count (read from the file) and the "
         "weights. Every tensor must map; otherwise nothing is written.",
     )
     imp.add_argument("src", help="the .pth / .pth.tar file")
     imp.add_argument("dst", help="the mnpo checkpoint to write (atomically)")
-    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation"), default="release",
+    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation", "bas"), default="release",
                      help="'release': the MNPO authors' release (default); 'wsolevaluation': a checkpoint that "
                           "clovaai/wsolevaluation's main.py trained (CAM, HaS, CutMix, ADL, ACoL or SPG on VGG16, "
-                          "ResNet50 or InceptionV3; the network is read from the names)")
+                          "ResNet50 or InceptionV3; the network is read from the names); 'bas': a state dict the "
+                          "BAS authors' train.py saved (VGG16 or ResNet50, read from the names)")
     imp.add_argument("--large-feature-map", action="store_true", default=None,
                      help="(wsolevaluation) it was trained with --large_feature_map True (seen by itself in "
                           "VGG16 CAM and ADL files)")
@@ -452,6 +465,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--resize", choices=("bicubic", "bilinear"), help="map resize (default bicubic)")
     ev2.add_argument("--loss-gradient", dest="loss_gradient", choices=("released", "exact"),
                      help="MNPOs loss gradient (default released)")
+    ev2.add_argument("--top-k", dest="top_k", type=int, metavar="K",
+                     help="cam on a <backbone>-bas network: the mean of the generator's maps of the K best-scored "
+                          "classes (BAS's CUB protocol: 200, 80 for VGG16) instead of the true class's")
     add_normalize_args(ev2)
     _add_threshold_args(ev2)
     ev2.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")

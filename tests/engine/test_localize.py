@@ -261,12 +261,12 @@ def test_parser_defaults_and_help():
     assert (args.out, args.method, args.threshold, args.topk, args.batch_size, args.device) == \
         ("localize-output", "mnpo", None, 5, 16, "auto")
     assert not args.no_overlays and not args.save_maps and not args.ignore_exif
-    assert args.target_layer is None and args.chunk_size is None  # the methods' own defaults
+    assert args.target_layer is None and args.chunk_size is None and args.top_k is None  # the methods' own defaults
     sub = add_localize_parser(argparse.ArgumentParser().add_subparsers())
     helps = {a.dest: a.help for a in sub._actions}
     assert set(helps) == {"help", "checkpoint", "model", "weights", "num_classes", "images", "out", "method", "threshold", "topk", "batch_size",
                           "device", "no_overlays", "save_maps", "input_size", "ignore_exif", "target_layer",
-                          "chunk_size", "no_resume", "normalize", "percentile"}
+                          "chunk_size", "no_resume", "normalize", "percentile", "top_k"}
     assert all(text and len(text) > 20 for text in helps.values())
     assert "operating_threshold" in helps["threshold"] and "localize-output" in helps["out"]
     assert sub.description and "localization.json" in sub.description

@@ -92,6 +92,7 @@ def test_cutmix_off_and_the_mixed_loss():
 @pytest.mark.parametrize("method, layout", [
     ({"name": "has"}, "vgg16-mnpo"), ({"name": "cutmix"}, "vgg16-mnpo"), ({"name": "adl"}, "vgg16-mnpo"),
     ({"name": "acol"}, "vgg16-acol"), ({"name": "spg"}, "vgg16-spg"), ({"name": "spg"}, "inception_v3-spg"),
+    ({"name": "bas"}, "vgg16-bas"), ({"name": "bas"}, "resnet50-bas"),
 ])
 def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method, layout):  # noqa: F811
     """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed
@@ -110,22 +111,25 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method,
                 on_epoch_end=stop).fit()
     Trainer(config(synth, tmp_path / "cut", method=method, optim=short, model=model), resume=True,
             progress=False).fit()
-    plain_layout = layout if method["name"] not in ("acol", "spg") else layout.split("-")[0] + "-cam"
+    plain_layout = layout if method["name"] not in ("acol", "spg", "bas") else layout.split("-")[0] + "-cam"
     Trainer(config(synth, tmp_path / "plain", optim=short, model={"layout": plain_layout}), progress=False).fit()
     full, payload = load_model(tmp_path / "full" / "last.pt")
     cut, _ = load_model(tmp_path / "cut" / "last.pt")
     plain, _ = load_model(tmp_path / "plain" / "last.pt")
     for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    assert not torch.equal(full.backbone.state_dict()["Mixed_6e.branch_pool.conv.weight" if "inception" in layout
-                                                      else "features.28.weight"],
-                           plain.backbone.state_dict()["Mixed_6e.branch_pool.conv.weight" if "inception" in layout
-                                                       else "features.28.weight"])
+    key = {"inception_v3": "Mixed_6e.branch_pool.conv.weight", "resnet50": "layer3.0.conv1.weight"}.get(
+        layout.split("-")[0], "features.28.weight")
+    assert not torch.equal(full.backbone.state_dict()[key], plain.backbone.state_dict()[key])
     assert payload["training"]["config"]["method"]["name"] == method["name"]
 
 
 @pytest.mark.parametrize("method, message", [
-    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'fsl'\)"),
+    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'bas', 'fsl'\)"),
+    ({"name": "bas"}, r"model.layout: 'vgg16-mnpo' is not a bas network; method 'bas' needs 'vgg16-bas'"),
+    ({"bas_weights": "openimages"}, r"method.bas_weights: 'openimages'; choose one of \('cub', 'ilsvrc'\)"),
+    ({"bas_beta": -1.0}, r"method.bas_beta: must be >= 0 \(or null: the authors' value\), got -1.0"),
+    ({"bas_lambda_fg": float("nan")}, r"method.bas_lambda_fg: must be >= 0"),
     ({"name": "acol"}, r"model.layout: 'vgg16-mnpo' is not an acol network; method 'acol' needs 'vgg16-acol'"),
     ({"acol_threshold": 1.2}, r"method.acol_threshold: must be in \[0, 1\], got 1.2"),
     ({"spg_thresholds": [0.7, 0.01]}, r"method.spg_thresholds: expected 6 values in \[0, 1\]"),
@@ -143,7 +147,8 @@ def test_bad_method_settings_are_named(synth, tmp_path, method, message):  # noq
         config(synth, tmp_path, method=method)
 
 
-@pytest.mark.parametrize("layout, method", [("resnet50-acol", "plain"), ("vgg16-spg", "has"), ("inception_v3-spg", "fsl")])
+@pytest.mark.parametrize("layout, method", [("resnet50-acol", "plain"), ("vgg16-spg", "has"), ("inception_v3-spg", "fsl"),
+                                            ("resnet50-bas", "acol")])
 def test_acol_and_spg_networks_train_only_with_their_method(synth, tmp_path, layout, method):  # noqa: F811
     kind = layout.split("-")[1]
     with pytest.raises(ConfigError, match=f"method.name: '{method}', but model.layout '{layout}' is the {kind} "

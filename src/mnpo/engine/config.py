@@ -7,8 +7,9 @@ A config file has four sections (every key optional except ``data.root`` and
               resize_size, crop_size, random_resized}
     model:   {layout, width, pretrained, imagenet_classifier, large_feature_map}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
-              acol_threshold, spg_thresholds, fsl_holdout_per_class}
-    optim:   {epochs, batch_size, lr, new_layer_lr_ratio, momentum, weight_decay,
+              acol_threshold, spg_thresholds, bas_weights, bas_beta, bas_lambda_fg,
+              fsl_holdout_per_class}
+    optim:   {epochs, batch_size, lr, new_layer_lr_ratio, bias_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
     runtime: {out, device, precision, channels_last, compile, seed, log_every}
@@ -68,7 +69,9 @@ class MethodConfig:
     ``has``, ``cutmix``, ``adl``, ``acol``, ``spg`` (defaults: wsolevaluation's ``config.py``
     values; ``acol`` and ``spg`` need the ``<backbone>-acol`` / ``<backbone>-spg`` layout) or
     ``fsl`` (the few-shot fully supervised baseline; ``fsl_holdout_per_class``: val images per
-    class held out, ours). ``spg_thresholds``: ``[1h, 1l, 2h, 2l, 3h, 3l]``."""
+    class held out, ours). ``spg_thresholds``: ``[1h, 1l, 2h, 2l, 3h, 3l]``. ``bas`` (the
+    ``<backbone>-bas`` layout): ``bas_beta`` and ``bas_lambda_fg``, null: the authors' values for
+    the data set ``bas_weights`` (``cub`` or ``ilsvrc``) and the backbone."""
 
     name: str = "plain"
     has_grid_size: int = 4
@@ -79,7 +82,18 @@ class MethodConfig:
     adl_threshold: float = 0.9
     acol_threshold: float = 0.7
     spg_thresholds: list[float] = field(default_factory=lambda: [0.7, 0.01, 0.5, 0.05, 0.7, 0.1])
+    bas_weights: str = "cub"
+    bas_beta: float | None = None
+    bas_lambda_fg: float | None = None
     fsl_holdout_per_class: int = 1
+
+    def bas_weights_for(self, backbone: str) -> tuple[float, float]:
+        """BAS's ``(beta, lambda_fg)`` on ``backbone``: the ones given, else the authors'."""
+        from mnpo.engine.training_methods import BAS_WEIGHTS
+
+        beta, lambda_fg = BAS_WEIGHTS[self.bas_weights][backbone]
+        return (beta if self.bas_beta is None else self.bas_beta,
+                lambda_fg if self.bas_lambda_fg is None else self.bas_lambda_fg)
 
 
 @dataclass
@@ -88,6 +102,8 @@ class OptimConfig:
     batch_size: int = 100
     lr: float = 0.0008
     new_layer_lr_ratio: float = 15.0
+    #: biases train at ``bias_lr_ratio`` times their group's rate (BAS: 2; 1: one group each)
+    bias_lr_ratio: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
@@ -236,6 +252,15 @@ def _validate(cfg: TrainConfig) -> None:
     if len(m.spg_thresholds) != 6 or any(not 0 <= t <= 1 for t in m.spg_thresholds):
         problems.append(f"method.spg_thresholds: expected 6 values in [0, 1] (1h, 1l, 2h, 2l, 3h, 3l), "
                         f"got {m.spg_thresholds}")
+    from mnpo.engine.training_methods import BAS_DATASETS
+
+    if m.bas_weights not in BAS_DATASETS:
+        problems.append(f"method.bas_weights: {m.bas_weights!r}; choose one of {BAS_DATASETS}")
+    for key, value in (("bas_beta", m.bas_beta), ("bas_lambda_fg", m.bas_lambda_fg)):
+        if value is not None and not value >= 0:
+            problems.append(f"method.{key}: must be >= 0 (or null: the authors' value), got {value}")
+    if not cfg.optim.bias_lr_ratio > 0:
+        problems.append(f"optim.bias_lr_ratio: must be > 0, got {cfg.optim.bias_lr_ratio}")
     problems += _method_layout_problems(cfg)
     if cfg.model.large_feature_map and cfg.model.layout in LAYOUTS and cfg.model.width > 0:
         from mnpo.models import LayoutError
@@ -267,16 +292,17 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def _method_layout_problems(cfg: TrainConfig) -> list[str]:
-    """ACoL and SPG train their own networks: ``method.name`` and the layout must agree."""
+    """ACoL, SPG and BAS train their own networks: ``method.name`` and the layout must agree."""
     from mnpo.models import LAYOUTS, network_kind
 
     name, layout = cfg.method.name, cfg.model.layout
     kind = network_kind(LAYOUTS[layout]()) if layout in LAYOUTS else "multibranch"
-    if kind in ("acol", "spg") and name != kind:
+    if kind in ("acol", "spg", "bas") and name != kind:
         return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"]
-    if name in ("acol", "spg") and kind != name:
+    if name in ("acol", "spg", "bas") and kind != name:
         backbone = layout.split("-")[0] if layout in LAYOUTS else "vgg16"
-        return [f"model.layout: {layout!r} is not an {name} network; method {name!r} needs "
+        article = "a" if name == "bas" else "an"
+        return [f"model.layout: {layout!r} is not {article} {name} network; method {name!r} needs "
                 f"'{backbone}-{name}' (or another '<backbone>-{name}')"]
     return []
 

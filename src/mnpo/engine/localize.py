@@ -833,6 +833,9 @@ def add_localize_parser(subparsers) -> argparse.ArgumentParser:
                         "default: the method's)")
     parser.add_argument("--chunk-size", type=_positive_int, metavar="N",
                         help="masked or ablated copies per forward pass of scorecam / ablationcam (default 16)")
+    parser.add_argument("--top-k", dest="top_k", type=_positive_int, metavar="K",
+                        help="cam on a <backbone>-bas network: the mean of the generator's maps of the K "
+                             "best-scored classes instead of the predicted class's")
     add_normalize_args(parser)
     parser.add_argument("--threshold", type=_unit_float, default=None, metavar="T",
                         help="score-map threshold in [0, 1] for the box (default: the checkpoint's "
@@ -918,7 +921,8 @@ def run_localize(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, device=args.device, input_size=args.input_size,
                                 exif_orientation=not args.ignore_exif,
                                 map_options={**{k: v for k, v in (("target_layer", args.target_layer),
-                                                                  ("chunk_size", args.chunk_size)) if v is not None},
+                                                                  ("chunk_size", args.chunk_size),
+                                                                  ("top_k", args.top_k)) if v is not None},
                                              **normalize_options(args)})
     path = report.path
     reused = f" ({report.reused} from an earlier run)" if report.reused else ""

@@ -61,6 +61,7 @@ from mnpo.engine.train_input import EpochSampler, TrainingItems, device_images, 
 from mnpo.engine.training_methods import (
     HideAndSeek,
     attach_adl,
+    bas_loss,
     check_foreground_targets,
     cutmix_batch,
     foreground_logits,
@@ -83,9 +84,12 @@ VGG16_CONV4_1 = 17
 def in_new_layer_group(name: str, layout) -> bool:
     """Whether parameter ``name`` trains at ``lr * new_layer_lr_ratio``, as wsolevaluation groups
     them (spec 3): every parameter outside the backbone, except ResNet50's ACoL and SPG heads;
-    plus ResNet50's ``layer4`` (every ResNet50 network) and VGG16's conv4 and conv5 in SPG's."""
+    plus ResNet50's ``layer4`` (every ResNet50 network but BAS's) and VGG16's conv4 and conv5 in
+    SPG's. BAS's are its own layers alone (the authors' ``get_optimizer``)."""
     kind = network_kind(layout)
     outside = not name.startswith("backbone.")
+    if kind == "bas":  # the authors' ``classifier*`` layers: the head and the generator
+        return outside
     if layout.backbone == "resnet50":
         layer4 = name.startswith("backbone.layer4.")
         return layer4 if kind in ("acol", "spg") else layer4 or outside
@@ -96,19 +100,24 @@ def in_new_layer_group(name: str, layout) -> bool:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """Two parameter groups: the (pretrained) layers at ``lr``, the new layers at
-    ``lr * new_layer_lr_ratio``, as wsolevaluation groups them (:func:`in_new_layer_group`).
+    ``lr * new_layer_lr_ratio``, as wsolevaluation groups them (:func:`in_new_layer_group`);
+    with ``bias_lr_ratio`` other than 1, four: those two groups' weights, then their biases at
+    ``bias_lr_ratio`` times the rate (BAS: ``lr``, ``10 lr``, ``2 lr``, ``20 lr``).
 
     (The release's ``main.py`` sorts parameters by name patterns, ``features.`` and
     ``branch1_layer``, that its ``vgg_MNPO``/``vgg_MNPOs`` architectures do not match as
     written, so its training grouping cannot be read off the code; only inference was released.)
     """
     o = cfg.optim
-    backbone = [p for n, p in model.named_parameters() if not in_new_layer_group(n, model.layout)]
-    new = [p for n, p in model.named_parameters() if in_new_layer_group(n, model.layout)]
-    return torch.optim.SGD(
-        [{"params": backbone, "lr": o.lr}, {"params": new, "lr": o.lr * o.new_layer_lr_ratio}],
-        lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
-    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    split_bias = o.bias_lr_ratio != 1
+    groups = []
+    for bias in (False, True) if split_bias else (None,):
+        for new, lr in ((False, o.lr), (True, o.lr * o.new_layer_lr_ratio)):
+            params = [p for n, p in named if in_new_layer_group(n, model.layout) == new
+                      and (bias is None or n.endswith(".bias") == bias)]
+            groups.append({"params": params, "lr": lr * (o.bias_lr_ratio if bias else 1)})
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
 
 
 def wsol_loss(logits: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
@@ -336,6 +345,9 @@ class Trainer:
         o = self.cfg.optim
         new = [o.lr, o.lr * o.new_layer_lr_ratio]
         old = [saved.get("lr", o.lr), saved.get("lr", o.lr) * saved.get("new_layer_lr_ratio", o.new_layer_lr_ratio)]
+        if len(self.optimizer.param_groups) == 4:  # the biases' groups
+            bias, old_bias = o.bias_lr_ratio, saved.get("bias_lr_ratio", o.bias_lr_ratio)
+            new, old = new + [r * bias for r in new], old + [r * old_bias for r in old]
         if new == old:
             return
         log.warning("resuming with learning rates %s instead of the run's %s", new, old)
@@ -433,6 +445,11 @@ class Trainer:
                 logits = out.logits
                 loss = spg_loss(logits[0], out.features, labels, self.model.classifier, m.spg_thresholds,
                                 tuple(images.shape[-2:]))
+            elif m.name == "bas":  # the label's generator map drives the background branch
+                out = self.train_model(images, return_features=True, labels=labels)
+                logits = out.logits
+                beta, lambda_fg = m.bas_weights_for(self.model.layout.backbone)
+                loss = bas_loss(logits[0], out.features, labels, beta, lambda_fg)
             elif m.name == "acol":  # the labels steer the erasing of branch B's input
                 logits = self.train_model(images, labels=labels).logits
                 loss = wsol_loss(logits, labels)

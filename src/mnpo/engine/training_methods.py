@@ -35,6 +35,11 @@ computed as for any other (``compute_maps``).
 ``spg`` (self-produced guidance, spec 2.3)
     the ``<backbone>-spg`` network: ``CE(logits, y)`` plus three BCE terms of its side outputs
     against ternary masks (:func:`spg_loss`, :func:`spg_mask`), thresholds ``spg_thresholds``.
+``bas`` (background activation suppression, Wu et al., CVPR 2022)
+    the ``<backbone>-bas`` network (:mod:`mnpo.models.bas`), called with the labels (the
+    label's generator map drives the background branch): :func:`bas_loss`, with ``bas_beta``
+    and ``bas_lambda_fg`` (default: the authors' values for ``bas_weights``, ``cub`` or
+    ``ilsvrc``, and the backbone: :data:`BAS_WEIGHTS`).
 ``fsl`` (few-shot fully supervised learning, the baseline of wsolevaluation's paper)
     trained on the *val* split's boxes or masks instead of the train split's labels: the
     network is built with one output, and its classifier row ``w`` acts as a per-pixel
@@ -57,9 +62,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", "attach_adl", "cutmix_batch", "draw_cutmix", "foreground_loss",
-           "foreground_logits", "mixed_loss", "spg_loss", "spg_mask"]
+           "foreground_logits", "mixed_loss", "spg_loss", "spg_mask", "bas_loss", "BAS_WEIGHTS"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "fsl")
 #: SPG's fallback: an image with fewer foreground pixels than this (at the mask's resolution,
 #: 224 x 224 in wsolevaluation) takes ``SPG_FALLBACK_FRACTION`` of its map's maximum instead.
 SPG_MIN_FOREGROUND = 30
@@ -288,3 +293,37 @@ def spg_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: to
         masks = (spg_mask(attention, h1, l1), spg_mask(b2_prob, h2, l2), spg_mask((b1_prob + b2_prob) / 2, h3, l3))
     return (F.cross_entropy(logits.to(dtype), labels) + _side_loss(b2, masks[0]) + _side_loss(b1, masks[1])
             + _side_loss(c, masks[2]))
+
+
+#: BAS's (beta, lambda_fg) per data set and backbone (the authors' ``train.py`` / ``bas_loss``;
+#: OpenImages has no BAS recipe: ILSVRC's, ours)
+BAS_WEIGHTS = {
+    "cub": {"vgg16": (0.7, 0.0), "resnet50": (1.2, 0.5), "inception_v3": (1.0, 0.5)},
+    "ilsvrc": {"vgg16": (1.0, 0.05), "resnet50": (2.0, 1.0), "inception_v3": (2.5, 1.0)},
+}
+BAS_DATASETS = tuple(BAS_WEIGHTS)
+#: BAS's guard of the background / foreground score ratio (``x_sum + 1e-8``)
+BAS_EPS = 1e-8
+
+
+def bas_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: torch.Tensor,
+             beta: float, lambda_fg: float) -> torch.Tensor:
+    """BAS's training loss, in float32 (float64 for float64 inputs):
+
+    ``CE(score1, y) + lambda_fg CE(score2, y) + mean_b r_b + beta mean_b mean(S_b)``, where
+    ``score1 = logits`` ``(B, K)``, ``score2 = features["bas_score2"]``, ``S_b`` the label's
+    generator map ``features["bas_saliency"]`` ``(B, 1, h, w)``, and ``r_b = S_bg / (S_fg + 1e-8)``
+    with ``S_bg`` the background branch's score of ``y`` (``features["bas_background"]``) and
+    ``S_fg = score1[b, y]`` *detached*; ``r_b = 0`` where ``S_bg >= S_fg``.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = torch.arange(len(labels), device=labels.device)
+    foreground = logits[rows, labels].detach().to(dtype)
+    background = features["bas_background"][rows, labels].to(dtype)
+    ratio = torch.where(background >= foreground, torch.zeros_like(background),
+                        background / (foreground + BAS_EPS))
+    area = features["bas_saliency"].to(dtype).flatten(1).mean(1)
+    classification = F.cross_entropy(logits.to(dtype), labels)
+    if lambda_fg:
+        classification = classification + lambda_fg * F.cross_entropy(features["bas_score2"].to(dtype), labels)
+    return classification + ratio.mean() + beta * area.mean()

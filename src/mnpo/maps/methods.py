@@ -95,6 +95,8 @@ class MapOptions:
     normalize: how each map, at its output size, becomes [0, 1] (:func:`normalize_maps`):
         ``minmax`` (wsolevaluation's), ``max``, ``pas`` or ``ivr`` (IVR, ICCV 2021) at
         ``percentile`` (default 0.45, IVR's).
+    top_k: ``cam`` on a BAS network (``<backbone>-bas``): the mean of the generator's maps of
+        the ``top_k`` classes of highest score instead of the target's (BAS's CUB protocol).
     """
 
     h_mode: str = "scale"
@@ -112,6 +114,7 @@ class MapOptions:
     classifier: str = "auto"
     normalize: str = "minmax"
     percentile: float = IVR_PERCENTILE
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("h_mode", self.h_mode, H_MODES), ("fusion", self.fusion, FUSIONS),
@@ -129,6 +132,9 @@ class MapOptions:
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0 <= self.percentile < 1:
             raise ValueError(f"map option percentile={self.percentile!r}: expected a number in [0, 1)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"map option top_k={self.top_k!r}: expected a positive int (or None)")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"map option chunk_size={self.chunk_size!r}: expected a positive int")
 
@@ -157,6 +163,9 @@ def compute_maps(model: torch.nn.Module, images: Tensor, targets: Tensor | None 
     if unknown:
         raise TypeError(f"unknown map option(s) {unknown}; options are {sorted(known)}")
     opts = MapOptions(**options)
+    if opts.top_k is not None and (method != "cam" or getattr(getattr(model, "layout", None), "network", None) != "bas"):
+        raise ValueError(f"map option top_k={opts.top_k} is BAS's test map (method 'cam' on a <backbone>-bas network), "
+                         f"not method {method!r} on {type(model).__name__}")
     if model.training:
         raise ValueError("compute_maps needs the model in eval mode (BatchNorm would mix the batch); call model.eval()")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -218,7 +227,7 @@ def _center(source, images, targets, opts) -> tuple[Tensor, Tensor]:
 
 
 def _cam(source, images, targets, opts) -> tuple[Tensor, Tensor]:
-    own = source.own_cam(images, targets)
+    own = source.own_cam(images, targets, top_k=opts.top_k)
     if own is not None:
         raw, logits = own
     else:

@@ -47,8 +47,10 @@ class FeatureSource(Protocol):
     def branch_features(self, images: Tensor) -> tuple[Tensor, list[tuple[str, Tensor, Tensor]]]:
         """Main logits and ``(name, pre-GAP features, classifier weight (K, C))`` per branch."""
 
-    def own_cam(self, images: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """A network's own test map ``(B, h, w)`` and logits, or ``None`` (plain CAM applies)."""
+    def own_cam(self, images: Tensor, targets: Tensor | None, top_k: int | None = None
+                ) -> tuple[Tensor, Tensor] | None:
+        """A network's own test map ``(B, h, w)`` and logits, or ``None`` (plain CAM applies);
+        ``top_k``: BAS's mean over the top-k predicted classes."""
 
 
 def feature_source(model: nn.Module, images: Tensor, targets: Tensor | None, **options: Any) -> FeatureSource:

@@ -417,7 +417,7 @@ class HookedSource:
                              "Use a CAM-family method (gradcam, layercam, ...) or name the head with classifier=...")
         return scores, [("head", A, weight)]
 
-    def own_cam(self, images: Tensor, targets: Tensor | None) -> None:
+    def own_cam(self, images: Tensor, targets: Tensor | None, top_k: int | None = None) -> None:
         return None
 
     def ablation_runs_suffix(self, images: Tensor, layer: Any) -> bool:

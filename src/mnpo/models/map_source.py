@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mnpo.models.acol import acol_class_maps
+from mnpo.models.bas import bas_generator_maps
 from mnpo.models.method_nets import MethodNet, network_kind
 from mnpo.models.multibranch import MultiBranchNet
 
@@ -106,10 +107,20 @@ class NetworkSource:
         return out.logits[0], [(name, out.features[name], self.model.classifier_for(name).weight)
                                for name in self.branches]
 
-    def own_cam(self, images: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    def own_cam(self, images: Tensor, targets: Tensor | None, top_k: int | None = None
+                ) -> tuple[Tensor, Tensor] | None:
         """ACoL's own test map ``(B, h, w)`` (the max of A's and B's normalized class maps, in
-        full precision) and the main logits; ``None`` for the networks whose map is plain CAM."""
-        if network_kind(self.model.layout) != "acol":
+        full precision) or BAS's (its generator's map of the target, or with ``top_k`` the mean
+        of the top-k predicted classes' maps) and the main logits; ``None`` for the networks
+        whose map is plain CAM."""
+        kind = network_kind(self.model.layout)
+        if kind == "bas":
+            with torch.inference_mode():
+                out = self(images, return_features=True)
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+                logits = out.logits[0]
+                return bas_generator_maps(_full(out.features["generator"]), logits, targets, top_k), logits
+        if kind != "acol":
             return None
         logits, branches = self.branch_features(images)
         targets = logits.argmax(1) if targets is None else targets

@@ -1,6 +1,6 @@
 """What the networks of the WSOL methods that change the architecture (ACoL, SPG) share.
 
-A ``MethodLayout`` names the method's network (``acol`` or ``spg``), the backbone and the width
+A ``MethodLayout`` names the method's network (``acol``, ``spg`` or ``bas``), the backbone and the width
 (and ACoL's erasing threshold, which acts at test time too). It plays the part of a
 ``NetworkLayout``: it is saved in checkpoints (``to_dict`` adds ``"network"``) and read back
 by :func:`layout_from_dict`. The networks (:class:`mnpo.models.acol.AcolNet`,
@@ -24,7 +24,9 @@ from mnpo.models.stages import gradient_leaf, run_tracked
 from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchOutput, NetworkLayout
 
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3).
-METHOD_NETWORKS = ("acol", "spg")
+METHOD_NETWORKS = ("acol", "spg", "bas")
+#: the backbones a method network is built on, where not all three
+NETWORK_BACKBONES = {"bas": ("vgg16", "resnet50")}
 #: ACoL's ``acol_threshold`` default (wsolevaluation's ``config.py``).
 ACOL_THRESHOLD = 0.7
 
@@ -57,6 +59,12 @@ class MethodLayout:
             raise LayoutError(f"network {self.network!r}: choose one of {METHOD_NETWORKS}")
         if self.backbone not in BACKBONE_NAMES:
             raise LayoutError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONE_NAMES}")
+        if self.backbone not in NETWORK_BACKBONES.get(self.network, BACKBONE_NAMES):
+            raise LayoutError(f"the {self.network} network is built on {NETWORK_BACKBONES[self.network]}, "
+                              f"not {self.backbone!r}")
+        if self.network == "bas" and self.large_feature_map:
+            raise LayoutError("the bas network fixes its own strides (the generator at 8, the head at 16): "
+                              "large_feature_map does not apply")
         if not self.width > 0:
             raise LayoutError(f"width must be > 0, got {self.width}")
         if not 0 <= self.acol_threshold <= 1:
@@ -98,7 +106,7 @@ def layout_from_dict(data: Mapping[str, Any]) -> NetworkLayout | MethodLayout:
 
 
 def network_kind(layout: NetworkLayout | MethodLayout) -> str:
-    """``"multibranch"``, ``"acol"`` or ``"spg"``."""
+    """``"multibranch"``, ``"acol"``, ``"spg"`` or ``"bas"``."""
     return layout.network if isinstance(layout, MethodLayout) else "multibranch"
 
 
@@ -115,14 +123,17 @@ class MethodNet(nn.Module):
     #: feature names the heads return, besides the backbone taps
     head_features: tuple[str, ...] = ()
 
-    def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: VggPools = VggPools()) -> None:
-        """``vgg_pools``: the network's VGG16 pools, with and without the large feature map."""
+    def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: VggPools = VggPools(),
+                 large_feature_map: bool | None = None) -> None:
+        """``vgg_pools``: the network's VGG16 pools, with and without the large feature map;
+        ``large_feature_map``: the network's own choice (None: the layout's)."""
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.layout = layout
         self.num_classes = num_classes
-        self.backbone = build_backbone(layout.backbone, layout.width, layout.large_feature_map, vgg_pools)
+        large = layout.large_feature_map if large_feature_map is None else large_feature_map
+        self.backbone = build_backbone(layout.backbone, layout.width, large, vgg_pools)
 
     @property
     def classifier(self) -> nn.Linear:

@@ -1,5 +1,5 @@
 """Every network by its layout: ``MultiBranchNet`` for a ``NetworkLayout`` (CAM, MNPO), the
-method networks for a ``MethodLayout`` (ACoL, SPG), and the names of all shipped layouts."""
+method networks for a ``MethodLayout`` (ACoL, SPG, BAS), and the names of all shipped layouts."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from typing import Callable
 from torch import nn
 
 from mnpo.models.acol import AcolNet
+from mnpo.models.bas import BasNet
 from mnpo.models.backbones import BACKBONE_NAMES
-from mnpo.models.method_nets import METHOD_NETWORKS, MethodLayout
+from mnpo.models.method_nets import METHOD_NETWORKS, NETWORK_BACKBONES, MethodLayout
 from mnpo.models.multibranch import LAYOUTS as MULTIBRANCH_LAYOUTS
 from mnpo.models.multibranch import MultiBranchNet, NetworkLayout
 from mnpo.models.spg import SpgNet
 
-#: ``<backbone>-acol`` and ``<backbone>-spg`` for every backbone: ``(width) -> MethodLayout``.
+#: ``<backbone>-acol``, ``<backbone>-spg`` and ``<backbone>-bas`` for each backbone they are
+#: built on: ``(width) -> MethodLayout``.
 METHOD_LAYOUTS: dict[str, Callable[[float], MethodLayout]] = {
     f"{backbone}-{network}": partial(lambda n, b, width=1.0: MethodLayout(n, b, width), network, backbone)
-    for network in METHOD_NETWORKS for backbone in BACKBONE_NAMES
+    for network in METHOD_NETWORKS for backbone in NETWORK_BACKBONES.get(network, BACKBONE_NAMES)
 }
 #: Every shipped layout by name: ``(width) -> layout``.
 LAYOUTS: dict[str, Callable[..., NetworkLayout | MethodLayout]] = {**MULTIBRANCH_LAYOUTS, **METHOD_LAYOUTS}
@@ -27,5 +29,5 @@ LAYOUTS: dict[str, Callable[..., NetworkLayout | MethodLayout]] = {**MULTIBRANCH
 def build_network(layout: NetworkLayout | MethodLayout, num_classes: int) -> nn.Module:
     """The (randomly initialized) network a layout describes."""
     if isinstance(layout, MethodLayout):
-        return {"acol": AcolNet, "spg": SpgNet}[layout.network](layout, num_classes)
+        return {"acol": AcolNet, "spg": SpgNet, "bas": BasNet}[layout.network](layout, num_classes)
     return MultiBranchNet(layout, num_classes)
