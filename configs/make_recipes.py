@@ -107,7 +107,7 @@ def recipe(data: str, backbone: str, method: str) -> str:
 #: ``utils/``): (epochs, lr milestones, batch, loss weights); OpenImages has none of theirs
 BAS_RECIPES = {"cub": (100, [80], 32, "cub"), "ilsvrc": (9, [3, 6], 128, "ilsvrc"),
                "openimages": (40, [30], 32, "cub")}
-BAS_BACKBONES = ("vgg16", "resnet50")
+BAS_BACKBONES = ("vgg16", "resnet50", "inception_v3")
 BAS_HEADER = """# {title}: {backbone} BAS (background activation suppression, Wu et al., CVPR 2022).
 # Written by configs/make_recipes.py; edit that file, not this one.
 # The authors' values (modern-wsol.md section 2; their train.py, utils/optimizer.py, utils/lr.py):
@@ -150,7 +150,7 @@ def bas_recipe(data: str, backbone: str) -> str:
 
 
 def recipes() -> dict[str, str]:
-    """File name -> text, for every data set, backbone and method (BAS on its two backbones)."""
+    """File name -> text, for every data set, backbone and method."""
     files = {f"{d}-{b}-{m}.yaml": recipe(d, b, m) for d in DATA for b in BACKBONES for m in METHODS}
     files.update({f"{d}-{b}-bas.yaml": bas_recipe(d, b) for d in DATA for b in BAS_BACKBONES})
     return files

@@ -51,7 +51,8 @@ def test_recipe_trains_and_evaluates(shapes, tmp_path, backbone, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["cub-vgg16-bas", "ilsvrc-resnet50-bas", "openimages-vgg16-bas"])
+@pytest.mark.parametrize("recipe", ["cub-vgg16-bas", "ilsvrc-resnet50-bas", "openimages-vgg16-bas",
+                                    "cub-inception_v3-bas"])
 def test_bas_recipe_trains_and_evaluates_with_the_authors_values(shapes, tmp_path, recipe):
     """A BAS recipe trains (its four parameter groups at lr, 10 lr, 2 lr, 20 lr) and its generator
     map is evaluated; the loss weights are the authors' for the recipe's data set."""
@@ -61,7 +62,8 @@ def test_bas_recipe_trains_and_evaluates_with_the_authors_values(shapes, tmp_pat
 
     cfg = load_config(CONFIGS / f"{recipe}.yaml")
     assert cfg.method.name == "bas" and cfg.optim.bias_lr_ratio == 2 and cfg.optim.new_layer_lr_ratio == 10
-    expected = {"cub-vgg16-bas": (0.7, 0.0), "ilsvrc-resnet50-bas": (2.0, 1.0), "openimages-vgg16-bas": (0.7, 0.0)}
+    expected = {"cub-vgg16-bas": (0.7, 0.0), "ilsvrc-resnet50-bas": (2.0, 1.0), "openimages-vgg16-bas": (0.7, 0.0),
+                "cub-inception_v3-bas": (1.0, 0.5)}
     assert cfg.method.bas_weights_for(cfg.model.layout.split("-")[0]) == expected[recipe]
     run = tmp_path / "run"
     overrides = [f"data.root={shapes / 'images'}", f"data.metadata={shapes / 'metadata'}", "data.workers=0",

@@ -92,7 +92,7 @@ def test_cutmix_off_and_the_mixed_loss():
 @pytest.mark.parametrize("method, layout", [
     ({"name": "has"}, "vgg16-mnpo"), ({"name": "cutmix"}, "vgg16-mnpo"), ({"name": "adl"}, "vgg16-mnpo"),
     ({"name": "acol"}, "vgg16-acol"), ({"name": "spg"}, "vgg16-spg"), ({"name": "spg"}, "inception_v3-spg"),
-    ({"name": "bas"}, "vgg16-bas"), ({"name": "bas"}, "resnet50-bas"),
+    ({"name": "bas"}, "vgg16-bas"), ({"name": "bas"}, "resnet50-bas"), ({"name": "bas"}, "inception_v3-bas"),
 ])
 def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method, layout):  # noqa: F811
     """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed

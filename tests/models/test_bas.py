@@ -15,7 +15,7 @@ from mnpo.engine.training_methods import BAS_WEIGHTS, bas_loss
 from mnpo.maps import compute_maps, normalize_maps, resize_maps
 from mnpo.models import LayoutError, MethodLayout, build_model
 
-BACKBONES = ("vgg16", "resnet50")
+BACKBONES = ("vgg16", "resnet50", "inception_v3")
 
 
 def make(backbone, classes=5, seed=0, dtype=torch.float64):
@@ -25,10 +25,14 @@ def make(backbone, classes=5, seed=0, dtype=torch.float64):
 
 def path_and_head_names(model):
     """The parameters of the classification path after the generator's input, and of ``cls``."""
-    path = {f"backbone.layer4.{n}" for n, _ in model.backbone.layer4.named_parameters()} \
-        if model.layout.backbone == "resnet50" else \
-        {n for n, _ in model.named_parameters() if n.startswith("backbone.features.")
-         and int(n.split(".")[2]) > model.backbone._tap_index["conv4_3"]}
+    backbone = model.layout.backbone
+    if backbone == "resnet50":
+        path = {f"backbone.layer4.{n}" for n, _ in model.backbone.layer4.named_parameters()}
+    elif backbone == "inception_v3":
+        path = {n for n, _ in model.named_parameters() if n.startswith("mixed7.")}
+    else:
+        path = {n for n, _ in model.named_parameters() if n.startswith("backbone.features.")
+                and int(n.split(".")[2]) > model.backbone._tap_index["conv4_3"]}
     return path | {n for n, _ in model.named_parameters() if n.startswith("cls_head.")}
 
 
@@ -50,11 +54,12 @@ def test_shapes_taps_and_scores_are_gap_of_the_head(backbone):
     if backbone == "resnet50":  # layer4 after BAS's pool is BAS's feature, not the backbone's tap
         assert "layer4" in model.head_features and "layer4" not in model.backbone.taps
         assert out.features["layer4"].shape[-2:] == (4, 4)
+    if backbone == "inception_v3":  # Mixed_6e at stride 8 (no pool before Mixed_6a), Mixed_7* to 16
+        assert model.backbone.taps["Mixed_6e"].stride == 8 and "Mixed_7c" in model.head_features
+        assert out.features["Mixed_7c"].shape[1:] == (128, 4, 4)
 
 
-def test_layouts_refuse_inception_and_the_large_feature_map():
-    with pytest.raises(LayoutError, match=r"the bas network is built on \('vgg16', 'resnet50'\), not 'inception_v3'"):
-        MethodLayout("bas", "inception_v3")
+def test_layouts_refuse_the_large_feature_map():
     with pytest.raises(LayoutError, match="large_feature_map does not apply"):
         MethodLayout("bas", "vgg16", large_feature_map=True)
     assert MethodLayout.from_dict(MethodLayout("bas", "resnet50", 0.5).to_dict()) == MethodLayout("bas", "resnet50", 0.5)
@@ -95,8 +100,9 @@ def test_background_branch_is_the_frozen_copy_and_only_the_generator_learns_from
     named = dict(zip([n for n, _ in model.named_parameters()], grads))
     frozen = path_and_head_names(model)
     assert len(frozen) > 6 and all(named[n] is None or not named[n].any() for n in frozen)
-    reached = ("generator.0.weight", "generator.0.bias",
-               "backbone.features.0.weight" if backbone == "vgg16" else "backbone.conv1.weight")
+    first = {"vgg16": "backbone.features.0.weight", "resnet50": "backbone.conv1.weight",
+             "inception_v3": "backbone.Conv2d_1a_3x3.conv.weight"}[backbone]
+    reached = ("generator.0.weight", "generator.0.bias", first)
     assert all(named[n] is not None and named[n].abs().sum() > 0 for n in reached)
     # BatchNorm's running statistics: as a forward without the background branch leaves them
     plain(x)  # no labels: no background branch
@@ -169,20 +175,25 @@ def test_cam_is_the_generator_map_and_top_k_its_class_mean(backbone):
         out = model(x, return_features=True)
     generator, logits = out.features["generator"], out.logits[0]
 
-    def expected(raw):
-        return normalize_maps(resize_maps(raw, (64, 64), "bicubic"))
+    def check(maps, raw):
+        """Against ``raw`` resized and normalized: a class mean summed in another order differs by
+        a few float64 roundings of the values (< 1), which the normalization divides by the map's
+        range (small on a random network's sigmoid maps): 64 eps / range bounds it."""
+        resized = resize_maps(raw, (64, 64), "bicubic")
+        span = float((resized.flatten(1).amax(1) - resized.flatten(1).amin(1)).min())
+        torch.testing.assert_close(maps, normalize_maps(resized), rtol=0, atol=64 * 2.0**-52 / span)
 
     maps, got_logits = compute_maps(model, x, targets, method="cam")
-    torch.testing.assert_close(maps, expected(generator[torch.arange(2), targets]), rtol=0, atol=1e-12)
+    check(maps, generator[torch.arange(2), targets])
     torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
     maps, _ = compute_maps(model, x, None, method="cam")
-    torch.testing.assert_close(maps, expected(generator[torch.arange(2), logits.argmax(1)]), rtol=0, atol=1e-12)
+    check(maps, generator[torch.arange(2), logits.argmax(1)])
     order = logits.argsort(1, descending=True)
-    mean3 = torch.stack([generator[b, order[b, :3]].mean(0) for b in range(2)])
-    maps, _ = compute_maps(model, x, targets, method="cam", top_k=3)
-    torch.testing.assert_close(maps, expected(mean3), rtol=0, atol=1e-12)
+    top3, _ = compute_maps(model, x, targets, method="cam", top_k=3)
+    check(top3, torch.stack([generator[b, order[b, :3]].mean(0) for b in range(2)]))
     all5, _ = compute_maps(model, x, targets, method="cam", top_k=5)
-    torch.testing.assert_close(all5, expected(generator.mean(1)), rtol=0, atol=1e-12)
+    check(all5, generator.mean(1))
+    assert (top3 - all5).abs().max() > 1e-3  # the classes averaged matter
 
 
 def test_top_k_is_refused_off_bas_and_out_of_range():
@@ -240,7 +251,7 @@ def test_bas_optimizer_groups_are_the_authors(backbone, tmp_path):
     assert [g["lr"] for g in groups] == pytest.approx([0.001, 0.01, 0.002, 0.02])
     names = {id(p): n for n, p in model.named_parameters()}
     members = [{names[id(p)] for p in g["params"]} for g in groups]
-    new = lambda n: n.startswith(("cls_head.", "generator."))  # noqa: E731
+    new = lambda n: n.startswith(("cls_head.", "generator."))  # noqa: E731 (Mixed_7*: the backbone's rate)
     assert all(not new(n) and not n.endswith(".bias") for n in members[0])
     assert all(new(n) and not n.endswith(".bias") for n in members[1])
     assert all(not new(n) and n.endswith(".bias") for n in members[2])

@@ -82,12 +82,13 @@ def test_ilsvrc_copies_are_left_out_and_the_round_trip_holds(tmp_path):
     assert all(torch.equal(back[k], state[k]) for k in back)
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "inception_v3"])
 def test_round_trip_from_our_networks(backbone, tmp_path):
     torch.manual_seed(1)
     model = build_model(f"{backbone}-bas", 6, width=WIDTH).eval()
     theirs = export_state_dict(model)
-    assert ("conv5_3.weight" if backbone == "vgg16" else "layer4.2.bn3.running_var") in theirs
+    assert {"vgg16": "conv5_3.weight", "resnet50": "layer4.2.bn3.running_var",
+            "inception_v3": "Mixed_7c.branch_pool.bn.running_var"}[backbone] in theirs
     assert "classifier_loc.0.weight" in theirs and not any(k.startswith(("backbone.", "cls_head.")) for k in theirs)
     torch.save({"state_dict": theirs}, tmp_path / "m.pth")
     assert main(["import-checkpoint", "--from", "bas", str(tmp_path / "m.pth"), str(tmp_path / "ours.pt")]) == 0
@@ -96,9 +97,23 @@ def test_round_trip_from_our_networks(backbone, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_cub_inception_head_named_classifier_is_read_too():
+    """Their CUB InceptionV3 calls its head ``classifier`` (ILSVRC's and the others'
+    ``classifier_cls``); ``Mixed_7*_copy`` (ILSVRC) are left out."""
+    torch.manual_seed(2)
+    model = build_model("inception_v3-bas", 3, width=WIDTH).eval()
+    theirs = {k.replace("classifier_cls.", "classifier."): v for k, v in export_state_dict(model).items()}
+    theirs.update({k.replace("Mixed_7a.", "Mixed_7a_copy."): v.clone() for k, v in theirs.items()
+                   if k.startswith("Mixed_7a.")})
+    loaded = convert_state_dict(theirs, "inception.pth")
+    assert loaded.layout.backbone == "inception_v3" and loaded.layout.width == WIDTH and loaded.num_classes == 3
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_what_does_not_fit_is_refused_by_key(tmp_path):
     state = authors_vgg16(5)
-    with pytest.raises(CheckpointError, match="neither the BAS authors' VGG16"):
+    with pytest.raises(CheckpointError, match="none of the BAS authors' VGG16"):
         convert_state_dict({"fc.weight": torch.zeros(2, 2)}, "x.pth")
     missing = {k: v for k, v in state.items() if not k.startswith("classifier_loc")}
     with pytest.raises(CheckpointError, match="x.pth: a BAS vgg16 state dict needs classifier_loc.0.weight"):

@@ -417,3 +417,24 @@ def test_inception_cam_dropouts_act_in_training_only():
     assert all("dropout" not in blk for blk in without.layout.to_dict()["branches"][0]["blocks"])
     with pytest.raises(LayoutError, match=r"block 'h': dropout must be in \[0, 1\), got 1.0"):
         BlockSpec("h", "conv3x3_relu", ("Mixed_6e",), out_channels=8, dropout=1.0)
+
+
+def test_bas_inception_takes_mixed_7_from_the_same_file(tv_file, tv_state, tmp_path):
+    """BAS's InceptionV3 fills its Mixed_7* blocks from the torchvision file as the backbone
+    (every tensor, under torchvision's names); its own head and generator keep their init; a
+    missing tensor is named; at 224 the generator reads 28 x 28 and the padded Mixed_7a leads to
+    the head's 14 x 14."""
+    model = build_model("inception_v3-bas", 10)
+    generator = model.generator[0].weight.clone()
+    load_pretrained(model, tv_file)
+    for name, value in model.mixed7.state_dict().items():
+        assert torch.equal(value, tv_state[name]), name
+    assert torch.equal(model.backbone.Mixed_6e.branch_pool.conv.weight, tv_state["Mixed_6e.branch_pool.conv.weight"])
+    assert torch.equal(model.generator[0].weight, generator)
+    broken = {k: v for k, v in tv_state.items() if not k.startswith("Mixed_7b.branch_pool")}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match="Mixed_7b.branch_pool.conv.weight.*the network's Mixed_7\\* blocks"):
+        load_pretrained(build_model("inception_v3-bas", 10), tmp_path / "broken.pth")
+    with torch.device("meta"):
+        out = build_model("inception_v3-bas", 10).eval()(torch.empty(1, 3, 224, 224), return_features=True)
+    assert out.features["generator"].shape[-2:] == (28, 28) and out.features["main"].shape[-2:] == (14, 14)

@@ -31,9 +31,18 @@ def n_params(model):
      + (512 * 200 * 9 + 200)),
     ("resnet50-bas", 23_508_032 + (2048 * 1024 * 9 + 1024) + (1024 * 1024 * 9 + 1024) + (1024 * 200 + 200)
      + (1024 * 200 * 9 + 200)),
+    # InceptionV3: torchvision's Conv2d_* .. Mixed_7c (without AuxLogits and fc: counted below)
+    ("inception_v3-bas", "torchvision"),
 ])
 def test_parameter_counts_are_wsolevaluations(name, expected):
     """Spec 1.4, K = 200 (counted by instantiating wsolevaluation's classes; BAS's by hand)."""
+    if expected == "torchvision":
+        import torchvision
+
+        with torch.device("meta"):
+            tv = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+        body = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith(("AuxLogits.", "fc.")))
+        expected = body + (2048 * 1024 * 9 + 1024) + (1024 * 1024 * 9 + 1024) + (1024 * 200 + 200) + (768 * 200 * 9 + 200)
     with torch.device("meta"):
         assert n_params(build_model(name, 200)) == expected
 
@@ -175,7 +184,8 @@ def test_spg_taps_are_the_specs():
     assert torch.equal(taps["layer3"], net.backbone.layer3[1:](taps["layer3.0"]))
 
 
-@pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-spg", "inception_v3-acol", "vgg16-bas", "resnet50-bas"])
+@pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-spg", "inception_v3-acol", "vgg16-bas", "resnet50-bas",
+                                  "inception_v3-bas"])
 def test_checkpoint_round_trip(tmp_path, name):
     torch.manual_seed(0)
     layout = LAYOUTS[name](0.0625)
@@ -236,7 +246,8 @@ def test_new_layer_groups_are_wsolevaluations():
 
 
 @pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-acol", "inception_v3-acol",
-                                  "vgg16-spg", "resnet50-spg", "inception_v3-spg", "vgg16-bas", "resnet50-bas"])
+                                  "vgg16-spg", "resnet50-spg", "inception_v3-spg", "vgg16-bas", "resnet50-bas",
+                                  "inception_v3-bas"])
 def test_every_map_method_applies(name):
     """Every ``compute_maps`` method runs on ACoL's and SPG's networks and gives maps in [0, 1]
     (with a maximum of 1 for every image where no ReLU may zero a map of a random network); on SPG (a GAP + linear head) Grad-CAM at ``head`` without its ReLU is

@@ -88,8 +88,8 @@ def in_new_layer_group(name: str, layout) -> bool:
     SPG's. BAS's are its own layers alone (the authors' ``get_optimizer``)."""
     kind = network_kind(layout)
     outside = not name.startswith("backbone.")
-    if kind == "bas":  # the authors' ``classifier*`` layers: the head and the generator
-        return outside
+    if kind == "bas":  # the authors' ``classifier*`` layers: the head and the generator (not Mixed_7*)
+        return name.startswith(("cls_head.", "generator."))
     if layout.backbone == "resnet50":
         layer4 = name.startswith("backbone.layer4.")
         return layer4 if kind in ("acol", "spg") else layer4 or outside

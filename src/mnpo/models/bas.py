@@ -7,7 +7,12 @@ backbone       generator input ``x`` (stride 8)    classification path from ``x`
 =============  ==================================  =================================  ==========
 vgg16          ``conv4_3`` (512)                   ``pool4``, ``conv5_1`` .. ``conv5_3``  stride 16
 resnet50       ``layer3`` at stride 1 (1024)       2x2 max-pool, ``layer4`` (stride 1)  stride 16
+inception_v3   ``Mixed_6e`` (768; no pool before   ``Mixed_7a`` (stride 2, padding 1),  stride 16
+               ``Mixed_6a``: stride 8)             ``Mixed_7b``, ``Mixed_7c`` (2048)
 =============  ==================================  =================================  ==========
+
+(InceptionV3's ``Mixed_7*`` are torchvision's blocks, filled from its ImageNet weights as the
+backbone is, with ``Mixed_7a``'s stride-2 convolutions and pool padded by 1 as the authors'.)
 
 * the classification head ``cls``: conv3x3 -> 1024, ReLU, conv3x3 1024 -> 1024, ReLU,
   conv1x1 -> K, ReLU; ``F = cls(path(x))`` ``(B, K, h, w)`` and ``score1 = GAP(F)``;
@@ -26,8 +31,9 @@ resnet50       ``layer3`` at stride 1 (1024)       2x2 max-pool, ``layer4`` (str
 or the mean of the top-k predicted classes' maps (map option ``top_k``). The loss is
 :func:`mnpo.engine.training_methods.bas_loss`.
 
-Init: the new layers Xavier-uniform with zero biases (the authors' ResNet50; their VGG16 draws
-the new convolutions from N(0, 0.02)), the backbone as the other networks.
+Init: the new layers Xavier-uniform with zero biases (the authors' ResNet50 and InceptionV3;
+their VGG16 draws the new convolutions from N(0, 0.02)), the backbone as the other networks
+(and InceptionV3's ``Mixed_7*`` with it: ImageNet weights fill both).
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mnpo.models.blocks import init_he
+from mnpo.models.inception import mixed_7
 from mnpo.models.method_nets import MethodLayout, MethodNet, gap
 from mnpo.models.stages import scale_channels
 
 #: (generator input, the classification path's last backbone tap) per backbone
-BAS_TAPS = {"vgg16": ("conv4_3", "conv5_3"), "resnet50": ("layer3", None)}
+BAS_TAPS = {"vgg16": ("conv4_3", "conv5_3"), "resnet50": ("layer3", None), "inception_v3": ("Mixed_6e", None)}
 BAS_BACKBONES = tuple(BAS_TAPS)
 #: the names of the features a training forward adds
 BAS_TRAINING_FEATURES = ("bas_saliency", "bas_background", "bas_score2")
@@ -77,14 +84,19 @@ class BasNet(MethodNet):
             raise ValueError(f"BasNet needs a bas layout, got network {layout.network!r}")
         if layout.backbone not in BAS_TAPS:
             raise ValueError(f"BAS is built on {BAS_BACKBONES}, not {layout.backbone!r}")
-        # ResNet50: layer3 at stride 1 (BAS's large feature map), then BAS's own pool before layer4
-        super().__init__(layout, num_classes, large_feature_map=layout.backbone == "resnet50")
+        # ResNet50: layer3 at stride 1 (BAS's large feature map), then BAS's own pool before layer4;
+        # InceptionV3: no pool before Mixed_6a (stride 8), then Mixed_7* down to 16
+        super().__init__(layout, num_classes, large_feature_map=layout.backbone in ("resnet50", "inception_v3"))
         self.generator_tap, self.path_tap = BAS_TAPS[layout.backbone]
         self._taps = tuple(t for t in BAS_TAPS[layout.backbone] if t is not None)
         if layout.backbone == "resnet50":  # layer4 runs after BAS's pool: BAS's feature, not a tap
             self.backbone.taps = {k: v for k, v in self.backbone.taps.items() if k != "layer4"}
             self.head_features = ("main", "generator", "layer4")
             path_channels = scale_channels(2048, layout.width)
+        elif layout.backbone == "inception_v3":
+            self.mixed7 = mixed_7(self.backbone.taps["Mixed_6e"].channels, layout.width, padding=1)
+            self.head_features = ("main", "generator", "Mixed_7c")
+            path_channels = self.mixed7.out_channels
         else:
             path_channels = self.backbone.taps[self.path_tap].channels
         in_ch = self.backbone.taps[self.generator_tap].channels
@@ -103,17 +115,26 @@ class BasNet(MethodNet):
             raise KeyError(f"unknown branch {branch!r}; the BAS network has 'main'")
         return self.scores
 
+    def pretrained_extras(self) -> dict[str, nn.Module]:
+        """What ImageNet weights fill besides the backbone (``mnpo.models.weights.load_pretrained``)."""
+        return {"Mixed_7": self.mixed7} if self.layout.backbone == "inception_v3" else {}
+
     def path_modules(self) -> nn.Module:
-        """The backbone's modules between the generator's input and ``cls``: VGG16's ``pool4`` and
-        ``conv5_*`` (a slice of ``backbone.features``, sharing its modules), ResNet50's ``layer4``."""
+        """The modules between the generator's input and ``cls``: VGG16's ``pool4`` and ``conv5_*``
+        (a slice of ``backbone.features``, sharing its modules), ResNet50's ``layer4``,
+        InceptionV3's ``Mixed_7*``."""
         if self.layout.backbone == "resnet50":
             return self.backbone.layer4
+        if self.layout.backbone == "inception_v3":
+            return self.mixed7
         index = self.backbone._tap_index
         return self.backbone.features[index[self.generator_tap] + 1: index[self.path_tap] + 1]
 
     def _path(self, x: Tensor) -> Tensor:
-        """``(B, C, 2h, 2w) -> (B, C', h, w)``: ResNet50's pool and layer4 (VGG16's path is the
-        backbone's own pass)."""
+        """``(B, C, 2h, 2w) -> (B, C', h, w)``: ResNet50's pool and layer4, InceptionV3's Mixed_7*
+        (VGG16's path is the backbone's own pass)."""
+        if self.layout.backbone == "inception_v3":
+            return self.mixed7(x)
         return self.backbone.layer4(F.max_pool2d(x, 2))
 
     def background_scores(self, erased: Tensor) -> Tensor:
@@ -133,7 +154,8 @@ class BasNet(MethodNet):
         if self.path_tap is not None:
             path = values[self.path_tap]
         else:
-            path = features["layer4"] = mark("layer4", run(self._path, x))
+            name = "layer4" if self.layout.backbone == "resnet50" else "Mixed_7c"
+            path = features[name] = mark(name, run(self._path, x))
         head = features["main"] = mark("main", run(self.cls_head, path))
         score1 = run(gap, head)
         generator = features["generator"] = mark("generator", run(self.generator, x))

@@ -9,7 +9,10 @@ theirs                                                 ours
 =====================================================  ===========================================
 VGG16 ``conv{1_1 .. 5_3}.{weight,bias}``               ``backbone.features.{0, 2, 5, ..., 28}``
 ResNet50 ``conv1``, ``bn1``, ``layer1`` .. ``layer4``  ``backbone.*`` (torchvision's names)
-``classifier_cls.{0,2,4}``                             ``cls_head.{0,2,4}``
+InceptionV3 ``Conv2d_*``, ``Mixed_5*``, ``Mixed_6*``   ``backbone.*`` (torchvision's names)
+InceptionV3 ``Mixed_7a`` .. ``Mixed_7c``               ``mixed7.Mixed_7*``
+``classifier_cls.{0,2,4}`` (CUB InceptionV3:           ``cls_head.{0,2,4}``
+``classifier.{0,2,4}``)
 ``classifier_loc.0``                                   ``generator.0``
 ILSVRC's ``*_copy*`` modules (the frozen copies)       not kept: our background branch reads
                                                        the live weights
@@ -34,16 +37,33 @@ from mnpo.models.networks import build_network
 #: torchvision's (and our) VGG16 conv indices in ``features``, in conv1_1 .. conv5_3 order
 VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG_NAMES = ("1_1", "1_2", "2_1", "2_2", "3_1", "3_2", "3_3", "4_1", "4_2", "4_3", "5_1", "5_2", "5_3")
-_HEADS = [(f"classifier_cls.{i}.", f"cls_head.{i}.") for i in (0, 2, 4)] + [("classifier_loc.0.", "generator.0.")]
 
 
-def name_pairs(backbone: str) -> list[tuple[str, str]]:
-    """(their prefix, our prefix) for every tensor of the network."""
+INCEPTION_BLOCKS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
+#: first-conv filters at width 1 (the width of a file is read from them)
+FIRST_CONV = {"vgg16": ("conv1_1.weight", 64), "resnet50": ("conv1.weight", 64),
+              "inception_v3": ("Conv2d_1a_3x3.conv.weight", 32)}
+
+
+def name_pairs(backbone: str, head: str = "classifier_cls") -> list[tuple[str, str]]:
+    """(their prefix, our prefix) for every tensor of the network; ``head``: the name of their
+    classification head (``classifier`` in their CUB InceptionV3)."""
     if backbone == "vgg16":
         body = [(f"conv{n}.", f"backbone.features.{i}.") for n, i in zip(VGG_NAMES, VGG_CONVS)]
-    else:
+    elif backbone == "resnet50":
         body = [(f"{m}.", f"backbone.{m}.") for m in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")]
-    return body + _HEADS
+    else:
+        body = [(f"{m}.", f"backbone.{m}.") for m in INCEPTION_BLOCKS]
+        body += [(f"Mixed_7{k}.", f"mixed7.Mixed_7{k}.") for k in "abc"]
+    heads = [(f"{head}.{i}.", f"cls_head.{i}.") for i in (0, 2, 4)] + [("classifier_loc.0.", "generator.0.")]
+    return body + heads
+
+
+def head_name(state: Mapping[str, Tensor]) -> str:
+    """Their classification head's name: ``classifier_cls``, or ``classifier`` (CUB InceptionV3)."""
+    return "classifier" if "classifier.4.weight" in state and "classifier_cls.4.weight" not in state \
+        else "classifier_cls"
 
 
 def _is_copy(key: str) -> bool:
@@ -54,21 +74,26 @@ def identify(state: Mapping[str, Tensor], source: str = "checkpoint") -> MethodL
     """The layout of a BAS state dict (names without ``module.``) and its class count as
     ``(layout, num_classes)``; ``CheckpointError`` naming ``source`` and the key otherwise."""
     if "conv1_1.weight" in state:
-        backbone, first = "vgg16", "conv1_1.weight"
+        backbone = "vgg16"
     elif "conv1.weight" in state and "layer1.0.conv1.weight" in state:
-        backbone, first = "resnet50", "conv1.weight"
+        backbone = "resnet50"
+    elif "Conv2d_1a_3x3.conv.weight" in state:
+        backbone = "inception_v3"
     else:
-        raise CheckpointError(f"{source}: neither the BAS authors' VGG16 (conv1_1.weight) nor their ResNet50 "
-                              f"(conv1.weight, layer1.0.conv1.weight); its keys start {sorted(state)[:5]}")
-    for key in ("classifier_loc.0.weight", "classifier_cls.4.weight"):
+        raise CheckpointError(f"{source}: none of the BAS authors' VGG16 (conv1_1.weight), ResNet50 (conv1.weight, "
+                              f"layer1.0.conv1.weight) or InceptionV3 (Conv2d_1a_3x3.conv.weight); its keys start "
+                              f"{sorted(state)[:5]}")
+    first, filters = FIRST_CONV[backbone]
+    head = head_name(state)
+    for key in ("classifier_loc.0.weight", f"{head}.4.weight"):
         if key not in state:
             raise CheckpointError(f"{source}: a BAS {backbone} state dict needs {key} (the "
                                   f"{'generator' if 'loc' in key else 'classification head'}); it is missing")
-    classes, head_classes = state["classifier_loc.0.weight"].shape[0], state["classifier_cls.4.weight"].shape[0]
+    classes, head_classes = state["classifier_loc.0.weight"].shape[0], state[f"{head}.4.weight"].shape[0]
     if classes != head_classes:
-        raise CheckpointError(f"{source}: classifier_loc.0.weight has {classes} classes but classifier_cls.4.weight "
+        raise CheckpointError(f"{source}: classifier_loc.0.weight has {classes} classes but {head}.4.weight "
                               f"{head_classes}")
-    return MethodLayout("bas", backbone, state[first].shape[0] / 64), int(classes)
+    return MethodLayout("bas", backbone, state[first].shape[0] / filters), int(classes)
 
 
 def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint") -> nn.Module:
@@ -77,7 +102,8 @@ def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint") 
     state = {k: v for k, v in state.items() if not _is_copy(k)}
     layout, classes = identify(state, source)
     model = build_network(layout, classes)
-    ours = rename_by_prefix(state, name_pairs(layout.backbone), source, f"the BAS authors' {layout.backbone} network")
+    ours = rename_by_prefix(state, name_pairs(layout.backbone, head_name(state)), source,
+                            f"the BAS authors' {layout.backbone} network")
     load_state_dict_strict(model, ours, source)
     return model.eval()
 

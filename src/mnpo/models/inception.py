@@ -135,6 +135,76 @@ class MixedC(nn.Module):
         return torch.cat([one, seven, double, pool], dim=1)
 
 
+class MixedD(nn.Module):
+    """``Mixed_7a`` (torchvision's ``InceptionD``): 1x1 -> 3x3 stride 2 | 1x1 -> 1x7 -> 7x1 -> 3x3
+    stride 2 | max-pool 3x3 stride 2, the stride-2 convs and the pool with ``padding`` (torchvision 0;
+    BAS's InceptionV3 1, so 28 -> 14). ``(B, in, H, W) -> (B, out_channels, H', W')``;
+    ``out_channels`` 320+192+in (1280 at width 1)."""
+
+    def __init__(self, in_channels: int, width: float = 1.0, padding: int = 0) -> None:
+        super().__init__()
+        c = partial(scale_channels, width=width)
+        self.padding = padding
+        self.branch3x3_1 = ConvBN(in_channels, c(192), 1)
+        self.branch3x3_2 = ConvBN(c(192), c(320), 3, stride=2, padding=padding)
+        self.branch7x7x3_1 = ConvBN(in_channels, c(192), 1)
+        self.branch7x7x3_2 = ConvBN(c(192), c(192), (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(c(192), c(192), (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(c(192), c(192), 3, stride=2, padding=padding)
+        self.out_channels = c(320) + c(192) + in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        three = self.branch3x3_2(self.branch3x3_1(x))
+        seven = x
+        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            seven = conv(seven)
+        pool = F.max_pool2d(x, kernel_size=3, stride=2, padding=self.padding)
+        return torch.cat([three, seven, pool], dim=1)
+
+
+class MixedE(nn.Module):
+    """``Mixed_7b`` / ``Mixed_7c`` (torchvision's ``InceptionE``): 1x1 | 1x1 -> (1x3, 3x1) | 1x1 ->
+    3x3 -> (1x3, 3x1) | avg-pool 3x3 -> 1x1, the pairs concatenated. ``(B, in, H, W) ->
+    (B, out_channels, H, W)``; ``out_channels`` 320+2x384+2x384+192 (2048 at width 1)."""
+
+    def __init__(self, in_channels: int, width: float = 1.0) -> None:
+        super().__init__()
+        c = partial(scale_channels, width=width)
+        row, col = dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=(3, 1), padding=(1, 0))
+        self.branch1x1 = ConvBN(in_channels, c(320), 1)
+        self.branch3x3_1 = ConvBN(in_channels, c(384), 1)
+        self.branch3x3_2a = ConvBN(c(384), c(384), **row)
+        self.branch3x3_2b = ConvBN(c(384), c(384), **col)
+        self.branch3x3dbl_1 = ConvBN(in_channels, c(448), 1)
+        self.branch3x3dbl_2 = ConvBN(c(448), c(384), 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(c(384), c(384), **row)
+        self.branch3x3dbl_3b = ConvBN(c(384), c(384), **col)
+        self.branch_pool = ConvBN(in_channels, c(192), 1)
+        self.out_channels = c(320) + 4 * c(384) + c(192)
+
+    def forward(self, x: Tensor) -> Tensor:
+        one = self.branch1x1(x)
+        three = self.branch3x3_1(x)
+        three = torch.cat([self.branch3x3_2a(three), self.branch3x3_2b(three)], dim=1)
+        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        double = torch.cat([self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double)], dim=1)
+        pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+        return torch.cat([one, three, double, pool], dim=1)
+
+
+def mixed_7(in_channels: int, width: float = 1.0, padding: int = 0) -> nn.Sequential:
+    """torchvision's ``Mixed_7a``, ``Mixed_7b``, ``Mixed_7c`` under those names (``padding``: of
+    ``Mixed_7a``'s stride-2 layers, :class:`MixedD`). ``(B, in, H, W) -> (B, 2048 w, H', W')``."""
+    first = MixedD(in_channels, width, padding)
+    second = MixedE(first.out_channels, width)
+    third = MixedE(second.out_channels, width)
+    blocks = nn.Sequential()
+    for name, block in (("Mixed_7a", first), ("Mixed_7b", second), ("Mixed_7c", third)):
+        blocks.add_module(name, block)
+    blocks.out_channels = third.out_channels
+    return blocks
+
+
 class InceptionV3Backbone(nn.Module):
     """InceptionV3, WSOL layout (module docstring). ``(B, 3, H, W) -> {tap: (B, C, h, w)}``;
     ``Mixed_6e`` is ``768 x H/16`` at width 1 (14x14 at 224).

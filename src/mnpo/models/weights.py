@@ -95,6 +95,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool 
                     classifier: bool = False) -> None:
     """Load ImageNet weights into ``model.backbone``: ``source`` is ``"imagenet"`` or a file path.
 
+    A network with ``pretrained_extras()`` (``{source prefix: module}``: BAS's InceptionV3 and its
+    ``Mixed_7*`` blocks) has those modules filled from the same file too, under the same names.
     The new layers (branches, head, classifier) keep their initialization, except with
     ``classifier``: the main classifier then takes the source's ImageNet classifier (``fc``),
     which must have its shape: wsolevaluation starts its ILSVRC ResNet50 CAM, HaS, CutMix and
@@ -106,6 +108,16 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool 
     else:
         state, name = read_state_dict(source), str(Path(source))
     load_backbone_weights(backbone, state, name)
+    for prefix, module in getattr(model, "pretrained_extras", dict)().items():
+        extra = {k: v for k, v in state.items() if k.startswith(prefix)}
+        for key, value in module.state_dict().items():
+            if key.endswith("num_batches_tracked") and key not in extra:
+                extra[key] = value
+        try:
+            load_state_dict_strict(module, extra, name)
+        except CheckpointError as err:
+            raise WeightsError(f"{err} (the network's {prefix}* blocks, from a torchvision {backbone.name} "
+                               "state dict at width 1)") from None
     if classifier:
         load_imagenet_classifier(model, state, name)
 
