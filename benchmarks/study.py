@@ -18,6 +18,8 @@ and, chosen with ``--models``, wsolevaluation's training methods and baselines b
 ``vgg16-cam+has``, ``vgg16-cam+cutmix`` and ``vgg16-cam+adl`` (the one-branch network trained
 with HaS / CutMix / ADL, scored by CAM), ``vgg16-acol`` and ``vgg16-spg`` (ACoL's and SPG's own
 networks, scored by their own maps; ACoL also by MNPO's fusion of its two branches),
+``vgg16-bas`` (BAS: its generator's map, the mean over all classes' maps as its CUB protocol, and
+Grad-CAM of its head, which is CAM there; trained with the CUB loss weights),
 ``vgg16-cam+fsl`` (the few-shot fully supervised baseline: trained on val's
 boxes minus one image per class, calibrated on that held-out image) and ``center`` (the
 center baseline: no network, thresholds calibrated on val).
@@ -99,6 +101,10 @@ WSOL_MODELS = {
     "vgg16-cam+fsl": ("vgg16-cam", {"name": "fsl"}, [("FSL", "cam", {})]),
     "vgg16-acol": ("vgg16-acol", {"name": "acol"}, [("ACoL", "cam", {}), ("MNPO on A and B", "mnpo", {})]),
     "vgg16-spg": ("vgg16-spg", {"name": "spg"}, [("SPG", "cam", {})]),
+    # BAS: its generator's map (cam), the mean of the top-k classes' maps (its CUB protocol; k =
+    # the number of classes here, as theirs on CUB's ResNet50 and InceptionV3), and CAM of its head
+    "vgg16-bas": ("vgg16-bas", {"name": "bas"}, [("BAS", "cam", {}), ("BAS, top-k mean", "cam", {"top_k": "all"}),
+                                                ("CAM of BAS's head", "gradcam", {})]),
     "center": (None, None, [("center baseline", "center", {})]),
 }
 MODEL_NAMES = (*EVALUATIONS, *WSOL_MODELS)
@@ -220,6 +226,8 @@ def evaluate(checkpoint: Path, data: Path, rows, args, shown=(), kept=None) -> l
     test = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", **kwargs)
     results, baselines = [], None
     for index, (label, method, options) in enumerate(rows):
+        if options.get("top_k") == "all":  # BAS's mean over every class's map
+            options = {**options, "top_k": args.classes}
         faithfulness = None if foreground else faithfulness_settings(args, baselines=index == 0)
         common = dict(thresholds=cam_thresholds(0.01), method=method, map_options=options, device=device,
                       precision=precision, batch_size=args.batch, workers=args.workers, foreground=foreground)
