@@ -115,13 +115,13 @@ step precision 45 /dev/null python3 benchmarks/check_precision.py --checkpoint "
 study study-both 150 parts,shapes 0
 
 # (5) wsolevaluation's methods and baselines on `parts` beside it (issue 14), one seed: HaS, CutMix
-# and ADL on the one-branch network, ACoL's and SPG's networks, BAS's (issue 23), FSL and the
+# and ADL on the one-branch network, ACoL's and SPG's networks, BAS's and BGC's (issue 23), FSL and the
 # center baseline. Its
 # table goes to log.txt only ($OUT is at its 8 files), the study's printout.
 step study-methods 180 "$LOG" python3 benchmarks/study.py --presets parts --train-seeds 0 --image-size "$SIZE" \
   --classes 8 --train-per-class "$PER_CLASS" --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" \
   --fsl-epochs $((EPOCHS * 5)) --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" \
-  --models center,vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-acol,vgg16-spg,vgg16-bas,vgg16-cam+fsl \
+  --models center,vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-acol,vgg16-spg,vgg16-bas,vgg16-bgc,vgg16-cam+fsl \
   --faithfulness "$FAITHFULNESS" --faithfulness-steps "$FAITHFULNESS_STEPS" --out "$STUDY-methods" -q --resume
 
 study study-seeds012 600 parts,shapes 0,1,2

@@ -102,6 +102,18 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    if args.source == "bgc":
+        from mnpo.models.bgc_checkpoint import import_checkpoint as import_bgc
+
+        if args.acol_threshold is not None:
+            raise ValueError("--acol-threshold is for --from wsolevaluation")
+        summary = import_bgc(args.src, args.dst, large_feature_map=args.large_feature_map,
+                             trust_pickle=args.trust_pickle)
+        print(f"imported {args.src} -> {args.dst}: the BGC authors' {summary['layout']}"
+              + (", large feature map" if summary["large_feature_map"] else "")
+              + f", {summary['num_classes']} classes, {summary['tensors']} tensors, "
+              f"{summary['parameters'] / 1e6:.2f} M parameters")
+        return 0
     if args.source == "bas":
         from mnpo.models.bas_checkpoint import import_checkpoint as import_bas
 
@@ -415,20 +427,23 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint of the authors' release (a torch.save dict whose "
         "'state_dict' names the VGG16 convs conv1..conv13, the head conv6, fc and branch1_layer), or with "
         "--from wsolevaluation one of clovaai/wsolevaluation's (its main.py's {last,best}_checkpoint.pth.tar), "
-        "or with --from bas a state dict of the BAS authors' code, "
+        "or with --from bas / bgc a state dict of the BAS / BGC authors' code, "
         "into an mnpo checkpoint holding the layout, the class count (read from the file) and the "
         "weights. Every tensor must map; otherwise nothing is written.",
     )
     imp.add_argument("src", help="the .pth / .pth.tar file")
     imp.add_argument("dst", help="the mnpo checkpoint to write (atomically)")
-    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation", "bas"), default="release",
+    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation", "bas", "bgc"), default="release",
                      help="'release': the MNPO authors' release (default); 'wsolevaluation': a checkpoint that "
                           "clovaai/wsolevaluation's main.py trained (CAM, HaS, CutMix, ADL, ACoL or SPG on VGG16, "
                           "ResNet50 or InceptionV3; the network is read from the names); 'bas': a state dict the "
-                          "BAS authors' train.py saved (VGG16 or ResNet50, read from the names)")
+                          "BAS authors' train.py saved (VGG16, ResNet50 or InceptionV3, read from the names); 'bgc': a "
+                          "checkpoint of the BGC authors' trainer.py (VGG16 or ResNet50)")
     imp.add_argument("--large-feature-map", action="store_true", default=None,
-                     help="(wsolevaluation) it was trained with --large_feature_map True (seen by itself in "
-                          "VGG16 CAM and ADL files)")
+                     help="(wsolevaluation, bgc) it was trained with the large feature map (seen by itself in "
+                          "VGG16 files; bgc's ResNet50 default: on, as the authors' recipe)")
+    imp.add_argument("--no-large-feature-map", dest="large_feature_map", action="store_false",
+                     help="(bgc) a ResNet50 trained without the large feature map")
     imp.add_argument("--acol-threshold", type=float, default=None,
                      help="(wsolevaluation, ACoL) its --acol_threshold (default 0.7)")
     imp.add_argument("--trust-pickle", action="store_true",

@@ -175,11 +175,11 @@ def test_study_scores_the_wsol_methods_and_both_baselines(tmp_path):
     args = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
             "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--fsl-epochs", "2", "--batch", "4",
             "--width", "0.0625", "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "-q",
-            "--models", "vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-cam+fsl,vgg16-bas,center"]
+            "--models", "vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-cam+fsl,vgg16-bas,vgg16-bgc,center"]
     out = run("study.py", *args)
     for model, label in (("vgg16-cam+has", "CAM"), ("vgg16-cam+cutmix", "CAM"), ("vgg16-cam+adl", "CAM"),
                          ("vgg16-cam+fsl", "FSL"), ("vgg16-bas", "BAS"), ("vgg16-bas", "BAS, top-k mean"),
-                         ("vgg16-bas", "BAS, IVR"), ("vgg16-bas", "CAM of BAS's head"),
+                         ("vgg16-bas", "BAS, IVR"), ("vgg16-bas", "CAM of BAS's head"), ("vgg16-bgc", "BGC"),
                          ("center", "center baseline")):
         assert f"| parts | {model} | {label} |" in out, model
     fsl = next(line for line in out.splitlines() if "| vgg16-cam+fsl |" in line)

@@ -93,6 +93,7 @@ def test_cutmix_off_and_the_mixed_loss():
     ({"name": "has"}, "vgg16-mnpo"), ({"name": "cutmix"}, "vgg16-mnpo"), ({"name": "adl"}, "vgg16-mnpo"),
     ({"name": "acol"}, "vgg16-acol"), ({"name": "spg"}, "vgg16-spg"), ({"name": "spg"}, "inception_v3-spg"),
     ({"name": "bas"}, "vgg16-bas"), ({"name": "bas"}, "resnet50-bas"), ({"name": "bas"}, "inception_v3-bas"),
+    ({"name": "bgc", "bgc_warmup_epochs": 1}, "vgg16-bgc"), ({"name": "bgc", "bgc_warmup_epochs": 1}, "resnet50-bgc"),
 ])
 def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method, layout):  # noqa: F811
     """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed
@@ -111,7 +112,7 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method,
                 on_epoch_end=stop).fit()
     Trainer(config(synth, tmp_path / "cut", method=method, optim=short, model=model), resume=True,
             progress=False).fit()
-    plain_layout = layout if method["name"] not in ("acol", "spg", "bas") else layout.split("-")[0] + "-cam"
+    plain_layout = layout if method["name"] not in ("acol", "spg", "bas", "bgc") else layout.split("-")[0] + "-cam"
     Trainer(config(synth, tmp_path / "plain", optim=short, model={"layout": plain_layout}), progress=False).fit()
     full, payload = load_model(tmp_path / "full" / "last.pt")
     cut, _ = load_model(tmp_path / "cut" / "last.pt")
@@ -125,7 +126,7 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method,
 
 
 @pytest.mark.parametrize("method, message", [
-    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'bas', 'fsl'\)"),
+    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'bas', 'bgc', 'fsl'\)"),
     ({"name": "bas"}, r"model.layout: 'vgg16-mnpo' is not a bas network; method 'bas' needs 'vgg16-bas'"),
     ({"bas_weights": "openimages"}, r"method.bas_weights: 'openimages'; choose one of \('cub', 'ilsvrc'\)"),
     ({"bas_beta": -1.0}, r"method.bas_beta: must be >= 0 \(or null: the authors' value\), got -1.0"),
@@ -382,3 +383,28 @@ def test_spg_loss_of_an_all_ignored_mask_is_zero_not_nan():
     logits = torch.zeros(1, 2)
     loss = spg_loss(logits, features, torch.tensor([1]), classifier, [0.7, 0.01, 0.5, 0.05, 0.7, 0.1], (16, 16))
     assert torch.isfinite(loss)
+
+
+def test_bgc_warm_up_switches_the_alignment_losses_on_at_its_epoch(synth, tmp_path, monkeypatch):  # noqa: F811
+    """``bgc_warmup_epochs: 2`` of 3: the loss is called warm in epochs 1 and 2 and not in 3, with the
+    recipe's drop settings on the network; the losses are finite."""
+    import mnpo.engine.train as train_module
+
+    calls, real = [], train_module.bgc_loss
+
+    def spy(logits, features, labels, weight, weights, dataset, warm):
+        calls.append((trainer.model.drop_threshold, trainer.model.drop_prob, dataset, warm))
+        loss = real(logits, features, labels, weight, weights, dataset, warm)
+        assert torch.isfinite(loss)
+        return loss
+
+    monkeypatch.setattr(train_module, "bgc_loss", spy)
+    cfg = config(synth, tmp_path / "run", model={"layout": "vgg16-bgc"},
+                 method={"name": "bgc", "bgc_warmup_epochs": 2, "bgc_drop_prob": 0.9, "bgc_dataset": "ilsvrc"},
+                 optim={"epochs": 3, "lr_milestones": [2]})
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    steps = len(calls) // 3
+    assert steps >= 1 and len(calls) == 3 * steps
+    assert [c[3] for c in calls] == [True] * (2 * steps) + [False] * steps
+    assert {c[:3] for c in calls} == {(0.8, 0.9, "ilsvrc")}

@@ -33,6 +33,10 @@ def n_params(model):
      + (1024 * 200 * 9 + 200)),
     # InceptionV3: torchvision's Conv2d_* .. Mixed_7c (without AuxLogits and fc: counted below)
     ("inception_v3-bas", "torchvision"),
+    # BGC: the CAM network's (AttentiveDrop holds no parameters): VGG16's convs, conv6 and fc;
+    # ResNet50 and fc
+    ("vgg16-bgc", 14_714_688 + (512 * 1024 * 9 + 1024) + (1024 * 200 + 200)),
+    ("resnet50-bgc", 23_508_032 + (2048 * 200 + 200)),
 ])
 def test_parameter_counts_are_wsolevaluations(name, expected):
     """Spec 1.4, K = 200 (counted by instantiating wsolevaluation's classes; BAS's by hand)."""
@@ -185,7 +189,7 @@ def test_spg_taps_are_the_specs():
 
 
 @pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-spg", "inception_v3-acol", "vgg16-bas", "resnet50-bas",
-                                  "inception_v3-bas"])
+                                  "inception_v3-bas", "vgg16-bgc", "resnet50-bgc"])
 def test_checkpoint_round_trip(tmp_path, name):
     torch.manual_seed(0)
     layout = LAYOUTS[name](0.0625)
@@ -247,7 +251,7 @@ def test_new_layer_groups_are_wsolevaluations():
 
 @pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-acol", "inception_v3-acol",
                                   "vgg16-spg", "resnet50-spg", "inception_v3-spg", "vgg16-bas", "resnet50-bas",
-                                  "inception_v3-bas"])
+                                  "inception_v3-bas", "vgg16-bgc", "resnet50-bgc"])
 def test_every_map_method_applies(name):
     """Every ``compute_maps`` method runs on ACoL's and SPG's networks and gives maps in [0, 1]
     (with a maximum of 1 for every image where no ReLU may zero a map of a random network); on SPG (a GAP + linear head) Grad-CAM at ``head`` without its ReLU is

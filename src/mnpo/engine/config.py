@@ -8,6 +8,8 @@ A config file has four sections (every key optional except ``data.root`` and
     model:   {layout, width, pretrained, imagenet_classifier, large_feature_map}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
               acol_threshold, spg_thresholds, bas_weights, bas_beta, bas_lambda_fg,
+              bgc_dataset, bgc_warmup_epochs, bgc_lambda_sim, bgc_fg_threshold, bgc_bg_threshold,
+              bgc_lambda_norm, bgc_lambda_drop, bgc_drop_threshold, bgc_drop_prob,
               fsl_holdout_per_class}
     optim:   {epochs, batch_size, lr, new_layer_lr_ratio, bias_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
@@ -71,7 +73,10 @@ class MethodConfig:
     ``fsl`` (the few-shot fully supervised baseline; ``fsl_holdout_per_class``: val images per
     class held out, ours). ``spg_thresholds``: ``[1h, 1l, 2h, 2l, 3h, 3l]``. ``bas`` (the
     ``<backbone>-bas`` layout): ``bas_beta`` and ``bas_lambda_fg``, null: the authors' values for
-    the data set ``bas_weights`` (``cub`` or ``ilsvrc``) and the backbone."""
+    the data set ``bas_weights`` (``cub`` or ``ilsvrc``) and the backbone. ``bgc`` (the
+    ``<backbone>-bgc`` layout): the ``bgc_*`` settings, null: the authors' CUB values for the
+    backbone; ``bgc_dataset`` picks the norm loss's branch (``cub``: the class maximum of the
+    similarity, ``ilsvrc``: the label's)."""
 
     name: str = "plain"
     has_grid_size: int = 4
@@ -85,7 +90,32 @@ class MethodConfig:
     bas_weights: str = "cub"
     bas_beta: float | None = None
     bas_lambda_fg: float | None = None
+    bgc_dataset: str = "cub"
+    bgc_warmup_epochs: int = 20
+    bgc_lambda_sim: float | None = None
+    bgc_fg_threshold: float | None = None
+    bgc_bg_threshold: float | None = None
+    bgc_lambda_norm: float | None = None
+    bgc_lambda_drop: float | None = None
+    bgc_drop_threshold: float | None = None
+    bgc_drop_prob: float | None = None
     fsl_holdout_per_class: int = 1
+
+    def bgc_weights_for(self, backbone: str):
+        """BGC's loss settings (``BgcWeights``) on ``backbone``: the ones given, else the authors'."""
+        from mnpo.engine.training_methods import BGC_WEIGHTS, BgcWeights
+
+        names = ("lambda_sim", "fg_threshold", "bg_threshold", "lambda_norm", "lambda_drop")
+        given = [getattr(self, f"bgc_{n}") for n in names]
+        return BgcWeights(*(d if g is None else g for g, d in zip(given, BGC_WEIGHTS[backbone])))
+
+    def bgc_drop_for(self, backbone: str) -> tuple[float, float]:
+        """AttentiveDrop's ``(threshold, probability)`` on ``backbone``: given, else the authors'."""
+        from mnpo.models.bgc import BGC_DROP
+
+        threshold, prob = BGC_DROP[backbone]
+        return (threshold if self.bgc_drop_threshold is None else self.bgc_drop_threshold,
+                prob if self.bgc_drop_prob is None else self.bgc_drop_prob)
 
     def bas_weights_for(self, backbone: str) -> tuple[float, float]:
         """BAS's ``(beta, lambda_fg)`` on ``backbone``: the ones given, else the authors'."""
@@ -259,6 +289,20 @@ def _validate(cfg: TrainConfig) -> None:
     for key, value in (("bas_beta", m.bas_beta), ("bas_lambda_fg", m.bas_lambda_fg)):
         if value is not None and not value >= 0:
             problems.append(f"method.{key}: must be >= 0 (or null: the authors' value), got {value}")
+    from mnpo.engine.training_methods import BGC_DATASETS
+
+    if m.bgc_dataset not in BGC_DATASETS:
+        problems.append(f"method.bgc_dataset: {m.bgc_dataset!r}; choose one of {BGC_DATASETS}")
+    if m.bgc_warmup_epochs < 0:
+        problems.append(f"method.bgc_warmup_epochs: must be >= 0, got {m.bgc_warmup_epochs}")
+    for key in ("bgc_lambda_sim", "bgc_lambda_norm", "bgc_lambda_drop"):
+        value = getattr(m, key)
+        if value is not None and not value >= 0:
+            problems.append(f"method.{key}: must be >= 0 (or null: the authors' value), got {value}")
+    for key in ("bgc_fg_threshold", "bgc_bg_threshold", "bgc_drop_threshold", "bgc_drop_prob"):
+        value = getattr(m, key)
+        if value is not None and not 0 <= value <= 1:
+            problems.append(f"method.{key}: must be in [0, 1] (or null: the authors' value), got {value}")
     if not cfg.optim.bias_lr_ratio > 0:
         problems.append(f"optim.bias_lr_ratio: must be > 0, got {cfg.optim.bias_lr_ratio}")
     problems += _method_layout_problems(cfg)
@@ -297,11 +341,11 @@ def _method_layout_problems(cfg: TrainConfig) -> list[str]:
 
     name, layout = cfg.method.name, cfg.model.layout
     kind = network_kind(LAYOUTS[layout]()) if layout in LAYOUTS else "multibranch"
-    if kind in ("acol", "spg", "bas") and name != kind:
+    if kind in ("acol", "spg", "bas", "bgc") and name != kind:
         return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"]
-    if name in ("acol", "spg", "bas") and kind != name:
+    if name in ("acol", "spg", "bas", "bgc") and kind != name:
         backbone = layout.split("-")[0] if layout in LAYOUTS else "vgg16"
-        article = "a" if name == "bas" else "an"
+        article = "a" if name in ("bas", "bgc") else "an"
         return [f"model.layout: {layout!r} is not {article} {name} network; method {name!r} needs "
                 f"'{backbone}-{name}' (or another '<backbone>-{name}')"]
     return []

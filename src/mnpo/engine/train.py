@@ -62,6 +62,7 @@ from mnpo.engine.training_methods import (
     HideAndSeek,
     attach_adl,
     bas_loss,
+    bgc_loss,
     check_foreground_targets,
     cutmix_batch,
     foreground_logits,
@@ -90,6 +91,8 @@ def in_new_layer_group(name: str, layout) -> bool:
     outside = not name.startswith("backbone.")
     if kind == "bas":  # the authors' ``classifier*`` layers: the head and the generator (not Mixed_7*)
         return name.startswith(("cls_head.", "generator."))
+    if kind == "bgc":  # the authors': ResNet50's fc alone, VGG16's all but ``features``
+        return name.startswith("classifier_main.") if layout.backbone == "resnet50" else outside
     if layout.backbone == "resnet50":
         layer4 = name.startswith("backbone.layer4.")
         return layer4 if kind in ("acol", "spg") else layer4 or outside
@@ -200,6 +203,9 @@ class Trainer:
         seed_everything(cfg.runtime.seed)
         self.model = self._model().to(self.device)
         self.adl_generator = None
+        if cfg.method.name == "bgc":  # AttentiveDrop's settings and per-step draws (training_methods)
+            self.model.drop_threshold, self.model.drop_prob = cfg.method.bgc_drop_for(self.model.layout.backbone)
+            self.adl_generator = self.model.drop_generator = torch.Generator()
         if cfg.method.name == "adl":  # training-time layers on the plain network (training_methods)
             self.adl_generator = torch.Generator()
             attach_adl(self.model, cfg.method.adl_drop_rate, cfg.method.adl_threshold, self.adl_generator)
@@ -450,6 +456,12 @@ class Trainer:
                 logits = out.logits
                 beta, lambda_fg = m.bas_weights_for(self.model.layout.backbone)
                 loss = bas_loss(logits[0], out.features, labels, beta, lambda_fg)
+            elif m.name == "bgc":  # the erased pass runs with the labels; sim and norm after the warm-up
+                out = self.train_model(images, return_features=True, labels=labels)
+                logits = out.logits
+                loss = bgc_loss(logits[0], out.features, labels, self.model.classifier.weight,
+                                m.bgc_weights_for(self.model.layout.backbone), m.bgc_dataset,
+                                warm=epoch < m.bgc_warmup_epochs)
             elif m.name == "acol":  # the labels steer the erasing of branch B's input
                 logits = self.train_model(images, labels=labels).logits
                 loss = wsol_loss(logits, labels)

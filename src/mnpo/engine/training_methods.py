@@ -40,6 +40,11 @@ computed as for any other (``compute_maps``).
     label's generator map drives the background branch): :func:`bas_loss`, with ``bas_beta``
     and ``bas_lambda_fg`` (default: the authors' values for ``bas_weights``, ``cub`` or
     ``ilsvrc``, and the backbone: :data:`BAS_WEIGHTS`).
+``bgc`` (bridging the gap between classification and localization, Kim et al., CVPR 2022)
+    the ``<backbone>-bgc`` network (:mod:`mnpo.models.bgc`), called with the labels (its
+    erased pass runs then): :func:`bgc_loss`; its similarity and norm terms join after
+    ``bgc_warmup_epochs``; AttentiveDrop's draws come from a generator seeded by
+    ``(seed, epoch, step)``.
 ``fsl`` (few-shot fully supervised learning, the baseline of wsolevaluation's paper)
     trained on the *val* split's boxes or masks instead of the train split's labels: the
     network is built with one output, and its classifier row ``w`` acts as a per-pixel
@@ -62,9 +67,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", "attach_adl", "cutmix_batch", "draw_cutmix", "foreground_loss",
-           "foreground_logits", "mixed_loss", "spg_loss", "spg_mask", "bas_loss", "BAS_WEIGHTS"]
+           "foreground_logits", "mixed_loss", "spg_loss", "spg_mask", "bas_loss", "BAS_WEIGHTS", "bgc_loss", "BGC_WEIGHTS",
+           "BgcWeights", "class_similarity"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "fsl")
 #: SPG's fallback: an image with fewer foreground pixels than this (at the mask's resolution,
 #: 224 x 224 in wsolevaluation) takes ``SPG_FALLBACK_FRACTION`` of its map's maximum instead.
 SPG_MIN_FOREGROUND = 30
@@ -327,3 +333,66 @@ def bas_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: to
     if lambda_fg:
         classification = classification + lambda_fg * F.cross_entropy(features["bas_score2"].to(dtype), labels)
     return classification + ratio.mean() + beta * area.mean()
+
+
+#: BGC's loss settings per backbone (the authors' configs/config_exp{,_vgg}.yaml, CUB): lambda_sim,
+#: fg_threshold, bg_threshold, lambda_norm, lambda_drop
+BGC_WEIGHTS = {"vgg16": (0.5, 0.6, 0.1, 0.15, 3.0), "resnet50": (0.5, 0.4, 0.2, 0.05, 2.0)}
+#: which similarity picks the norm loss's fore- and background: ``cub`` the maximum over the
+#: classes, ``ilsvrc`` the label's (the authors' ``_get_loss_alignment`` branches so)
+BGC_DATASETS = ("cub", "ilsvrc")
+#: the authors' guard of the masked means and of the norm's min-max
+BGC_EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class BgcWeights:
+    """BGC's loss settings (:data:`BGC_WEIGHTS`)."""
+
+    lambda_sim: float
+    fg_threshold: float
+    bg_threshold: float
+    lambda_norm: float
+    lambda_drop: float
+
+
+def class_similarity(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each pixel's feature with each class's classifier row, both
+    L2-normalized: ``(B, C, h, w)``, ``(K, C)`` -> ``(B, K, h, w)``."""
+    return torch.einsum("bchw,kc->bkhw", F.normalize(features, dim=1), F.normalize(weight, dim=1))
+
+
+def bgc_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: torch.Tensor, weight: torch.Tensor,
+             weights: BgcWeights, dataset: str = "cub", warm: bool = False) -> torch.Tensor:
+    """BGC's training loss, in float32 (float64 for float64 inputs):
+
+    ``CE + lambda_drop L1(F, F_erased)`` and, after the warm-up (``warm`` False),
+    ``+ lambda_sim L_sim + lambda_norm L_norm``: with ``sim = class_similarity(F, weight)``,
+    ``n`` the per-pixel L2 norm of ``F`` min-max normalized per image (``(n - min) / (max - min +
+    1e-15)``) and ``mean(v | m) = sum(m v) / (sum(m) + 1e-15)`` per image,
+    ``L_sim = mean_b[mean(sim_y | n < bg) - mean(sim_y | n > fg)]`` and
+    ``L_norm = mean_b[mean(n | s < 0) - mean(n | s > 0)]``, ``s = max_k sim_k`` (``cub``) or
+    ``sim_y`` (``ilsvrc``). ``F = features["main"]``, ``F_erased = features["bgc_erased"]``.
+    """
+    if dataset not in BGC_DATASETS:
+        raise ValueError(f"BGC data set {dataset!r}: choose one of {BGC_DATASETS}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    head, erased = features["main"].to(dtype), features["bgc_erased"].to(dtype)
+    loss = F.cross_entropy(logits.to(dtype), labels) + weights.lambda_drop * F.l1_loss(head, erased)
+    if warm:
+        return loss
+    batch = len(labels)
+    sim = class_similarity(head, weight.to(dtype))
+    sim_y = sim[torch.arange(batch, device=labels.device), labels].flatten(1)
+    norm = head.norm(dim=1).flatten(1)
+    low = norm.amin(1, keepdim=True)
+    norm = (norm - low) / ((norm - low).amax(1, keepdim=True) + BGC_EPS)
+
+    def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(values.dtype)
+        return (mask * values).sum(1) / (mask.sum(1) + BGC_EPS)
+
+    loss_sim = (masked_mean(sim_y, norm < weights.bg_threshold) - masked_mean(sim_y, norm > weights.fg_threshold)).mean()
+    picker = sim.amax(1).flatten(1) if dataset == "cub" else sim_y
+    loss_norm = (masked_mean(norm, picker < 0) - masked_mean(norm, picker > 0)).mean()
+    return loss + weights.lambda_sim * loss_sim + weights.lambda_norm * loss_norm

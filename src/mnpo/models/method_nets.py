@@ -1,6 +1,6 @@
 """What the networks of the WSOL methods that change the architecture (ACoL, SPG) share.
 
-A ``MethodLayout`` names the method's network (``acol``, ``spg`` or ``bas``), the backbone and the width
+A ``MethodLayout`` names the method's network (``acol``, ``spg``, ``bas`` or ``bgc``), the backbone and the width
 (and ACoL's erasing threshold, which acts at test time too). It plays the part of a
 ``NetworkLayout``: it is saved in checkpoints (``to_dict`` adds ``"network"``) and read back
 by :func:`layout_from_dict`. The networks (:class:`mnpo.models.acol.AcolNet`,
@@ -24,9 +24,9 @@ from mnpo.models.stages import gradient_leaf, run_tracked
 from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchOutput, NetworkLayout
 
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3).
-METHOD_NETWORKS = ("acol", "spg", "bas")
+METHOD_NETWORKS = ("acol", "spg", "bas", "bgc")
 #: the backbones a method network is built on, where not all three
-NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {}
+NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {"bgc": ("vgg16", "resnet50")}
 #: ACoL's ``acol_threshold`` default (wsolevaluation's ``config.py``).
 ACOL_THRESHOLD = 0.7
 
@@ -106,7 +106,7 @@ def layout_from_dict(data: Mapping[str, Any]) -> NetworkLayout | MethodLayout:
 
 
 def network_kind(layout: NetworkLayout | MethodLayout) -> str:
-    """``"multibranch"``, ``"acol"``, ``"spg"`` or ``"bas"``."""
+    """``"multibranch"``, ``"acol"``, ``"spg"``, ``"bas"`` or ``"bgc"``."""
     return layout.network if isinstance(layout, MethodLayout) else "multibranch"
 
 

@@ -1,5 +1,5 @@
 """Every network by its layout: ``MultiBranchNet`` for a ``NetworkLayout`` (CAM, MNPO), the
-method networks for a ``MethodLayout`` (ACoL, SPG, BAS), and the names of all shipped layouts."""
+method networks for a ``MethodLayout`` (ACoL, SPG, BAS, BGC), and the names of all shipped layouts."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from torch import nn
 
 from mnpo.models.acol import AcolNet
 from mnpo.models.bas import BasNet
+from mnpo.models.bgc import BgcNet
 from mnpo.models.backbones import BACKBONE_NAMES
 from mnpo.models.method_nets import METHOD_NETWORKS, NETWORK_BACKBONES, MethodLayout
 from mnpo.models.multibranch import LAYOUTS as MULTIBRANCH_LAYOUTS
 from mnpo.models.multibranch import MultiBranchNet, NetworkLayout
 from mnpo.models.spg import SpgNet
 
-#: ``<backbone>-acol``, ``<backbone>-spg`` and ``<backbone>-bas`` for each backbone they are
+#: ``<backbone>-acol``, ``-spg``, ``-bas`` and ``-bgc`` for each backbone they are
 #: built on: ``(width) -> MethodLayout``.
 METHOD_LAYOUTS: dict[str, Callable[[float], MethodLayout]] = {
     f"{backbone}-{network}": partial(lambda n, b, width=1.0: MethodLayout(n, b, width), network, backbone)
@@ -29,5 +30,5 @@ LAYOUTS: dict[str, Callable[..., NetworkLayout | MethodLayout]] = {**MULTIBRANCH
 def build_network(layout: NetworkLayout | MethodLayout, num_classes: int) -> nn.Module:
     """The (randomly initialized) network a layout describes."""
     if isinstance(layout, MethodLayout):
-        return {"acol": AcolNet, "spg": SpgNet, "bas": BasNet}[layout.network](layout, num_classes)
+        return {"acol": AcolNet, "spg": SpgNet, "bas": BasNet, "bgc": BgcNet}[layout.network](layout, num_classes)
     return MultiBranchNet(layout, num_classes)
