@@ -281,3 +281,19 @@ def test_skip_unreadable_on_a_mask_split_scores_a_map_of_zeros(tmp_path):
     assert a.misses == {"y"} and b.misses == set()
     with pytest.raises(ValueError, match="'y' was already evaluated"):
         a.add_misses(["y"])
+
+
+def test_a_constant_classifier_is_right_only_on_the_first_class(data):
+    """Tied logits rank in class order (as argmax): a classifier that says the same for every
+    class scores the share of class-0 images at top-1 and of classes 0-4 at top-5, not 100 %."""
+    model = tiny_vgg_mnpo()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    ds = WSOLDataset(data / "images", data / "metadata" / "test", "evaluate", crop_size=48, resize_size=55)
+    result = evaluate_model(model, ds, thresholds=cam_thresholds(0.1), method="cam", batch_size=5)
+    labels = np.array([ds.meta.labels[i] for i in ds.image_ids])
+    assert 0 < (labels == 0).sum() < len(labels)  # the set has class 0 and other classes
+    assert result.top1_correct == (labels == 0).sum()
+    assert result.top5_correct == len(labels)  # three classes: all within five
+    assert result.curves.top1.max() <= (labels == 0).sum()  # Top-1 Loc counts: a box and the right class

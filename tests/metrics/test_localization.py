@@ -134,10 +134,19 @@ def test_calibrated_refuses_mismatched_grids():
         calibrated_metrics(a, m)
 
 
-def test_class_ranks_count_strictly_larger_logits():
+def test_class_ranks_break_ties_in_class_order():
     logits = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
-    assert class_ranks(logits, np.array([2, 3])).tolist() == [0, 0]
-    assert class_ranks(logits, np.array([3, 0])).tolist() == [3, 0]
+    # row 0: class 1 ties class 2 at the top and comes first; row 1: a constant classifier
+    assert class_ranks(logits, np.array([1, 0])).tolist() == [0, 0]
+    assert class_ranks(logits, np.array([2, 3])).tolist() == [1, 3]
+    assert class_ranks(logits, np.array([3, 2])).tolist() == [3, 2]
+    # the rank is the place in a stable descending sort, i.e. where argmax / topk put the class
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 3, size=(50, 6)).astype(float)  # many ties
+    labels = rng.integers(0, 6, size=50)
+    order = np.argsort(-many, axis=1, kind="stable")
+    expected = [int(np.nonzero(order[i] == labels[i])[0][0]) for i in range(50)]
+    assert class_ranks(many, labels).tolist() == expected
     with pytest.raises(ValueError, match="labels"):
         class_ranks(logits, np.array([4, 0]))
     with pytest.raises(ValueError, match="NaN"):

@@ -31,7 +31,7 @@ from mnpo.engine.runtime import DistContext, all_reduce_sum, autocast
 from mnpo.engine.views import box_to_image, resize_for, ten_crop_logits
 from mnpo.io import write_json_atomic
 from mnpo.maps import compute_maps
-from mnpo.metrics.localization import BoxCurves, MaskCurves, PerImage
+from mnpo.metrics.localization import BoxCurves, MaskCurves, PerImage, class_ranks
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: E
                              "(WSOLDataset(..., ten_crop=False)); pass ten_crop=False to the evaluation too")
         with autocast(device, settings.precision):
             logits = ten_crop_logits(model, crops, settings.batch_size, settings.channels_last).float().mean(1)
-    ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
+    ranks = torch.from_numpy(class_ranks(logits.float().cpu().numpy(), labels.cpu().numpy()))
     hits = (int((ranks < 1).sum()), int((ranks < 5).sum()))
     return maps.cpu().numpy(), logits.cpu().numpy(), hits
 

@@ -22,7 +22,9 @@ Metrics (percent), as wsolevaluation (CVPR 2020) and spec section 6 define them:
   accuracy at each IoU (one threshold per IoU);
 * ``top1_loc`` / ``top5_loc`` (when logits are given): correct box (largest
   contour, IoU >= 0.5) and the true class ranked first / within five, where a
-  class's rank is the number of classes with a strictly larger logit;
+  class's rank is its place in the logits sorted high to low, ties in class
+  order (as ``argmax`` and ``torch.topk``: a constant classifier is right on
+  class 0 only, not on every class);
 * ``pxap`` (mask sets): area under the pixel precision-recall curve.
 
 Score maps are float (H, W) in [0, 1] in the resized frame (224 x 224 by
@@ -76,7 +78,12 @@ class Metric:
 
 
 def class_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Rank of the true class: the number of classes with a strictly larger logit.
+    """Rank of the true class: its place among the logits sorted high to low, ties in class order.
+
+    The count of classes with a larger logit, plus those with an equal logit and
+    a smaller index; top-1 is then ``argmax`` (the first maximum), as
+    wsolevaluation's accuracy and ``torch.topk``. Counting only strictly larger
+    logits would call a constant classifier right on every image.
 
     Args:
         logits: float (B, C).
@@ -92,8 +99,9 @@ def class_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         raise ValueError("logits contain NaN")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got {labels.min()}..{labels.max()}")
-    true = logits[np.arange(len(labels)), labels]
-    return (logits > true[:, None]).sum(axis=1)
+    true = logits[np.arange(len(labels)), labels][:, None]
+    earlier = np.arange(logits.shape[1])[None, :] < labels[:, None]
+    return (logits > true).sum(axis=1) + ((logits == true) & earlier).sum(axis=1)
 
 
 @dataclass(frozen=True)
