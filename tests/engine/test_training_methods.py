@@ -408,3 +408,29 @@ def test_bgc_warm_up_switches_the_alignment_losses_on_at_its_epoch(synth, tmp_pa
     assert steps >= 1 and len(calls) == 3 * steps
     assert [c[3] for c in calls] == [True] * (2 * steps) + [False] * steps
     assert {c[:3] for c in calls} == {(0.8, 0.9, "ilsvrc")}
+
+
+@pytest.mark.parametrize("method, layout, per_rank", [
+    ({"name": "bgc"}, "vgg16-bgc", True), ({"name": "adl"}, "vgg16-mnpo", False),
+])
+def test_drop_draws_are_a_ranks_own_for_bgc_and_shared_for_adl(synth, tmp_path, method, layout, per_rank):  # noqa: F811
+    """BGC's AttentiveDrop draws a field per image: two ranks (different images) must not share
+    it; ADL's one draw per batch is the same on every rank. Either repeats for the same step."""
+    import dataclasses
+
+    trainer = Trainer(config(synth, tmp_path / "run", method=method, optim={"epochs": 1}, model={"layout": layout}),
+                      progress=False)
+    rank0 = trainer._draw_seed(3, 7)
+    assert trainer._draw_seed(3, 7) == rank0 and trainer._draw_seed(3, 8) != rank0
+    trainer.ctx = dataclasses.replace(trainer.ctx, rank=1, world=2)
+    assert (trainer._draw_seed(3, 7) != rank0) == per_rank
+    if per_rank:  # the drop field the model draws differs between the ranks on the same batch
+        from mnpo.models.bgc import attentive_drop
+
+        x = torch.rand(2, 4, 6, 6) + torch.linspace(0, 1, 36).view(1, 1, 6, 6)
+        fields = []
+        for rank in (0, 1):
+            trainer.ctx = dataclasses.replace(trainer.ctx, rank=rank)
+            g = torch.Generator().manual_seed(trainer._draw_seed(3, 7))
+            fields.append(attentive_drop(x, 0.1, 0.5, g))
+        assert not torch.equal(*fields)

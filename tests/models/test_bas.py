@@ -169,6 +169,8 @@ def test_cam_is_the_generator_map_and_top_k_its_class_mean(backbone):
     """``cam``: the generator's map of the target, resized (bicubic) and min-max normalized; without
     targets the predicted class's; ``top_k``: the mean of the k best-scored classes' maps."""
     model = make(backbone).eval()
+    with torch.no_grad():  # lift the scores off the final ReLU's zero, where classes tie (topk's tie order is unstated)
+        model.cls_head[4].bias.add_(1.0)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     targets = torch.tensor([2, 0])
     with torch.no_grad():
@@ -261,3 +263,24 @@ def test_bas_optimizer_groups_are_the_authors(backbone, tmp_path):
         assert "backbone.layer4.0.conv1.weight" in members[0]
     single = config_from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "bias_lr_ratio": 1.0}})
     assert len(build_optimizer(model, single).param_groups) == 2
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_new_layers_are_initialized_as_the_authors(backbone):
+    """VGG16: N(0, 0.02) weights and PyTorch's default biases (their weight_init leaves biases
+    alone); ResNet50: Xavier-uniform weights and zero biases."""
+    torch.manual_seed(0)
+    net = build_model(f"{backbone}-bas", 7, width=0.25)
+    convs = [m for h in (net.cls_head, net.generator) for m in h.modules() if isinstance(m, torch.nn.Conv2d)]
+    weights = torch.cat([m.weight.flatten() for m in convs])
+    if backbone == "vgg16":
+        assert abs(weights.std().item() - 0.02) < 0.001  # >1e5 draws: the std's error is ~5e-5
+        for m in convs:
+            bound = 1 / (m.weight[0].numel() ** 0.5)
+            assert m.bias.abs().max() <= bound and m.bias.abs().max() > 0.5 * bound
+    else:
+        for m in convs:
+            fan_in, fan_out = m.weight[0].numel(), m.weight.shape[0] * m.weight[0, 0].numel()
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound
+            assert not m.bias.any()

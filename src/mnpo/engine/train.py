@@ -426,6 +426,15 @@ class Trainer:
                 "restart (last.pt keeps the last finished epoch)")
         return values
 
+    def _draw_seed(self, epoch: int, step: int) -> int:
+        """The seed of a step's training-time random draws: ADL's (one per batch) the same on every
+        rank, BGC's AttentiveDrop (one per pixel of each image) a rank's own, since each rank's
+        images are others; a function of (seed, epoch, step[, rank]) alone, so resume repeats it."""
+        key = [self.cfg.runtime.seed, epoch, step]
+        if self.cfg.method.name == "bgc":
+            key.append(self.ctx.rank)
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
+
     def _batch_loss(self, batch: dict[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training method's loss on one batch, and its hits: images classified right, or for
         ``fsl`` the batch's images times the fraction of pixels classified right (0-dim tensors on
@@ -434,9 +443,8 @@ class Trainer:
         labels = batch["label"].to(self.device, non_blocking=True)
         m = self.cfg.method
         partner_labels, lam = None, 1.0
-        if self.adl_generator is not None:  # the batch's ADL draws, the same on every rank
-            self.adl_generator.manual_seed(int(np.random.SeedSequence([self.cfg.runtime.seed, epoch, step])
-                                               .generate_state(1)[0]))
+        if self.adl_generator is not None:
+            self.adl_generator.manual_seed(self._draw_seed(epoch, step))
         if m.name == "cutmix":
             rng = np.random.default_rng([self.cfg.runtime.seed, epoch, step])  # the same on every rank
             images, partner_labels, lam = cutmix_batch(images, labels, m.cutmix_beta, m.cutmix_prob, rng)

@@ -31,9 +31,11 @@ backbone is, with ``Mixed_7a``'s stride-2 convolutions and pool padded by 1 as t
 or the mean of the top-k predicted classes' maps (map option ``top_k``). The loss is
 :func:`mnpo.engine.training_methods.bas_loss`.
 
-Init: the new layers Xavier-uniform with zero biases (the authors' ResNet50 and InceptionV3;
-their VGG16 draws the new convolutions from N(0, 0.02)), the backbone as the other networks
-(and InceptionV3's ``Mixed_7*`` with it: ImageNet weights fill both).
+Init of the new layers as the authors': on ResNet50 and InceptionV3 Xavier-uniform weights and
+zero biases (their ``initialize_weights(..., 'xavier')``); on VGG16 weights from N(0, 0.02) and
+PyTorch's default biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (their ``vgg.py: weight_init``,
+which leaves biases alone). The backbone as the other networks (and InceptionV3's ``Mixed_7*``
+with it: ImageNet weights fill both).
 """
 
 from __future__ import annotations
@@ -106,8 +108,11 @@ class BasNet(MethodNet):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, num_classes, 1), nn.ReLU(inplace=True))
         self.generator = nn.Sequential(nn.Conv2d(in_ch, num_classes, 3, padding=1), nn.Sigmoid())
-        init_he(self.cls_head, "xavier")
-        init_he(self.generator, "xavier")
+        for head in (self.cls_head, self.generator):
+            if layout.backbone == "vgg16":
+                init_normal_keep_bias(head, std=0.02)
+            else:
+                init_he(head, "xavier")
         self.scores = IdentityScores(num_classes)
 
     def classifier_for(self, branch: str) -> nn.Module:
@@ -165,6 +170,13 @@ class BasNet(MethodNet):
             features["bas_background"] = self.background_scores(x.detach() * (1 - saliency))
             features["bas_score2"] = gap(head * F.avg_pool2d(saliency, 2))
         return (score1,), features
+
+
+def init_normal_keep_bias(module: nn.Module, std: float) -> None:
+    """Every convolution's weight from N(0, ``std``); biases keep PyTorch's default init."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, std)
 
 
 def bas_generator_maps(generator: Tensor, logits: Tensor, targets: Tensor | None, top_k: int | None) -> Tensor:
