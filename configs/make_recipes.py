@@ -151,7 +151,15 @@ def bas_recipe(data: str, backbone: str) -> str:
 
 #: BGC's CUB recipes per backbone (the authors' configs/config_exp{,_vgg}.yaml): lr, classifier
 #: ratio, weight decay, batch, large feature map
-BGC_RECIPES = {"vgg16": (0.004, 5, 5.0e-4, 64, False), "resnet50": (0.002, 10, 1.0e-4, 32, True)}
+BGC_RECIPES = {"vgg16": (0.004, 5, 5.0e-4, 64, False), "resnet50": (0.002, 10, 1.0e-4, 32, True),
+               "inception_v3": (0.002, 10, 1.0e-4, 32, False)}  # InceptionV3: ours (ResNet50's)
+BGC_INCEPTION_HEADER = """# {title}: InceptionV3 BGC, mnpo's extension (Kim et al., CVPR 2022, trained VGG16 and ResNet50 only).
+# Written by configs/make_recipes.py; edit that file, not this one.
+# Every value here is ours: ResNet50's CUB recipe (lr 0.002, the head and classifier at x10, weight
+# decay 0.0001, batch 32, 70 epochs of which 20 warm-up, lr x0.2 at epochs 41 and 61) and its AttentiveDrop
+# and loss settings (method.bgc_*: null), the drop after Mixed_6a, InceptionCam's head without dropout,
+# 14 x 14 maps, resize 256 + random crop 224 + flip.
+"""
 BGC_HEADER = """# {title}: {backbone} BGC (bridging the gap between classification and localization, Kim et al., CVPR 2022).
 # Written by configs/make_recipes.py; edit that file, not this one.
 # The authors' CUB values (modern-wsol.md section 3; their configs/config_exp{suffix}.yaml): SGD Nesterov,
@@ -182,6 +190,8 @@ def bgc_recipe(data: str, backbone: str) -> str:
     ours = {"cub": "", "ilsvrc": "; on ILSVRC their values are not in their repository: CUB's are used, with the "
                                  "norm loss's ILSVRC branch\n# and (ResNet50) the ImageNet fc, as their code does",
             "openimages": "; OpenImages, which they did not train: CUB's values and branch"}[data]
+    if backbone == "inception_v3":
+        return BGC_INCEPTION_HEADER.format(title=title) + yaml.safe_dump(body, sort_keys=False)
     header = BGC_HEADER.format(title=title, backbone=BACKBONES[backbone], suffix="_vgg" if backbone == "vgg16" else "",
                                lr=lr, ratio=ratio, wd=wd, batch=batch, vgg_head=" and conv6" if backbone == "vgg16" else "",
                                lfm="the large feature map (28 x 28), " if large else "", ours=ours)

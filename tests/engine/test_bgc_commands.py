@@ -1,9 +1,10 @@
 """BGC end to end on a tiny synthetic set: `mnpo train` with `method.name: bgc` past its warm-up,
-then `evaluate` (CAM, and Grad-CAM of conv5_3), `localize` and `report` of the checkpoint."""
+then `evaluate` (CAM, and Grad-CAM of conv5_3 or Mixed_6e), `localize` and `report` of the checkpoint."""
 
 import json
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -11,7 +12,8 @@ from mnpo.cli import main
 from mnpo.data.synthetic import write_synthetic_dataset
 
 
-def test_bgc_trains_past_its_warm_up_and_every_command_reads_it(tmp_path):
+@pytest.mark.parametrize("backbone, tap", [("vgg16", "conv5_3"), ("inception_v3", "Mixed_6e")])
+def test_bgc_trains_past_its_warm_up_and_every_command_reads_it(tmp_path, backbone, tap):
     data = tmp_path / "parts"
     write_synthetic_dataset(out=data, preset="parts", seed=4, image_size=48, num_classes=3,
                             train_per_class=6, val_per_class=2, test_per_class=3)
@@ -19,7 +21,7 @@ def test_bgc_trains_past_its_warm_up_and_every_command_reads_it(tmp_path):
     config.write_text(yaml.safe_dump({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
                  "resize_size": 55, "crop_size": 48},
-        "model": {"layout": "vgg16-bgc", "width": 0.0625, "pretrained": None},
+        "model": {"layout": f"{backbone}-bgc", "width": 0.0625, "pretrained": None},
         "method": {"name": "bgc", "bgc_warmup_epochs": 1},
         "optim": {"epochs": 2, "batch_size": 6, "lr": 0.01, "new_layer_lr_ratio": 5, "lr_milestones": [1],
                   "lr_gamma": 0.2},
@@ -37,7 +39,7 @@ def test_bgc_trains_past_its_warm_up_and_every_command_reads_it(tmp_path):
               "--val-metadata", str(data / "metadata" / "val")]
     assert main(common + ["--method", "cam", "--results", str(tmp_path / "cam.npz"),
                           "--json", str(tmp_path / "cam.json")]) == 0
-    assert main(common + ["--method", "gradcam", "--target-layer", "conv5_3", "--results",
+    assert main(common + ["--method", "gradcam", "--target-layer", tap, "--results",
                           str(tmp_path / "gradcam.npz")]) == 0
     report = json.loads((tmp_path / "cam.json").read_text())
     assert report["info"]["num_images"] == 9 and "max_box_acc_v2" in report["calibrated"]

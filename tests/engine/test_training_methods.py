@@ -94,6 +94,7 @@ def test_cutmix_off_and_the_mixed_loss():
     ({"name": "acol"}, "vgg16-acol"), ({"name": "spg"}, "vgg16-spg"), ({"name": "spg"}, "inception_v3-spg"),
     ({"name": "bas"}, "vgg16-bas"), ({"name": "bas"}, "resnet50-bas"), ({"name": "bas"}, "inception_v3-bas"),
     ({"name": "bgc", "bgc_warmup_epochs": 1}, "vgg16-bgc"), ({"name": "bgc", "bgc_warmup_epochs": 1}, "resnet50-bgc"),
+    ({"name": "bgc", "bgc_warmup_epochs": 1}, "inception_v3-bgc"),
 ])
 def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method, layout):  # noqa: F811
     """Each method's draws are keyed by (seed, epoch, image or step): an interrupted run resumed

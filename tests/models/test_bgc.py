@@ -14,7 +14,7 @@ from mnpo.maps import compute_maps
 from mnpo.models import build_model
 from mnpo.models.bgc import attentive_drop
 
-BACKBONES = ("vgg16", "resnet50")
+BACKBONES = ("vgg16", "resnet50", "inception_v3")
 
 
 def test_attentive_drop_by_hand():
@@ -42,8 +42,11 @@ def test_the_network_is_the_cam_network_plus_an_erased_pass(backbone):
     the dropped features; none of it in eval."""
     torch.manual_seed(0)
     bgc = build_model(f"{backbone}-bgc", 4, width=1 / 16).double().eval()
-    cam = build_model(f"{backbone}-cam", 4, width=1 / 16).double().eval()
-    rename = {"head.conv.": "branches.main.head.conv.", "classifier_main.": "classifier."}
+    # InceptionV3 (ours): wsolevaluation's InceptionCam head without its dropouts
+    cam_layout = "inception_v3-cam-no-dropout" if backbone == "inception_v3" else f"{backbone}-cam"
+    cam = build_model(cam_layout, 4, width=1 / 16).double().eval()
+    rename = {"head.conv.": "branches.main.head.conv.", "head.0.conv.": "branches.main.SPG_A3_1b.conv.",
+              "head.1.conv.": "branches.main.SPG_A3_2b.conv.", "classifier_main.": "classifier."}
     state = {next((v + k[len(p):] for p, v in rename.items() if k.startswith(p)), k): t
              for k, t in bgc.state_dict().items()}
     cam.load_state_dict(state)
@@ -60,9 +63,10 @@ def test_the_network_is_the_cam_network_plus_an_erased_pass(backbone):
     if backbone == "resnet50":
         dropped = attentive_drop(out.features["layer4.0"], 0.5, 1.0)
     else:
+        tap = "Mixed_6a" if backbone == "inception_v3" else "conv4_3"
         with torch.no_grad():
-            conv4 = bgc.backbone(x, ("conv4_3",))["conv4_3"]
-        dropped = attentive_drop(conv4, 0.5, 1.0)
+            before = bgc.backbone(x, (tap,))[tap]
+        dropped = attentive_drop(before, 0.5, 1.0)
     torch.testing.assert_close(out.features["bgc_erased"], bgc.shared_layers(dropped), rtol=1e-12, atol=1e-12)
     assert not torch.equal(out.features["bgc_erased"], out.features["main"])
 
@@ -131,7 +135,7 @@ def test_class_similarity_is_the_cosine():
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_bgc_optimizer_groups_are_the_authors(backbone, tmp_path):
     """ResNet50: the classifier alone at the classifier rate (x10); VGG16: the head and the
-    classifier (x5), the backbone at lr."""
+    classifier (x5), the backbone at lr; InceptionV3 (ours) as VGG16."""
     ratio = 10 if backbone == "resnet50" else 5
     cfg = config_from_dict({"data": {"root": str(tmp_path), "metadata": str(tmp_path)},
                             "model": {"layout": f"{backbone}-bgc", "width": 0.0625, "pretrained": None},
@@ -143,6 +147,8 @@ def test_bgc_optimizer_groups_are_the_authors(backbone, tmp_path):
     expected = {"classifier_main.weight", "classifier_main.bias"}
     if backbone == "vgg16":
         expected |= {"head.conv.weight", "head.conv.bias"}
+    if backbone == "inception_v3":
+        expected |= {f"head.{i}.conv.{k}" for i in (0, 1) for k in ("weight", "bias")}
     assert new == expected and groups[1]["lr"] == pytest.approx(0.002 * ratio)
 
 
@@ -153,6 +159,9 @@ def test_bgc_settings_default_to_the_authors_and_are_validated(tmp_path):
     assert cfg.method.bgc_weights_for("vgg16") == BgcWeights(0.5, 0.6, 0.1, 0.3, 3.0)
     assert cfg.method.bgc_weights_for("resnet50") == BgcWeights(0.5, 0.4, 0.2, 0.3, 2.0)
     assert cfg.method.bgc_drop_for("resnet50") == (0.8, 0.25) and cfg.method.bgc_warmup_epochs == 20
+    # InceptionV3, which the authors did not train: ResNet50's settings (ours)
+    assert cfg.method.bgc_weights_for("inception_v3") == BgcWeights(0.5, 0.4, 0.2, 0.3, 2.0)
+    assert cfg.method.bgc_drop_for("inception_v3") == (0.8, 0.25)
     for method, message in (({"bgc_dataset": "voc"}, r"method.bgc_dataset: 'voc'; choose one of \('cub', 'ilsvrc'\)"),
                             ({"bgc_drop_prob": 1.5}, r"method.bgc_drop_prob: must be in \[0, 1\]"),
                             ({"bgc_lambda_sim": -1.0}, "method.bgc_lambda_sim: must be >= 0"),

@@ -82,3 +82,10 @@ def test_what_does_not_fit_is_refused_by_key():
         convert_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, "x.pth")
     with pytest.raises(CheckpointError, match="classifier_A"):
         convert_state_dict({**state, "classifier_A.0.weight": torch.zeros(1)}, "x.pth")
+
+
+def test_inception_v3_bgc_has_no_authors_layout_to_export():
+    """InceptionV3 BGC is mnpo's extension: exporting it to the authors' names is refused, naming it."""
+    model = build_model("inception_v3-bgc", 3, width=1 / 16)
+    with pytest.raises(ValueError, match="inception_v3-bgc is mnpo's extension"):
+        export_state_dict(model)

@@ -37,6 +37,8 @@ def n_params(model):
     # ResNet50 and fc
     ("vgg16-bgc", 14_714_688 + (512 * 1024 * 9 + 1024) + (1024 * 200 + 200)),
     ("resnet50-bgc", 23_508_032 + (2048 * 200 + 200)),
+    # InceptionV3 (ours): InceptionCam's parameters (its dropouts hold none)
+    ("inception_v3-bgc", 25_687_976),
 ])
 def test_parameter_counts_are_wsolevaluations(name, expected):
     """Spec 1.4, K = 200 (counted by instantiating wsolevaluation's classes; BAS's by hand)."""
@@ -189,7 +191,7 @@ def test_spg_taps_are_the_specs():
 
 
 @pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-spg", "inception_v3-acol", "vgg16-bas", "resnet50-bas",
-                                  "inception_v3-bas", "vgg16-bgc", "resnet50-bgc"])
+                                  "inception_v3-bas", "vgg16-bgc", "resnet50-bgc", "inception_v3-bgc"])
 def test_checkpoint_round_trip(tmp_path, name):
     torch.manual_seed(0)
     layout = LAYOUTS[name](0.0625)
@@ -251,7 +253,7 @@ def test_new_layer_groups_are_wsolevaluations():
 
 @pytest.mark.parametrize("name", ["vgg16-acol", "resnet50-acol", "inception_v3-acol",
                                   "vgg16-spg", "resnet50-spg", "inception_v3-spg", "vgg16-bas", "resnet50-bas",
-                                  "inception_v3-bas", "vgg16-bgc", "resnet50-bgc"])
+                                  "inception_v3-bas", "vgg16-bgc", "resnet50-bgc", "inception_v3-bgc"])
 def test_every_map_method_applies(name):
     """Every ``compute_maps`` method runs on ACoL's and SPG's networks and gives maps in [0, 1]
     (with a maximum of 1 for every image where no ReLU may zero a map of a random network); on SPG (a GAP + linear head) Grad-CAM at ``head`` without its ReLU is

@@ -91,7 +91,7 @@ def in_new_layer_group(name: str, layout) -> bool:
     outside = not name.startswith("backbone.")
     if kind == "bas":  # the authors' ``classifier*`` layers: the head and the generator (not Mixed_7*)
         return name.startswith(("cls_head.", "generator."))
-    if kind == "bgc":  # the authors': ResNet50's fc alone, VGG16's all but ``features``
+    if kind == "bgc":  # the authors': ResNet50's fc alone, VGG16's all but ``features`` (InceptionV3 as VGG16: ours)
         return name.startswith("classifier_main.") if layout.backbone == "resnet50" else outside
     if layout.backbone == "resnet50":
         layer4 = name.startswith("backbone.layer4.")

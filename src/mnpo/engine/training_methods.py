@@ -337,7 +337,8 @@ def bas_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: to
 
 #: BGC's loss settings per backbone (the authors' configs/config_exp{,_vgg}.yaml, CUB): lambda_sim,
 #: fg_threshold, bg_threshold, lambda_norm, lambda_drop
-BGC_WEIGHTS = {"vgg16": (0.5, 0.6, 0.1, 0.15, 3.0), "resnet50": (0.5, 0.4, 0.2, 0.05, 2.0)}
+BGC_WEIGHTS = {"vgg16": (0.5, 0.6, 0.1, 0.15, 3.0), "resnet50": (0.5, 0.4, 0.2, 0.05, 2.0),
+               "inception_v3": (0.5, 0.4, 0.2, 0.05, 2.0)}  # InceptionV3: ours (ResNet50's)
 #: which similarity picks the norm loss's fore- and background: ``cub`` the maximum over the
 #: classes, ``ilsvrc`` the label's (the authors' ``_get_loss_alignment`` branches so)
 BGC_DATASETS = ("cub", "ilsvrc")

@@ -45,6 +45,9 @@ def name_pairs(backbone: str, large_feature_map: bool) -> list[tuple[str, str]]:
         pairs = [(f"features.0.{i}.", f"backbone.features.{i}.") for i in VGG_CONV4]
         pairs += [(f"features.2.{t}.", f"backbone.features.{o}.") for t, o in zip(theirs5, VGG_CONV5)]
         pairs.append(("conv6.", "head.conv."))
+    elif backbone != "resnet50":
+        raise ValueError(f"the BGC authors built VGG16 and ResNet50 only; {backbone}-bgc is mnpo's extension "
+                         "and has no state dict of theirs to map to")
     else:
         pairs = [(f"{m}.", f"backbone.{m}.") for m in ("conv1", "bn1", "layer1", "layer2", "layer3")]
         pairs += [("layer4_1.0.", "backbone.layer4.0."), ("layer4_2.0.", "backbone.layer4.1."),

@@ -26,7 +26,7 @@ from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchO
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3).
 METHOD_NETWORKS = ("acol", "spg", "bas", "bgc")
 #: the backbones a method network is built on, where not all three
-NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {"bgc": ("vgg16", "resnet50")}
+NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {}
 #: ACoL's ``acol_threshold`` default (wsolevaluation's ``config.py``).
 ACOL_THRESHOLD = 0.7
 
