@@ -167,8 +167,8 @@ BGC_HEADER = """# {title}: {backbone} BGC (bridging the gap between classificati
 # which 20 warm-up (cross-entropy and the drop loss only), lr x0.2 at epochs 41 and 61, AttentiveDrop
 # threshold / probability and the loss weights as mnpo's defaults for {backbone} (method.bgc_*: null),
 # {lfm}resize 256 + random crop 224 + flip.
-# Ours: the data paths and workers, val images per class, the checkpoint choice on val, one batch size
-# throughout (the authors' VGG16 warms up at 32){ours}.
+# Batch {warm_batch} during the warm-up (their warm_batch_size).
+# Ours: the data paths and workers, val images per class, the checkpoint choice on val{ours}.
 """
 
 
@@ -181,7 +181,8 @@ def bgc_recipe(data: str, backbone: str) -> str:
         "model": {"layout": f"{backbone}-bgc", "pretrained": "imagenet",
                   **({"large_feature_map": True} if large else {}),
                   **({"imagenet_classifier": True} if data == "ilsvrc" and backbone == "resnet50" else {})},
-        "method": {"name": "bgc", "bgc_dataset": "ilsvrc" if data == "ilsvrc" else "cub", "bgc_warmup_epochs": 20},
+        "method": {"name": "bgc", "bgc_dataset": "ilsvrc" if data == "ilsvrc" else "cub", "bgc_warmup_epochs": 20,
+                   **({"bgc_warmup_batch_size": 32} if batch != 32 else {})},
         "optim": {"epochs": 70, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": ratio, "momentum": 0.9,
                   "weight_decay": wd, "nesterov": True, "lr_milestones": [40, 60], "lr_gamma": 0.2},
         "eval": {"method": "cam", "metric": metric},
@@ -193,7 +194,7 @@ def bgc_recipe(data: str, backbone: str) -> str:
     if backbone == "inception_v3":
         return BGC_INCEPTION_HEADER.format(title=title) + yaml.safe_dump(body, sort_keys=False)
     header = BGC_HEADER.format(title=title, backbone=BACKBONES[backbone], suffix="_vgg" if backbone == "vgg16" else "",
-                               lr=lr, ratio=ratio, wd=wd, batch=batch, vgg_head=" and conv6" if backbone == "vgg16" else "",
+                               lr=lr, ratio=ratio, wd=wd, batch=batch, warm_batch=32, vgg_head=" and conv6" if backbone == "vgg16" else "",
                                lfm="the large feature map (28 x 28), " if large else "", ours=ours)
     return header + yaml.safe_dump(body, sort_keys=False)
 

@@ -92,6 +92,8 @@ def test_bgc_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
     assert cfg.method.name == "bgc" and cfg.optim.lr_gamma == 0.2 and cfg.optim.lr_milestones == [40, 60]
     assert cfg.method.bgc_dataset == {"openimages": "cub"}.get(recipe.split("-")[0], recipe.split("-")[0])
     assert cfg.model.large_feature_map == ("resnet50" in recipe)
+    # the authors' warm_batch_size 32: VGG16's differs from its batch 64, ResNet50's does not
+    assert cfg.method.bgc_warmup_batch_size == (32 if "vgg16" in recipe else None)
     run = tmp_path / "run"
     overrides = [f"data.root={shapes / 'images'}", f"data.metadata={shapes / 'metadata'}", "data.workers=0",
                  "data.val_per_class=null", "data.resize_size=73", "data.crop_size=64", "model.width=0.0625",

@@ -435,3 +435,60 @@ def test_drop_draws_are_a_ranks_own_for_bgc_and_shared_for_adl(synth, tmp_path, 
             g = torch.Generator().manual_seed(trainer._draw_seed(3, 7))
             fields.append(attentive_drop(x, 0.1, 0.5, g))
         assert not torch.equal(*fields)
+
+
+def test_bgc_warms_up_at_its_own_batch_size_and_resumes_across_the_switch(synth, tmp_path):  # noqa: F811
+    """method.bgc_warmup_batch_size (the authors' warm_batch_size): the warm-up epochs run at that
+    batch, the later ones at optim.batch_size; a run stopped at the switch and resumed ends with
+    the uninterrupted run's weights."""
+    method = {"name": "bgc", "bgc_warmup_epochs": 1, "bgc_warmup_batch_size": 2}
+    optim = {"epochs": 2, "lr_milestones": [1], "batch_size": 4}
+    model = {"layout": "vgg16-bgc"}
+    trainer = Trainer(config(synth, tmp_path / "full", method=method, optim=optim, model=model), progress=False)
+    assert [trainer.batch_size(e) for e in (0, 1)] == [2, 4]
+    assert trainer._loader(0).batch_size == 2 and trainer._loader(1).batch_size == 4
+    sizes = []
+    original = trainer._batch_loss
+
+    def spy(batch, epoch, step):
+        sizes.append((epoch, len(batch["label"])))
+        return original(batch, epoch, step)
+
+    trainer._batch_loss = spy
+    trainer.fit()
+    n = len(trainer.train_set)
+    assert [s for e, s in sizes if e == 0] == [2] * (n // 2) + ([n % 2] if n % 2 else [])
+    assert [s for e, s in sizes if e == 1] == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+
+    def stop(epoch):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(config(synth, tmp_path / "cut", method=method, optim=optim, model=model), progress=False,
+                on_epoch_end=stop).fit()
+    Trainer(config(synth, tmp_path / "cut", method=method, optim=optim, model=model), resume=True,
+            progress=False).fit()
+    full, _ = load_model(tmp_path / "full" / "last.pt")
+    cut, _ = load_model(tmp_path / "cut" / "last.pt")
+    for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # and it differs from a run at one batch size throughout
+    Trainer(config(synth, tmp_path / "one", method={**method, "bgc_warmup_batch_size": None}, optim=optim,
+                   model=model), progress=False).fit()
+    one, _ = load_model(tmp_path / "one" / "last.pt")
+    assert not torch.equal(one.classifier_main.weight, full.classifier_main.weight)
+
+
+@pytest.mark.parametrize("sizes, key", [((4, 3), "method.bgc_warmup_batch_size 3"), ((5, 2), "optim.batch_size 5")])
+def test_batch_sizes_must_split_over_the_processes(synth, tmp_path, monkeypatch, sizes, key):  # noqa: F811
+    """Each global batch is split over the ranks: one that does not divide is named before any work."""
+    from mnpo.engine import train as train_module
+    from mnpo.engine.config import ConfigError
+    from mnpo.engine.runtime import DistContext
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda device: DistContext(0, 2))
+    cfg = config(synth, tmp_path / "run", method={"name": "bgc", "bgc_warmup_batch_size": sizes[1]},
+                 optim={"epochs": 1, "batch_size": sizes[0]}, model={"layout": "vgg16-bgc"})
+    with pytest.raises(ConfigError, match=f"{key} must be divisible by the 2 processes"):
+        Trainer(cfg, progress=False)

@@ -165,7 +165,8 @@ def test_bgc_settings_default_to_the_authors_and_are_validated(tmp_path):
     for method, message in (({"bgc_dataset": "voc"}, r"method.bgc_dataset: 'voc'; choose one of \('cub', 'ilsvrc'\)"),
                             ({"bgc_drop_prob": 1.5}, r"method.bgc_drop_prob: must be in \[0, 1\]"),
                             ({"bgc_lambda_sim": -1.0}, "method.bgc_lambda_sim: must be >= 0"),
-                            ({"bgc_warmup_epochs": -1}, "method.bgc_warmup_epochs: must be >= 0")):
+                            ({"bgc_warmup_epochs": -1}, "method.bgc_warmup_epochs: must be >= 0"),
+                            ({"bgc_warmup_batch_size": 0}, r"method.bgc_warmup_batch_size: must be >= 1 \(or null")):
         with pytest.raises(ConfigError, match=message):
             config_from_dict({**base, "method": {"name": "bgc", **method}})
     with pytest.raises(ConfigError, match="'vgg16-cam' is not a bgc network; method 'bgc' needs 'vgg16-bgc'"):

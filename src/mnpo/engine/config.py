@@ -76,7 +76,8 @@ class MethodConfig:
     the data set ``bas_weights`` (``cub`` or ``ilsvrc``) and the backbone. ``bgc`` (the
     ``<backbone>-bgc`` layout): the ``bgc_*`` settings, null: the authors' CUB values for the
     backbone; ``bgc_dataset`` picks the norm loss's branch (``cub``: the class maximum of the
-    similarity, ``ilsvrc``: the label's)."""
+    similarity, ``ilsvrc``: the label's); ``bgc_warmup_batch_size``: the batch during the warm-up
+    epochs (the authors' ``warm_batch_size``; null: ``optim.batch_size``)."""
 
     name: str = "plain"
     has_grid_size: int = 4
@@ -92,6 +93,7 @@ class MethodConfig:
     bas_lambda_fg: float | None = None
     bgc_dataset: str = "cub"
     bgc_warmup_epochs: int = 20
+    bgc_warmup_batch_size: int | None = None
     bgc_lambda_sim: float | None = None
     bgc_fg_threshold: float | None = None
     bgc_bg_threshold: float | None = None
@@ -295,6 +297,9 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"method.bgc_dataset: {m.bgc_dataset!r}; choose one of {BGC_DATASETS}")
     if m.bgc_warmup_epochs < 0:
         problems.append(f"method.bgc_warmup_epochs: must be >= 0, got {m.bgc_warmup_epochs}")
+    if m.bgc_warmup_batch_size is not None and not m.bgc_warmup_batch_size >= 1:
+        problems.append(f"method.bgc_warmup_batch_size: must be >= 1 (or null: optim.batch_size), "
+                        f"got {m.bgc_warmup_batch_size}")
     for key in ("bgc_lambda_sim", "bgc_lambda_norm", "bgc_lambda_drop"):
         value = getattr(m, key)
         if value is not None and not value >= 0:

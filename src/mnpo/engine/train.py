@@ -247,9 +247,12 @@ class Trainer:
                                   "split folders in the wsolevaluation layout)")
         if d.mask_root is not None and not Path(d.mask_root).is_dir():
             raise ConfigError(f"data.mask_root: {d.mask_root} is not a folder")
-        if self.cfg.optim.batch_size % self.ctx.world:
-            raise ConfigError(f"optim.batch_size {self.cfg.optim.batch_size} must be divisible by the "
-                              f"{self.ctx.world} processes")
+        sizes = {"optim.batch_size": self.cfg.optim.batch_size}
+        if self.cfg.method.name == "bgc" and self.cfg.method.bgc_warmup_batch_size is not None:
+            sizes["method.bgc_warmup_batch_size"] = self.cfg.method.bgc_warmup_batch_size
+        for key, size in sizes.items():
+            if size % self.ctx.world:
+                raise ConfigError(f"{key} {size} must be divisible by the {self.ctx.world} processes")
 
     def _check_metric(self) -> None:
         kind = self.val_set.meta.kind
@@ -364,14 +367,23 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------
 
+    def batch_size(self, epoch: int) -> int:
+        """The global batch of ``epoch``: ``optim.batch_size``, or BGC's warm-up batch before its
+        warm-up ends (``method.bgc_warmup_batch_size``)."""
+        m = self.cfg.method
+        if m.name == "bgc" and m.bgc_warmup_batch_size is not None and epoch < m.bgc_warmup_epochs:
+            return m.bgc_warmup_batch_size
+        return self.cfg.optim.batch_size
+
     def _loader(self, epoch: int):
-        """The run's one loader (:func:`~mnpo.engine.train_input.training_loader`), set to ``epoch``."""
-        if self.loader is None:
+        """The run's loader (:func:`~mnpo.engine.train_input.training_loader`), set to ``epoch``:
+        one for the whole run, or a new one where the batch size changes (BGC's warm-up)."""
+        per_rank = self.batch_size(epoch) // self.ctx.world
+        if self.loader is None or self.loader.batch_size != per_rank:
             seed = self.cfg.runtime.seed
             sampler = EpochSampler(len(self.train_set), self.ctx.world, self.ctx.rank, seed)
             items = TrainingItems(self.train_set, seed, hide=self.hide)
-            self.loader = training_loader(items, sampler, self.cfg.optim.batch_size // self.ctx.world,
-                                          self.cfg.data.workers, self.device, seed)
+            self.loader = training_loader(items, sampler, per_rank, self.cfg.data.workers, self.device, seed)
         self.loader.sampler.set_epoch(epoch)
         return self.loader
 
