@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mnpo.data.dataset import WSOLDataset
 from mnpo.data.synthetic import write_synthetic_dataset
@@ -112,6 +113,20 @@ WSOL_MODELS = {
 MODEL_NAMES = (*EVALUATIONS, *WSOL_MODELS)
 
 
+def backbone_source(name: str, layout: str | None, backbone_from: str | None) -> str | None:
+    """The model whose trained backbone ``name`` starts from (``--backbone-from``): every trained
+    model but the source itself and those on another backbone; None: from scratch."""
+    if backbone_from is None or layout is None or name == backbone_from:
+        return None
+    source_layout, _, _ = model_plan(backbone_from)
+    if source_layout is None:
+        raise SystemExit(f"study: --backbone-from {backbone_from!r} trains no network")
+    if source_layout.split("-")[0] != layout.split("-")[0]:
+        raise SystemExit(f"study: --backbone-from {backbone_from} is a {source_layout.split('-')[0]} network; "
+                         f"{name} is built on {layout.split('-')[0]}")
+    return backbone_from
+
+
 def model_plan(name: str) -> tuple[str | None, dict, list]:
     """(layout, training method, rows) of a ``--models`` entry."""
     if name in EVALUATIONS:
@@ -158,7 +173,27 @@ def normalization_rows(rows: list, modes: str) -> list:
 FIGURE_ROWS = ("CAM", "DGL", "MNPO", "MNPOs")
 
 
-def train(data: Path, out: Path, layout: str, args, seed: int, method: dict | None = None) -> Path:
+def backbone_file(checkpoint: Path) -> Path:
+    """The backbone of a finished run's checkpoint as a torchvision-named state dict (what
+    ``model.pretrained: FILE`` reads), next to it: ``backbone.pth``."""
+    target = checkpoint.parent / "backbone.pth"
+    if not target.is_file():
+        model, _ = load_model(checkpoint)
+        with atomic_path(target) as tmp:
+            torch.save(model.backbone.state_dict(), tmp)
+    return target
+
+
+def run_name(preset: str, name: str, seed: int, backbone_from: str | None) -> str:
+    """A training run's folder: ``PRESET-MODEL-seedS``, or ``PRESET-MODEL@SOURCE-seedS`` for a
+    model started from SOURCE's backbone (``--backbone-from``)."""
+    return f"{preset}-{name}{'@' + backbone_from if backbone_from else ''}-seed{seed}"
+
+
+def train(data: Path, out: Path, layout: str, args, seed: int, method: dict | None = None,
+          pretrained: Path | None = None, reuse: bool = False) -> Path:
+    """Train one run into ``out`` (``--resume`` or ``reuse``: continue, or keep, what ``out``
+    holds); its ``best.pt``."""
     method = dict(method or {})
     if method.get("bgc_warmup_epochs") == "third":
         method["bgc_warmup_epochs"] = args.epochs * 2 // 7  # the authors' 20 of 70
@@ -167,14 +202,14 @@ def train(data: Path, out: Path, layout: str, args, seed: int, method: dict | No
     cfg = config_from_dict({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": args.workers,
                  "resize_size": resize_for(args.image_size), "crop_size": args.image_size},
-        "model": {"layout": layout, "width": args.width, "pretrained": None},
+        "model": {"layout": layout, "width": args.width, "pretrained": None if pretrained is None else str(pretrained)},
         "optim": {"epochs": epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
                   "lr_milestones": [max(1, epochs * 3 // 4)], "clip_grad_norm": args.clip_grad_norm},
         "method": method,
         "eval": {"method": "cam", "metric": "max_box_acc_v2" if fsl else "top1_cls", "batch_size": args.batch},
         "runtime": {"out": str(out), "device": args.device, "seed": seed},
     }, source="study")
-    resume = args.resume and (out / "last.pt").is_file()  # a finished run resumes to no epochs at all
+    resume = (args.resume or reuse) and (out / "last.pt").is_file()  # a finished run resumes to no epochs at all
     Trainer(cfg, resume=resume, progress=not args.quiet).fit()
     return out / "best.pt"
 
@@ -357,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="+", metavar="STUDY_JSON",
                         help="write one table (OUT/study.md, study.json) from these runs' study.json files, "
                              "each (preset, model) pooled over the training seeds they hold; trains nothing")
+    parser.add_argument("--backbone-from", default=None, metavar="MODEL",
+                        help="start every other trained model from the backbone of MODEL's run of the same preset "
+                             "and seed (e.g. vgg16-cam: a stand-in for ImageNet weights, which BAS and BGC assume; "
+                             "their rows read 'MODEL from SOURCE'); default: all from scratch")
     parser.add_argument("--out", default="study-output")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -389,10 +428,17 @@ def main(argv: list[str] | None = None) -> None:
                 text = write_results(out, all_results, diverged, args, run_seeds, device,
                                      f"{time.perf_counter() - start:.0f} s")
                 continue
+            source = backbone_source(name, layout, args.backbone_from)
             runs, trained = [], []
             for seed in seeds:
                 try:
-                    checkpoint = train(data, out / f"{preset}-{name}-seed{seed}", layout, args, seed, method)
+                    pretrained = None
+                    if source is not None:  # the source's run of this preset and seed (trained here if absent)
+                        source_layout, source_method, _ = model_plan(source)
+                        pretrained = backbone_file(train(data, out / run_name(preset, source, seed, None),
+                                                         source_layout, args, seed, source_method, reuse=True))
+                    checkpoint = train(data, out / run_name(preset, name, seed, source), layout, args, seed, method,
+                                       pretrained)
                 except FloatingPointError as err:  # reported, not averaged in
                     log.warning("%s / %s, training seed %d: %s", preset, name, seed, err)
                     diverged.append(f"{preset} / {name}, training seed {seed}: {str(err).split(';')[0]}")
@@ -403,8 +449,9 @@ def main(argv: list[str] | None = None) -> None:
                 if kept is not None:
                     thresholds = kept.pop("thresholds")
                     method_gallery(out / f"figure-{preset}.png", data / "images", test, shown, kept, thresholds)
+            key = (preset, name if source is None else f"{name} from {source}")
             if runs:
-                all_results[(preset, name)], run_seeds[(preset, name)] = runs, trained
+                all_results[key], run_seeds[key] = runs, trained
             # rewritten after every (preset, layout): a run cut short keeps the rows it finished
             text = write_results(out, all_results, diverged, args, run_seeds, device,
                                  f"{time.perf_counter() - start:.0f} s")
@@ -450,7 +497,7 @@ def _faithfulness_header(args) -> str:
 #: the faithfulness pass)
 MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
                   "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps",
-                  "normalize")
+                  "normalize", "backbone_from")
 
 
 def merge(paths: list[str], out: Path) -> str:

@@ -418,3 +418,34 @@ def test_bench_faithfulness_times_all_three_and_they_agree():
         if cells[1] != "ours":
             # float32 probabilities of a 50-layer network: differences of a few 1e-7
             assert float(cells[4].split()[0]) < 1e-5, row
+
+
+def test_study_backbone_from_starts_each_model_from_the_sources_trained_backbone(tmp_path):
+    """--backbone-from vgg16-cam: the source is trained (once) and its best backbone saved as a
+    torchvision-named file; BAS starts from exactly those weights (its backbone before any step
+    equals the file) and its rows read 'vgg16-bas from vgg16-cam'; another backbone is refused."""
+    import torch
+
+    from mnpo.models import build_model
+    from mnpo.models.weights import load_pretrained
+
+    study = script_module("study")
+    args = ["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
+            "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+            "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "-q", "--faithfulness", "none",
+            "--normalize", "none", "--backbone-from", "vgg16-cam", "--models", "vgg16-cam,vgg16-bas"]
+    study.main(args)
+    text = (tmp_path / "study.md").read_text()
+    assert "| parts | vgg16-cam | CAM |" in text and "| parts | vgg16-bas from vgg16-cam | BAS |" in text
+    source = torch.load(tmp_path / "parts-vgg16-cam-seed0" / "backbone.pth", weights_only=True)
+    trained, _ = study.load_model(tmp_path / "parts-vgg16-cam-seed0" / "best.pt")
+    assert source.keys() == trained.backbone.state_dict().keys()
+    assert all(torch.equal(v, trained.backbone.state_dict()[k]) for k, v in source.items())
+    assert (tmp_path / "parts-vgg16-bas@vgg16-cam-seed0" / "best.pt").is_file()
+    fresh = build_model("vgg16-bas", 2, width=0.0625)
+    load_pretrained(fresh, tmp_path / "parts-vgg16-cam-seed0" / "backbone.pth")  # what the run's config asks
+    assert all(torch.equal(v, source[k]) for k, v in fresh.backbone.state_dict().items())
+    cfg = __import__("yaml").safe_load((tmp_path / "parts-vgg16-bas@vgg16-cam-seed0" / "config.yaml").read_text())
+    assert cfg["model"]["pretrained"] == str(tmp_path / "parts-vgg16-cam-seed0" / "backbone.pth")
+    with pytest.raises(SystemExit, match="vgg16-cam is a vgg16 network; resnet50-x is built on resnet50"):
+        study.backbone_source("resnet50-x", "resnet50-cam", "vgg16-cam")
