@@ -299,10 +299,10 @@ def test_study_reports_a_diverged_run_and_leaves_it_out_of_the_means(tmp_path, m
     study = script_module("study")
     real_train = study.train
 
-    def train(data, out, layout, args, seed, method=None):
+    def train(data, out, layout, args, seed, *rest, **kwargs):
         if seed == 1 and layout == "vgg16-mnpo":
             raise FloatingPointError("training diverged: the loss is nan at epoch 3, step 2; lower optim.lr")
-        return real_train(data, out, layout, args, seed, method)
+        return real_train(data, out, layout, args, seed, *rest, **kwargs)
 
     monkeypatch.setattr(study, "train", train)
     study.main(["--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "2",
