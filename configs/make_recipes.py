@@ -199,11 +199,51 @@ def bgc_recipe(data: str, backbone: str) -> str:
     return header + yaml.safe_dump(body, sort_keys=False)
 
 
+#: TS-CAM's recipes (the authors' configs/{CUB,ILSVRC}/deit_tscam_small_patch16_224.yaml and
+#: train_val_{cub,ilsvrc}.sh): lr, batch, epochs, the epochs (1-based) at whose start the rate
+#: drops x0.1 (their adjust_learning_rate_normal: every epoch a multiple of a step)
+TSCAM_RECIPES = {"cub": (5e-5, 128, 60, [30, 60]), "ilsvrc": (5e-4, 256, 20, [10, 12, 20]),
+                 "openimages": (5e-5, 128, 60, [30, 60])}  # OpenImages: ours (CUB's)
+TSCAM_HEADER = """# {title}: DeiT-S TS-CAM (token semantic coupled attention maps, Gao et al., ICCV 2021).
+# Written by configs/make_recipes.py; edit that file, not this one.
+# The authors' values (modern-wsol.md section 4; their configs/{folder}/deit_tscam_small_patch16_224.yaml,
+# train_val_{script}.sh and timm's create_optimizer): AdamW (betas 0.9 / 0.999, eps 1e-8), lr {lr}, one rate for
+# every layer, weight decay 0.05 (none on biases, norms, cls_token, pos_embed), batch {batch}, {epochs} epochs,
+# lr x0.1 at the start of epochs {steps} (milestones {milestones}), drop-path 0.1, DeiT-S from its ImageNet
+# weights, resize 256 + random crop 224 + flip.
+# Ours: the data paths and workers, val images per class, the checkpoint choice on val{ours}.
+# Their own protocol resizes the map bilinearly (map option resize: bilinear); MaxBoxAccV2 here uses
+# mnpo's bicubic default, as for every method.
+"""
+
+
+def tscam_recipe(data: str) -> str:
+    """The text of one TS-CAM recipe file."""
+    title, data_section, metric = DATA[data]
+    lr, batch, epochs, steps = TSCAM_RECIPES[data]
+    milestones = [s - 1 for s in steps]  # lr x0.1 from epoch s (1-based): from index s - 1
+    body = {
+        "data": dict(data_section),
+        "model": {"layout": "deit_small-tscam", "pretrained": "imagenet", "drop_path": 0.1},
+        "method": {"name": "tscam"},
+        "optim": {"optimizer": "adamw", "epochs": epochs, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": 1.0,
+                  "weight_decay": 0.05, "lr_milestones": milestones, "lr_gamma": 0.1},
+        "eval": {"method": "cam", "metric": metric},
+        "runtime": {"out": f"runs/{data}-deit_small-tscam"},
+    }
+    ours = {"cub": "", "ilsvrc": "", "openimages": "; OpenImages, which they did not train: CUB's values"}[data]
+    header = TSCAM_HEADER.format(title=title, folder="ILSVRC" if data == "ilsvrc" else "CUB",
+                                 script="ilsvrc" if data == "ilsvrc" else "cub", lr=lr, batch=batch, epochs=epochs,
+                                 steps=", ".join(map(str, steps)), milestones=milestones, ours=ours)
+    return header + yaml.safe_dump(body, sort_keys=False)
+
+
 def recipes() -> dict[str, str]:
     """File name -> text, for every data set, backbone and method."""
     files = {f"{d}-{b}-{m}.yaml": recipe(d, b, m) for d in DATA for b in BACKBONES for m in METHODS}
     files.update({f"{d}-{b}-bas.yaml": bas_recipe(d, b) for d in DATA for b in BAS_BACKBONES})
     files.update({f"{d}-{b}-bgc.yaml": bgc_recipe(d, b) for d in DATA for b in BGC_RECIPES})
+    files.update({f"{d}-deit_small-tscam.yaml": tscam_recipe(d) for d in DATA})
     return files
 
 

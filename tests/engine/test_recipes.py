@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mnpo.cli import main
 from mnpo.data.synthetic import write_synthetic_dataset
@@ -102,6 +103,36 @@ def test_bgc_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
                  "runtime.channels_last=false"]
     if recipe.startswith("openimages"):  # a box set stands in for its masks here
         overrides += ["eval.metric=max_box_acc_v2", "data.mask_root=null"]
+    assert main(["train", "-q", "--config", str(CONFIGS / f"{recipe}.yaml"), *overrides]) == 0
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "-q", "--checkpoint", str(run / "last.pt"), "--data", str(shapes / "images"),
+                 "--metadata", str(shapes / "metadata" / "test"), "--val-metadata", str(shapes / "metadata" / "val"),
+                 "--input-size", "64", "--workers", "0", "--method", "cam", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["info"]["num_images"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["cub-deit_small-tscam", "ilsvrc-deit_small-tscam"])
+def test_tscam_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
+    """A TS-CAM recipe holds the authors' values and trains (AdamW, drop-path) and is evaluated
+    by its own map; the pretrained DeiT-S is replaced by a file of random weights named as timm's."""
+    from mnpo.engine.config import load_config
+    from mnpo.models import build_model
+
+    cfg = load_config(CONFIGS / f"{recipe}.yaml")
+    cub = recipe.startswith("cub")
+    assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.model.drop_path, cfg.optim.new_layer_lr_ratio) == \
+        ("adamw", 0.05, 0.1, 1.0)
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs) == ((5e-5, 128, 60) if cub else (5e-4, 256, 20))
+    # their lr x0.1 at the start of epochs 30 and 60 (CUB), 10, 12 and 20 (ILSVRC), 1-based
+    assert cfg.optim.lr_milestones == ([29, 59] if cub else [9, 11, 19])
+    weights = tmp_path / "deit_small.pth"
+    torch.save({"model": build_model("deit_small-tscam", 3, width=0.0625).backbone.state_dict()}, weights)
+    run = tmp_path / "run"
+    overrides = [f"data.root={shapes / 'images'}", f"data.metadata={shapes / 'metadata'}", "data.workers=0",
+                 "data.val_per_class=null", "data.resize_size=73", "data.crop_size=64", "model.width=0.0625",
+                 f"model.pretrained={weights}", "optim.epochs=2", "optim.batch_size=2", "optim.lr_milestones=[1]",
+                 f"runtime.out={run}", "runtime.device=cpu", "runtime.channels_last=false"]
     assert main(["train", "-q", "--config", str(CONFIGS / f"{recipe}.yaml"), *overrides]) == 0
     out = tmp_path / "report.json"
     assert main(["evaluate", "-q", "--checkpoint", str(run / "last.pt"), "--data", str(shapes / "images"),

@@ -5,13 +5,13 @@ A config file has four sections (every key optional except ``data.root`` and
 
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
               resize_size, crop_size, random_resized}
-    model:   {layout, width, pretrained, imagenet_classifier, large_feature_map}
+    model:   {layout, width, pretrained, imagenet_classifier, large_feature_map, drop_path}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
               acol_threshold, spg_thresholds, bas_weights, bas_beta, bas_lambda_fg,
               bgc_dataset, bgc_warmup_epochs, bgc_lambda_sim, bgc_fg_threshold, bgc_bg_threshold,
               bgc_lambda_norm, bgc_lambda_drop, bgc_drop_threshold, bgc_drop_prob,
               fsl_holdout_per_class}
-    optim:   {epochs, batch_size, lr, new_layer_lr_ratio, bias_lr_ratio, momentum, weight_decay,
+    optim:   {optimizer, epochs, batch_size, lr, new_layer_lr_ratio, bias_lr_ratio, momentum, weight_decay,
               nesterov, lr_milestones, lr_gamma, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
     runtime: {out, device, precision, channels_last, compile, seed, log_every}
@@ -31,6 +31,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
+
+
+#: ``optim.optimizer`` values
+OPTIMIZERS = ("sgd", "adamw")
+#: training methods that train a network of their own (``<backbone>-<method>`` layouts)
+OWN_NETWORK_METHODS = ("acol", "spg", "bas", "bgc", "tscam")
 
 
 class ConfigError(ValueError):
@@ -56,13 +62,15 @@ class ModelConfig:
     a torchvision ``.pth`` or null; ``imagenet_classifier``: start the classifier from that file's
     ImageNet ``fc`` too (wsolevaluation's ILSVRC ResNet50 CAM, HaS, CutMix and ADL);
     ``large_feature_map``: the backbone's last stage at stride 8, 28x28 maps at 224
-    (wsolevaluation's option; the CAM, ACoL and SPG layouts)."""
+    (wsolevaluation's option; the CAM, ACoL and SPG layouts); ``drop_path``: a DeiT's stochastic
+    depth, 0 at the first block to this at the last (the transformer layouts; 0: off)."""
 
     layout: str = "vgg16-mnpo"
     width: float = 1.0
     pretrained: str | None = "imagenet"
     imagenet_classifier: bool = False
     large_feature_map: bool = False
+    drop_path: float = 0.0
 
 
 @dataclass
@@ -130,6 +138,11 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    """``optimizer``: ``sgd`` (``momentum``, ``nesterov``) or ``adamw`` (betas 0.9 / 0.999, eps 1e-8,
+    timm's defaults; ``weight_decay`` spares biases, norms and a transformer's tokens and
+    positional embeddings, as timm's ``create_optimizer``)."""
+
+    optimizer: str = "sgd"
     epochs: int = 10
     batch_size: int = 100
     lr: float = 0.0008
@@ -258,6 +271,8 @@ def _validate(cfg: TrainConfig) -> None:
     problems += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.optimizer not in OPTIMIZERS:
+        problems.append(f"optim.optimizer: {cfg.optim.optimizer!r}; choose one of {OPTIMIZERS}")
     if cfg.data.workers < 0:
         problems.append(f"data.workers: must be >= 0, got {cfg.data.workers}")
     if cfg.data.num_classes is not None and cfg.data.num_classes < 1:
@@ -318,6 +333,17 @@ def _validate(cfg: TrainConfig) -> None:
             dataclasses.replace(LAYOUTS[cfg.model.layout](cfg.model.width), large_feature_map=True)
         except LayoutError as err:
             problems.append(f"model.large_feature_map: the {cfg.model.layout} layout cannot have it ({err})")
+    if cfg.model.drop_path and cfg.model.layout in LAYOUTS and cfg.model.width > 0:
+        from mnpo.models import LayoutError
+
+        try:
+            dataclasses.replace(LAYOUTS[cfg.model.layout](cfg.model.width), drop_path=cfg.model.drop_path)
+        except (LayoutError, TypeError) as err:  # TypeError: a NetworkLayout has no drop_path
+            reason = err if isinstance(err, LayoutError) else "a CNN layout has no residual blocks to drop"
+            problems.append(f"model.drop_path: the {cfg.model.layout} layout cannot have {cfg.model.drop_path} "
+                            f"({reason})")
+    elif cfg.model.drop_path and not 0 <= cfg.model.drop_path < 1:
+        problems.append(f"model.drop_path: must be in [0, 1), got {cfg.model.drop_path}")
     if m.fsl_holdout_per_class < 1:
         problems.append(f"method.fsl_holdout_per_class: must be >= 1, got {m.fsl_holdout_per_class}")
     if m.name == "fsl" and cfg.eval.metric == "top1_cls":
@@ -346,11 +372,11 @@ def _method_layout_problems(cfg: TrainConfig) -> list[str]:
 
     name, layout = cfg.method.name, cfg.model.layout
     kind = network_kind(LAYOUTS[layout]()) if layout in LAYOUTS else "multibranch"
-    if kind in ("acol", "spg", "bas", "bgc") and name != kind:
+    if kind in OWN_NETWORK_METHODS and name != kind:
         return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"]
-    if name in ("acol", "spg", "bas", "bgc") and kind != name:
-        backbone = layout.split("-")[0] if layout in LAYOUTS else "vgg16"
-        article = "a" if name in ("bas", "bgc") else "an"
+    if name in OWN_NETWORK_METHODS and kind != name:
+        backbone = layout.split("-")[0] if layout in LAYOUTS else ("deit_small" if name == "tscam" else "vgg16")
+        article = "a" if name in ("bas", "bgc", "tscam") else "an"
         return [f"model.layout: {layout!r} is not {article} {name} network; method {name!r} needs "
                 f"'{backbone}-{name}' (or another '<backbone>-{name}')"]
     return []

@@ -101,11 +101,15 @@ def in_new_layer_group(name: str, layout) -> bool:
     return outside
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Two parameter groups: the (pretrained) layers at ``lr``, the new layers at
     ``lr * new_layer_lr_ratio``, as wsolevaluation groups them (:func:`in_new_layer_group`);
     with ``bias_lr_ratio`` other than 1, four: those two groups' weights, then their biases at
     ``bias_lr_ratio`` times the rate (BAS: ``lr``, ``10 lr``, ``2 lr``, ``20 lr``).
+
+    ``optim.optimizer: adamw``: each group split once more, the parameters AdamW decays and those
+    it does not (:func:`decays`), as timm's ``create_optimizer`` (TS-CAM's, SAT's); empty groups
+    are left out.
 
     (The release's ``main.py`` sorts parameters by name patterns, ``features.`` and
     ``branch1_layer``, that its ``vgg_MNPO``/``vgg_MNPOs`` architectures do not match as
@@ -116,11 +120,38 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD
     split_bias = o.bias_lr_ratio != 1
     groups = []
     for bias in (False, True) if split_bias else (None,):
-        for new, lr in ((False, o.lr), (True, o.lr * o.new_layer_lr_ratio)):
+        for new in (False, True):
             params = [p for n, p in named if in_new_layer_group(n, model.layout) == new
                       and (bias is None or n.endswith(".bias") == bias)]
-            groups.append({"params": params, "lr": lr * (o.bias_lr_ratio if bias else 1)})
+            groups.append({"params": params, "lr": group_lr(o, new, bias), "new_layer": new, "bias": bias})
+    if o.optimizer == "adamw":
+        spared = {f"backbone.{n}" for n in getattr(getattr(model, "backbone", None), "no_weight_decay", set)()}
+        names = {id(p): n for n, p in named}
+        split = []
+        for group in groups:
+            for decay in (True, False):
+                params = [p for p in group["params"] if decays(names[id(p)], p, spared) == decay]
+                if params:
+                    split.append({**group, "params": params, "weight_decay": o.weight_decay if decay else 0.0})
+        return torch.optim.AdamW(split, lr=o.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+def group_lr(optim: Any, new_layer: bool, bias: bool | None) -> float:
+    """A parameter group's base rate under ``optim`` (an ``OptimConfig`` or a saved one's dict):
+    ``lr``, times ``new_layer_lr_ratio`` for the new layers, times ``bias_lr_ratio`` for biases
+    kept apart."""
+    get = optim.get if isinstance(optim, dict) else lambda key, default=None: getattr(optim, key)
+    lr = get("lr", 0.0)
+    lr *= get("new_layer_lr_ratio", 1.0) if new_layer else 1.0
+    return lr * (get("bias_lr_ratio", 1.0) if bias else 1.0)
+
+
+def decays(name: str, parameter: torch.Tensor, spared: set[str] = frozenset()) -> bool:
+    """Whether AdamW decays a parameter: not a bias, nor any 1-D tensor (norms), nor one of
+    ``spared`` (a transformer's tokens and positional embeddings), as timm's
+    ``param_groups_weight_decay``."""
+    return parameter.ndim > 1 and not name.endswith(".bias") and name not in spared
 
 
 def wsol_loss(logits: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
@@ -212,6 +243,8 @@ class Trainer:
         if cfg.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg)
+        #: each parameter group's (new layer, bias) kind, which sets its rate (group_lr)
+        self._group_kinds = [(g["new_layer"], g["bias"]) for g in self.optimizer.param_groups]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.optim.lr_milestones, cfg.optim.lr_gamma)
         self.start_epoch = 0
         self.best: dict[str, Any] = {"value": -math.inf, "epoch": None}
@@ -326,6 +359,8 @@ class Trainer:
             layout = dataclasses.replace(layout, acol_threshold=self.cfg.method.acol_threshold)
         if m.large_feature_map:
             layout = dataclasses.replace(layout, large_feature_map=True)
+        if m.drop_path:
+            layout = dataclasses.replace(layout, drop_path=m.drop_path)
         with local_main_first(self.ctx, "pretrained-weights"):  # one download per node
             return build_model(layout, self.num_classes, pretrained=m.pretrained,
                                imagenet_classifier=m.imagenet_classifier)
@@ -352,11 +387,9 @@ class Trainer:
         """A resumed run whose config changed ``optim.lr`` / ``new_layer_lr_ratio`` continues at the
         new rates (scaled by the schedule's decay so far), as a user lowering the rate expects."""
         o = self.cfg.optim
-        new = [o.lr, o.lr * o.new_layer_lr_ratio]
-        old = [saved.get("lr", o.lr), saved.get("lr", o.lr) * saved.get("new_layer_lr_ratio", o.new_layer_lr_ratio)]
-        if len(self.optimizer.param_groups) == 4:  # the biases' groups
-            bias, old_bias = o.bias_lr_ratio, saved.get("bias_lr_ratio", o.bias_lr_ratio)
-            new, old = new + [r * bias for r in new], old + [r * old_bias for r in old]
+        saved = {**dataclasses.asdict(o), **saved}  # settings the saved config lacks are today's
+        new = [group_lr(o, *kind) for kind in self._group_kinds]
+        old = [group_lr(saved, *kind) for kind in self._group_kinds]
         if new == old:
             return
         log.warning("resuming with learning rates %s instead of the run's %s", new, old)

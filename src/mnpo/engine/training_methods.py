@@ -70,7 +70,7 @@ __all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", 
            "foreground_logits", "mixed_loss", "spg_loss", "spg_mask", "bas_loss", "BAS_WEIGHTS", "bgc_loss", "BGC_WEIGHTS",
            "BgcWeights", "class_similarity"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "tscam", "fsl")
 #: SPG's fallback: an image with fewer foreground pixels than this (at the mask's resolution,
 #: 224 x 224 in wsolevaluation) takes ``SPG_FALLBACK_FRACTION`` of its map's maximum instead.
 SPG_MIN_FOREGROUND = 30

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mnpo.models.blocks import Bottleneck
+from mnpo.models.deit import DEIT_NAMES, DeiTBackbone
 from mnpo.models.inception import InceptionV3Backbone
 from mnpo.models.stages import TapInfo, gradient_leaf, run_stages, run_tracked, scale_channels, wanted_taps
 
@@ -195,17 +196,23 @@ class ResNet50Backbone(nn.Module):
 
 
 def build_backbone(name: str, width: float = 1.0, large_feature_map: bool = False,
-                   vgg_pools: VggPools = VggPools()) -> nn.Module:
-    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout. ``large_feature_map``:
-    the last stage at stride 8 instead of 16 (28x28 maps at 224), as wsolevaluation's option of
-    that name. ``vgg_pools``: the network's VGG16 pools, both ways (the CAM network's by default)."""
+                   vgg_pools: VggPools = VggPools(), drop_path: float = 0.0) -> nn.Module:
+    """``"vgg16"``, ``"resnet50"`` or ``"inception_v3"`` in the WSOL layout, or a DeiT
+    (``"deit_tiny"``, ``"deit_small"``, ``"deit_base"``, with stochastic depth ``drop_path``).
+    ``large_feature_map``: the last stage at stride 8 instead of 16 (28x28 maps at 224), as
+    wsolevaluation's option of that name. ``vgg_pools``: the network's VGG16 pools, both ways
+    (the CAM network's by default)."""
+    if name in DEIT_NAMES:
+        if large_feature_map:
+            raise ValueError(f"large_feature_map is a CNN option; {name} keeps its 16x16 patches")
+        return DeiTBackbone(name, width, drop_path)
     if name == "vgg16":
         return VGG16Backbone(width, vgg_pools.kinds(large_feature_map))
     if name == "resnet50":
         return ResNet50Backbone(width, large_feature_map)
     if name == "inception_v3":
         return InceptionV3Backbone(width, large_feature_map)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES}")
+    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONE_NAMES + DEIT_NAMES}")
 
 
 def backbone_taps(name: str, width: float = 1.0, large_feature_map: bool = False) -> dict[str, TapInfo]:

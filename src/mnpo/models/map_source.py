@@ -20,11 +20,15 @@ from mnpo.models.acol import acol_class_maps
 from mnpo.models.bas import bas_generator_maps
 from mnpo.models.method_nets import MethodNet, network_kind
 from mnpo.models.multibranch import MultiBranchNet
+from mnpo.models.tscam import ATTENTION_TAPS, tscam_maps
 
 #: Default target layer of the gradient methods per backbone: the released ``conv5_2`` on
 #: VGG16; on ResNet50 ``layer3``, the last stage before the head at the same stride; on
-#: InceptionV3 ``Mixed_6d``, the block before the last at the head's stride (as ``conv5_2``).
-DEFAULT_GRADIENT_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d"}
+#: InceptionV3 ``Mixed_6d``, the block before the last at the head's stride (as ``conv5_2``); on a
+#: DeiT ``blocks.10``, the last block's input (pytorch-grad-cam's ViT example reads
+#: ``blocks[-1].norm1``, the same tokens after the block's LayerNorm).
+DEFAULT_GRADIENT_LAYER = {"vgg16": "conv5_2", "resnet50": "layer3", "inception_v3": "Mixed_6d",
+                          "deit_tiny": "blocks.10", "deit_small": "blocks.10", "deit_base": "blocks.10"}
 
 
 def is_mnpo_network(model: Any) -> bool:
@@ -111,9 +115,18 @@ class NetworkSource:
                 ) -> tuple[Tensor, Tensor] | None:
         """ACoL's own test map ``(B, h, w)`` (the max of A's and B's normalized class maps, in
         full precision) or BAS's (its generator's map of the target, or with ``top_k`` the mean
-        of the top-k predicted classes' maps) and the main logits; ``None`` for the networks
+        of the top-k predicted classes' maps) or TS-CAM's (class-token attention times the semantic
+        map of the class, :func:`~mnpo.models.tscam.tscam_maps`) and the main logits; ``None`` for the networks
         whose map is plain CAM."""
         kind = network_kind(self.model.layout)
+        if kind == "tscam":
+            with torch.inference_mode():
+                out = self(images, return_features=True, taps=ATTENTION_TAPS)
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+                logits = out.logits[0]
+                classes = logits.argmax(1) if targets is None else targets
+                attentions = [_full(out.features[t]) for t in ATTENTION_TAPS]
+                return tscam_maps(attentions, _full(out.features["main"]), classes), logits
         if kind == "bas":
             with torch.inference_mode():
                 out = self(images, return_features=True)

@@ -20,13 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from mnpo.models.backbones import BACKBONE_NAMES, VggPools, build_backbone
+from mnpo.models.deit import DEIT_NAMES
 from mnpo.models.stages import gradient_leaf, run_tracked
 from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchOutput, NetworkLayout
 
-#: Networks of the training methods that change the architecture (spec 2.2, 2.3).
-METHOD_NETWORKS = ("acol", "spg", "bas", "bgc")
-#: the backbones a method network is built on, where not all three
-NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {}
+#: Networks of the training methods that change the architecture (spec 2.2, 2.3), and the
+#: transformer methods' (``modern-wsol.md`` section 4).
+METHOD_NETWORKS = ("acol", "spg", "bas", "bgc", "tscam")
+#: the transformer networks, built on a DeiT
+TRANSFORMER_NETWORKS = ("tscam",)
+#: the backbones a method network is built on, where not the three CNNs
+NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {"tscam": DEIT_NAMES}
 #: ACoL's ``acol_threshold`` default (wsolevaluation's ``config.py``).
 ACOL_THRESHOLD = 0.7
 
@@ -53,18 +57,26 @@ class MethodLayout:
     width: float = 1.0
     acol_threshold: float = ACOL_THRESHOLD
     large_feature_map: bool = False
+    drop_path: float = 0.0
 
     def __post_init__(self) -> None:
         if self.network not in METHOD_NETWORKS:
             raise LayoutError(f"network {self.network!r}: choose one of {METHOD_NETWORKS}")
-        if self.backbone not in BACKBONE_NAMES:
-            raise LayoutError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONE_NAMES}")
+        if self.backbone not in BACKBONE_NAMES + DEIT_NAMES:
+            raise LayoutError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONE_NAMES + DEIT_NAMES}")
         if self.backbone not in NETWORK_BACKBONES.get(self.network, BACKBONE_NAMES):
-            raise LayoutError(f"the {self.network} network is built on {NETWORK_BACKBONES[self.network]}, "
+            raise LayoutError(f"the {self.network} network is built on {NETWORK_BACKBONES.get(self.network, BACKBONE_NAMES)}, "
                               f"not {self.backbone!r}")
         if self.network == "bas" and self.large_feature_map:
             raise LayoutError("the bas network fixes its own strides (the generator at 8, the head at 16): "
                               "large_feature_map does not apply")
+        if self.backbone in DEIT_NAMES and self.large_feature_map:
+            raise LayoutError(f"large_feature_map is a CNN option; {self.backbone} keeps its 16x16 patches")
+        if self.drop_path and self.backbone not in DEIT_NAMES:
+            raise LayoutError(f"drop_path={self.drop_path} is a transformer option; {self.backbone} has no residual "
+                              "blocks to drop")
+        if not 0 <= self.drop_path < 1:
+            raise LayoutError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if not self.width > 0:
             raise LayoutError(f"width must be > 0, got {self.width}")
         if not 0 <= self.acol_threshold <= 1:
@@ -82,15 +94,18 @@ class MethodLayout:
             data["acol_threshold"] = float(self.acol_threshold)
         if self.large_feature_map:
             data["large_feature_map"] = True
+        if self.drop_path:
+            data["drop_path"] = float(self.drop_path)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodLayout":
-        check_layout_keys(data, {"network", "backbone", "width", "acol_threshold", "large_feature_map"})
+        check_layout_keys(data, {"network", "backbone", "width", "acol_threshold", "large_feature_map", "drop_path"})
         try:
             return cls(network=data["network"], backbone=data["backbone"], width=float(data.get("width", 1.0)),
                        acol_threshold=float(data.get("acol_threshold", ACOL_THRESHOLD)),
-                       large_feature_map=data.get("large_feature_map", False))
+                       large_feature_map=data.get("large_feature_map", False),
+                       drop_path=float(data.get("drop_path", 0.0)))
         except (KeyError, TypeError, ValueError) as err:
             raise LayoutError(f"malformed layout: {err!r}") from None
 
@@ -106,7 +121,7 @@ def layout_from_dict(data: Mapping[str, Any]) -> NetworkLayout | MethodLayout:
 
 
 def network_kind(layout: NetworkLayout | MethodLayout) -> str:
-    """``"multibranch"``, ``"acol"``, ``"spg"``, ``"bas"`` or ``"bgc"``."""
+    """``"multibranch"`` or the method network's name (``"acol"``, ``"spg"``, ``"bas"``, ``"bgc"``, ``"tscam"``)."""
     return layout.network if isinstance(layout, MethodLayout) else "multibranch"
 
 
@@ -133,7 +148,7 @@ class MethodNet(nn.Module):
         self.layout = layout
         self.num_classes = num_classes
         large = layout.large_feature_map if large_feature_map is None else large_feature_map
-        self.backbone = build_backbone(layout.backbone, layout.width, large, vgg_pools)
+        self.backbone = build_backbone(layout.backbone, layout.width, large, vgg_pools, drop_path=layout.drop_path)
 
     @property
     def classifier(self) -> nn.Linear:

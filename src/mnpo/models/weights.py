@@ -1,11 +1,13 @@
-"""ImageNet weights for the backbones: torchvision's weights API online, a local file offline.
+"""ImageNet weights for the backbones: torchvision's weights API (timm's for DeiT) online, a local file offline.
 
 Both sources hold a *torchvision* model's state dict (``features.N.*`` for VGG16,
 ``conv1``/``bn1``/``layerI.J.*`` for ResNet50, ``Conv2d_*``/``Mixed_*`` for InceptionV3). Our
 backbones keep torchvision's module names, so the mapping is the identity on the backbone's
 tensors; what the WSOL backbones do not have is dropped on purpose: the ImageNet classifier
 (``classifier.*`` / ``fc.*``) and, for InceptionV3, ``AuxLogits.*`` and ``Mixed_7*`` (as
-wsolevaluation drops them). Every other difference fails the load with the names listed: a
+wsolevaluation drops them). A DeiT takes timm's (and the official DeiT files') state dict, whose
+names ours keep too (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.*``, ``norm``),
+less its ImageNet ``head``. Every other difference fails the load with the names listed: a
 backbone that silently keeps random weights is the failure this module exists to prevent.
 """
 
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mnpo.models.checkpoint import CheckpointError, load_plain, load_state_dict_strict
+from mnpo.models.deit import DEIT_NAMES, TIMM_NAMES
 
 IMAGENET = "imagenet"
 #: torchvision weight enums used for ``pretrained="imagenet"`` (V1: the weights WSOL papers use).
@@ -29,7 +32,14 @@ TORCHVISION_WEIGHTS = {
 }
 #: Tensors of the torchvision source that our backbones do not have (the ImageNet classifier;
 #: InceptionV3's auxiliary classifier and its stride-32 blocks, absent in the WSOL layout).
-DROPPED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("fc.",), "inception_v3": ("AuxLogits.", "Mixed_7", "fc.")}
+DROPPED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("fc.",), "inception_v3": ("AuxLogits.", "Mixed_7", "fc."),
+                    **{name: ("head.",) for name in DEIT_NAMES}}
+#: the official DeiT ImageNet files (``{"model": state dict}``), for machines without timm or a network
+DEIT_URLS = {
+    "deit_tiny": "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth",
+    "deit_small": "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+    "deit_base": "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+}
 
 
 class WeightsError(CheckpointError):
@@ -38,6 +48,8 @@ class WeightsError(CheckpointError):
 
 def imagenet_state_dict(backbone: str, progress: bool = True) -> dict[str, Tensor]:
     """torchvision's ImageNet state dict for ``backbone`` (downloaded once to the torch hub cache)."""
+    if backbone in DEIT_NAMES:
+        return timm_state_dict(backbone)
     import torchvision.models as tvm
 
     if backbone not in TORCHVISION_WEIGHTS:
@@ -51,6 +63,20 @@ def imagenet_state_dict(backbone: str, progress: bool = True) -> dict[str, Tenso
             f"could not download {enum_name}.{member} from {weights.url} ({err}); on a machine "
             "without internet, download that file elsewhere and pass its path instead of 'imagenet'"
         ) from None
+
+
+def timm_state_dict(backbone: str) -> dict[str, Tensor]:
+    """timm's ImageNet DeiT (``deit_small_patch16_224`` ...) state dict, through ``timm.create_model``."""
+    try:
+        import timm
+    except ImportError:
+        raise WeightsError(f"pretrained: imagenet on {backbone} needs timm (pip install timm), or pass the "
+                           f"official file instead: {DEIT_URLS[backbone]}") from None
+    try:
+        return timm.create_model(TIMM_NAMES[backbone], pretrained=True).state_dict()
+    except OSError as err:  # no network, no hub cache
+        raise WeightsError(f"timm could not fetch {TIMM_NAMES[backbone]} ({err}); on a machine without internet, "
+                           f"download {DEIT_URLS[backbone]} elsewhere and pass its path instead of 'imagenet'") from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -88,6 +114,9 @@ def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor],
     try:
         load_state_dict_strict(backbone, kept, source)
     except CheckpointError as err:
+        if backbone.name in DEIT_NAMES:
+            raise WeightsError(f"{err} (expected a timm / official DeiT {backbone.name} state dict at width 1; "
+                               "a distilled DeiT, with dist_token, is another network)") from None
         raise WeightsError(f"{err} (expected a torchvision {backbone.name} state dict at width 1)") from None
 
 
@@ -104,7 +133,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool 
     """
     backbone = model.backbone
     if str(source) == IMAGENET:
-        state, name = imagenet_state_dict(backbone.name, progress), f"torchvision {backbone.name} ImageNet weights"
+        state = imagenet_state_dict(backbone.name, progress)
+        name = f"{'timm' if backbone.name in DEIT_NAMES else 'torchvision'} {backbone.name} ImageNet weights"
     else:
         state, name = read_state_dict(source), str(Path(source))
     load_backbone_weights(backbone, state, name)

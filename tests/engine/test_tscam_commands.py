@@ -1,0 +1,127 @@
+"""TS-CAM through the engine: AdamW's parameter groups, stochastic depth and the configuration's
+refusals; training resumes bit-identically; `mnpo train` with `method.name: tscam`, then
+`evaluate` (TS-CAM's map and Grad-CAM of a block), `report`, `localize` and `import-checkpoint`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mnpo.cli import main
+from mnpo.data.synthetic import write_synthetic_dataset
+from mnpo.engine.config import ConfigError
+from mnpo.engine.train import Trainer, build_optimizer
+from mnpo.models import build_model, load_model
+from mnpo.models.tscam_checkpoint import export_state_dict
+
+from engine.test_train import Stop, config, synth  # noqa: F401  (the module's data fixture)
+
+TSCAM = {"model": {"layout": "deit_tiny-tscam", "drop_path": 0.1},
+         "method": {"name": "tscam"},
+         "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "new_layer_lr_ratio": 1.0}}
+
+
+def test_adamw_decays_weight_matrices_alone_as_timm(synth, tmp_path):  # noqa: F811
+    cfg = config(synth, tmp_path, **TSCAM)
+    model = build_model("deit_tiny-tscam", 3, width=0.0625)
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    # by hand: the patch convolution, qkv / proj / fc1 / fc2 of each block, the head's convolution
+    assert decayed == {"backbone.patch_embed.proj.weight", "head.weight"} | {
+        f"backbone.blocks.{b}.{m}.weight" for b in range(12) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.norm.weight", "head.bias"} <= spared
+    new = {names[id(p)] for g in optimizer.param_groups if g["new_layer"] for p in g["params"]}
+    assert new == {"head.weight", "head.bias"} and all(g["lr"] == 5e-4 for g in optimizer.param_groups)
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["eps"] == 1e-8
+
+
+def test_the_configuration_names_what_does_not_fit(synth, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="method.name: 'plain', but model.layout 'deit_tiny-tscam' is the tscam"):
+        config(synth, tmp_path, model={"layout": "deit_tiny-tscam"})
+    with pytest.raises(ConfigError, match="model.layout: 'vgg16-cam' is not a tscam network; method 'tscam' needs "
+                                          "'vgg16-tscam'"):
+        config(synth, tmp_path, model={"layout": "vgg16-cam"}, method={"name": "tscam"})
+    with pytest.raises(ConfigError, match="model.drop_path: the vgg16-cam layout cannot have 0.1"):
+        config(synth, tmp_path, model={"layout": "vgg16-cam", "drop_path": 0.1})
+    with pytest.raises(ConfigError, match="model.drop_path: the vgg16-bas layout cannot have 0.1 .*transformer option"):
+        config(synth, tmp_path, model={"layout": "vgg16-bas", "drop_path": 0.1}, method={"name": "bas"})
+    with pytest.raises(ConfigError, match=r"model.drop_path: the deit_tiny-tscam layout cannot have 1.5 .*\[0, 1\)"):
+        config(synth, tmp_path, **{**TSCAM, "model": {"layout": "deit_tiny-tscam", "drop_path": 1.5}})
+    with pytest.raises(ConfigError, match="optim.optimizer: 'adam'; choose one of"):
+        config(synth, tmp_path, optim={"optimizer": "adam"})
+
+
+@pytest.mark.numerics
+def test_tscam_training_resumes_bit_identically_with_stochastic_depth(synth, tmp_path):  # noqa: F811
+    short = {**TSCAM, "optim": {**TSCAM["optim"], "epochs": 2, "lr_milestones": [1]}}
+    Trainer(config(synth, tmp_path / "full", **short), progress=False).fit()
+
+    def stop(epoch):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(config(synth, tmp_path / "cut", **short), progress=False, on_epoch_end=stop).fit()
+    Trainer(config(synth, tmp_path / "cut", **short), resume=True, progress=False).fit()
+    no_drop = {**short, "model": {"layout": "deit_tiny-tscam"}}
+    Trainer(config(synth, tmp_path / "no-drop", **no_drop), progress=False).fit()
+    full, payload = load_model(tmp_path / "full" / "last.pt")
+    cut, _ = load_model(tmp_path / "cut" / "last.pt")
+    plain, _ = load_model(tmp_path / "no-drop" / "last.pt")
+    for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    key = "backbone.blocks.11.mlp.fc2.weight"
+    assert not torch.equal(full.state_dict()[key], plain.state_dict()[key])  # stochastic depth acted
+    assert full.layout.drop_path == 0.1 and payload["training"]["config"]["optim"]["optimizer"] == "adamw"
+
+
+def test_tscam_trains_and_every_command_reads_it(tmp_path):
+    data = tmp_path / "parts"
+    write_synthetic_dataset(out=data, preset="parts", seed=4, image_size=48, num_classes=3,
+                            train_per_class=6, val_per_class=2, test_per_class=3)
+    config_file = tmp_path / "tscam.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
+                 "resize_size": 55, "crop_size": 48},
+        "model": {"layout": "deit_tiny-tscam", "width": 0.0625, "pretrained": None, "drop_path": 0.1},
+        "method": {"name": "tscam"},
+        "optim": {"optimizer": "adamw", "epochs": 2, "batch_size": 6, "lr": 5e-4, "weight_decay": 0.05,
+                  "new_layer_lr_ratio": 1.0, "lr_milestones": [1], "lr_gamma": 0.1},
+        "eval": {"method": "cam"},
+        "runtime": {"out": str(tmp_path / "run"), "device": "cpu", "channels_last": False},
+    }))
+    assert main(["train", "--config", str(config_file), "-q"]) == 0
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    values = [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
+    assert len(values) == 2 and all(np.isfinite(float(v["train_loss"])) for v in values)
+    assert abs(float(values[1]["lr"]) - 5e-5) < 1e-12
+    ckpt = str(tmp_path / "run" / "best.pt")
+    common = ["evaluate", "-q", "--checkpoint", ckpt, "--data", str(data / "images"), "--input-size", "48",
+              "--workers", "0", "--metadata", str(data / "metadata" / "test"),
+              "--val-metadata", str(data / "metadata" / "val")]
+    assert main(common + ["--method", "cam", "--results", str(tmp_path / "cam.npz"),
+                          "--json", str(tmp_path / "cam.json")]) == 0
+    assert main(common + ["--method", "gradcam", "--target-layer", "blocks.10", "--results",
+                          str(tmp_path / "gradcam.npz")]) == 0
+    report = json.loads((tmp_path / "cam.json").read_text())
+    assert report["info"]["num_images"] == 9 and "max_box_acc_v2" in report["calibrated"]
+    assert main(["report", str(tmp_path / "cam.npz"), str(tmp_path / "gradcam.npz"), "--out",
+                 str(tmp_path / "report.html")]) == 0
+    image = next((data / "images").rglob("*.png"))
+    assert main(["localize", "--checkpoint", ckpt, str(image), "--out", str(tmp_path / "loc"), "--method", "cam",
+                 "--device", "cpu", "--no-overlays"]) == 0
+    result = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    assert len(result["images"]) == 1 and len(result["images"][0]["box"]) == 4
+    # the authors' format, written from the full-width network, read back by import-checkpoint
+    model = build_model("deit_tiny-tscam", 3)
+    theirs = tmp_path / "model_best.pth"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in export_state_dict(model).items()}}, theirs)
+    assert main(["import-checkpoint", "--from", "tscam", str(theirs), str(tmp_path / "imported.pt")]) == 0
+    imported, _ = load_model(tmp_path / "imported.pt")
+    assert all(torch.equal(a, b) for a, b in zip(imported.state_dict().values(), model.state_dict().values()))
