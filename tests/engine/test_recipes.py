@@ -112,10 +112,11 @@ def test_bgc_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["cub-deit_small-tscam", "ilsvrc-deit_small-tscam"])
-def test_tscam_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
-    """A TS-CAM recipe holds the authors' values and trains (AdamW, drop-path) and is evaluated
-    by its own map; the pretrained DeiT-S is replaced by a file of random weights named as timm's."""
+@pytest.mark.parametrize("recipe", ["cub-deit_small-tscam", "ilsvrc-deit_small-tscam", "cub-deit_small-sat",
+                                    "ilsvrc-deit_small-sat"])
+def test_transformer_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
+    """A TS-CAM or SAT recipe holds the authors' values and trains (AdamW, drop-path) and is
+    evaluated by its own map; the pretrained DeiT-S is a file of random weights named as timm's."""
     from mnpo.engine.config import load_config
     from mnpo.models import build_model
 
@@ -123,9 +124,14 @@ def test_tscam_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
     cub = recipe.startswith("cub")
     assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.model.drop_path, cfg.optim.new_layer_lr_ratio) == \
         ("adamw", 0.05, 0.1, 1.0)
-    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs) == ((5e-5, 128, 60) if cub else (5e-4, 256, 20))
-    # their lr x0.1 at the start of epochs 30 and 60 (CUB), 10, 12 and 20 (ILSVRC), 1-based
-    assert cfg.optim.lr_milestones == ([29, 59] if cub else [9, 11, 19])
+    if recipe.endswith("tscam"):
+        assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs) == ((5e-5, 128, 60) if cub else (5e-4, 256, 20))
+        # their lr x0.1 at the start of epochs 30 and 60 (CUB), 10, 12 and 20 (ILSVRC), 1-based
+        assert cfg.optim.lr_milestones == ([29, 59] if cub else [9, 11, 19]) and cfg.optim.lr_schedule == "step"
+    else:
+        assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.method.sat_area) == \
+            ((1e-4, 256, 30, 0.25) if cub else (1.5e-5, 512, 5, 0.35))
+        assert (cfg.optim.lr_schedule, cfg.optim.min_lr) == ("cosine", 1e-6)
     weights = tmp_path / "deit_small.pth"
     torch.save({"model": build_model("deit_small-tscam", 3, width=0.0625).backbone.state_dict()}, weights)
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ from mnpo.maps import compute_maps
 from mnpo.maps.methods import METHODS
 from mnpo.models import LayoutError, MethodLayout, build_model, layout_from_dict
 from mnpo.models.checkpoint import CheckpointError
-from mnpo.models.tscam_checkpoint import convert_state_dict, export_state_dict, identify, import_checkpoint
+from mnpo.models.transformer_checkpoint import convert_state_dict, export_state_dict, identify, import_checkpoint
 from mnpo.models.weights import WeightsError
 from naive_vit import naive_deit
 

@@ -9,10 +9,10 @@ A config file has four sections (every key optional except ``data.root`` and
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
               acol_threshold, spg_thresholds, bas_weights, bas_beta, bas_lambda_fg,
               bgc_dataset, bgc_warmup_epochs, bgc_lambda_sim, bgc_fg_threshold, bgc_bg_threshold,
-              bgc_lambda_norm, bgc_lambda_drop, bgc_drop_threshold, bgc_drop_prob,
+              bgc_lambda_norm, bgc_lambda_drop, bgc_drop_threshold, bgc_drop_prob, sat_area,
               fsl_holdout_per_class}
     optim:   {optimizer, epochs, batch_size, lr, new_layer_lr_ratio, bias_lr_ratio, momentum, weight_decay,
-              nesterov, lr_milestones, lr_gamma, clip_grad_norm}
+              nesterov, lr_schedule, lr_milestones, lr_gamma, min_lr, clip_grad_norm}
     eval:    {method, metric, cam_curve_interval, batch_size}
     runtime: {out, device, precision, channels_last, compile, seed, log_every}
 
@@ -35,8 +35,10 @@ import yaml
 
 #: ``optim.optimizer`` values
 OPTIMIZERS = ("sgd", "adamw")
+#: ``optim.lr_schedule`` values
+LR_SCHEDULES = ("step", "cosine")
 #: training methods that train a network of their own (``<backbone>-<method>`` layouts)
-OWN_NETWORK_METHODS = ("acol", "spg", "bas", "bgc", "tscam")
+OWN_NETWORK_METHODS = ("acol", "spg", "bas", "bgc", "tscam", "sat")
 
 
 class ConfigError(ValueError):
@@ -85,7 +87,9 @@ class MethodConfig:
     ``<backbone>-bgc`` layout): the ``bgc_*`` settings, null: the authors' CUB values for the
     backbone; ``bgc_dataset`` picks the norm loss's branch (``cub``: the class maximum of the
     similarity, ``ilsvrc``: the label's); ``bgc_warmup_batch_size``: the batch during the warm-up
-    epochs (the authors' ``warm_batch_size``; null: ``optim.batch_size``)."""
+    epochs (the authors' ``warm_batch_size``; null: ``optim.batch_size``). ``tscam`` and ``sat``
+    (the ``deit_*-tscam`` / ``deit_*-sat`` layouts); ``sat_area``: SAT's area target (the authors'
+    0.25 on CUB, 0.35 on ImageNet)."""
 
     name: str = "plain"
     has_grid_size: int = 4
@@ -109,6 +113,7 @@ class MethodConfig:
     bgc_lambda_drop: float | None = None
     bgc_drop_threshold: float | None = None
     bgc_drop_prob: float | None = None
+    sat_area: float = 0.25
     fsl_holdout_per_class: int = 1
 
     def bgc_weights_for(self, backbone: str):
@@ -140,7 +145,10 @@ class MethodConfig:
 class OptimConfig:
     """``optimizer``: ``sgd`` (``momentum``, ``nesterov``) or ``adamw`` (betas 0.9 / 0.999, eps 1e-8,
     timm's defaults; ``weight_decay`` spares biases, norms and a transformer's tokens and
-    positional embeddings, as timm's ``create_optimizer``)."""
+    positional embeddings, as timm's ``create_optimizer``). ``lr_schedule``: ``step`` (x ``lr_gamma``
+    from each of ``lr_milestones``, 0-based epochs) or ``cosine`` (epoch ``e`` of ``E`` at
+    ``min + (rate - min) (1 + cos(pi e / E)) / 2``, ``min`` = ``min_lr`` scaled as the group's rate;
+    per epoch, where SAT's ``cosine_scheduler`` steps per batch)."""
 
     optimizer: str = "sgd"
     epochs: int = 10
@@ -152,8 +160,10 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
+    lr_schedule: str = "step"
     lr_milestones: list[int] = field(default_factory=lambda: [4, 8])
     lr_gamma: float = 0.1
+    min_lr: float = 0.0
     clip_grad_norm: float | None = None  # off, as in the paper; a max L2 norm over all gradients
 
 
@@ -273,6 +283,12 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if cfg.optim.optimizer not in OPTIMIZERS:
         problems.append(f"optim.optimizer: {cfg.optim.optimizer!r}; choose one of {OPTIMIZERS}")
+    if cfg.optim.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"optim.lr_schedule: {cfg.optim.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+    if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
+        problems.append(f"optim.min_lr: must be in [0, optim.lr = {cfg.optim.lr}], got {cfg.optim.min_lr}")
+    if not 0 < cfg.method.sat_area < 1:
+        problems.append(f"method.sat_area: must be in (0, 1), got {cfg.method.sat_area}")
     if cfg.data.workers < 0:
         problems.append(f"data.workers: must be >= 0, got {cfg.data.workers}")
     if cfg.data.num_classes is not None and cfg.data.num_classes < 1:
@@ -375,8 +391,8 @@ def _method_layout_problems(cfg: TrainConfig) -> list[str]:
     if kind in OWN_NETWORK_METHODS and name != kind:
         return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"]
     if name in OWN_NETWORK_METHODS and kind != name:
-        backbone = layout.split("-")[0] if layout in LAYOUTS else ("deit_small" if name == "tscam" else "vgg16")
-        article = "a" if name in ("bas", "bgc", "tscam") else "an"
+        backbone = layout.split("-")[0] if layout in LAYOUTS else ("deit_small" if name in ("tscam", "sat") else "vgg16")
+        article = "a" if name in ("bas", "bgc", "tscam", "sat") else "an"
         return [f"model.layout: {layout!r} is not {article} {name} network; method {name!r} needs "
                 f"'{backbone}-{name}' (or another '<backbone>-{name}')"]
     return []

@@ -68,6 +68,7 @@ from mnpo.engine.training_methods import (
     foreground_logits,
     foreground_loss,
     mixed_loss,
+    sat_loss,
     spg_loss,
 )
 from mnpo.io import atomic_path
@@ -145,6 +146,21 @@ def group_lr(optim: Any, new_layer: bool, bias: bool | None) -> float:
     lr = get("lr", 0.0)
     lr *= get("new_layer_lr_ratio", 1.0) if new_layer else 1.0
     return lr * (get("bias_lr_ratio", 1.0) if bias else 1.0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """``optim.lr_schedule``: ``step`` (MultiStepLR on ``lr_milestones`` and ``lr_gamma``) or
+    ``cosine`` (epoch ``e`` of ``E`` at ``m + (1 - m) (1 + cos(pi e / E)) / 2`` times its group's
+    rate, ``m = min_lr / lr``); stepped once per epoch."""
+    o = cfg.optim
+    if o.lr_schedule == "cosine":
+        floor = o.min_lr / o.lr
+
+        def factor(epoch: int) -> float:
+            return floor + (1 - floor) * (1 + math.cos(math.pi * epoch / o.epochs)) / 2
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, o.lr_milestones, o.lr_gamma)
 
 
 def decays(name: str, parameter: torch.Tensor, spared: set[str] = frozenset()) -> bool:
@@ -245,7 +261,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         #: each parameter group's (new layer, bias) kind, which sets its rate (group_lr)
         self._group_kinds = [(g["new_layer"], g["bias"]) for g in self.optimizer.param_groups]
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.optim.lr_milestones, cfg.optim.lr_gamma)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         self.start_epoch = 0
         self.best: dict[str, Any] = {"value": -math.inf, "epoch": None}
         if resume:
@@ -515,6 +531,10 @@ class Trainer:
                 loss = bgc_loss(logits[0], out.features, labels, self.model.classifier.weight,
                                 m.bgc_weights_for(self.model.layout.backbone), m.bgc_dataset,
                                 warm=epoch < m.bgc_warmup_epochs)
+            elif m.name == "sat":  # its map's area and smoothness terms beside CE
+                out = self.train_model(images, return_features=True)
+                logits = out.logits
+                loss = sat_loss(logits[0], out.features["sat_map"], labels, m.sat_area)
             elif m.name == "acol":  # the labels steer the erasing of branch B's input
                 logits = self.train_model(images, labels=labels).logits
                 loss = wsol_loss(logits, labels)

@@ -45,6 +45,12 @@ computed as for any other (``compute_maps``).
     erased pass runs then): :func:`bgc_loss`; its similarity and norm terms join after
     ``bgc_warmup_epochs``; AttentiveDrop's draws come from a generator seeded by
     ``(seed, epoch, step)``.
+``tscam`` (TS-CAM, Gao et al., ICCV 2021)
+    the ``deit_*-tscam`` network (:mod:`mnpo.models.tscam`): ``CE`` of its logits, GAP of the
+    conv head's semantic maps (as ``plain``).
+``sat`` (spatial-aware token, Wu et al., ICCV 2023)
+    the ``deit_*-sat`` network (:mod:`mnpo.models.sat`): :func:`sat_loss`, ``CE`` plus the
+    area term (``sat_area``: 0.25 on CUB, 0.35 on ImageNet) and the smoothness term of its map.
 ``fsl`` (few-shot fully supervised learning, the baseline of wsolevaluation's paper)
     trained on the *val* split's boxes or masks instead of the train split's labels: the
     network is built with one output, and its classifier row ``w`` acts as a per-pixel
@@ -66,11 +72,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mnpo.models.sat import sat_kernel
+
 __all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", "attach_adl", "cutmix_batch", "draw_cutmix", "foreground_loss",
            "foreground_logits", "mixed_loss", "spg_loss", "spg_mask", "bas_loss", "BAS_WEIGHTS", "bgc_loss", "BGC_WEIGHTS",
-           "BgcWeights", "class_similarity"]
+           "BgcWeights", "class_similarity", "SAT_AREAS", "sat_kernel", "sat_loss"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "tscam", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "tscam", "sat", "fsl")
+#: SAT's area targets (the authors' ``--area_thr``): CUB's default, their ImageNet value
+SAT_AREAS = {"cub": 0.25, "ilsvrc": 0.35}
 #: SPG's fallback: an image with fewer foreground pixels than this (at the mask's resolution,
 #: 224 x 224 in wsolevaluation) takes ``SPG_FALLBACK_FRACTION`` of its map's maximum instead.
 SPG_MIN_FOREGROUND = 30
@@ -397,3 +407,14 @@ def bgc_loss(logits: torch.Tensor, features: dict[str, torch.Tensor], labels: to
     picker = sim.amax(1).flatten(1) if dataset == "cub" else sim_y
     loss_norm = (masked_mean(norm, picker < 0) - masked_mean(norm, picker > 0)).mean()
     return loss + weights.lambda_sim * loss_sim + weights.lambda_norm * loss_norm
+
+
+def sat_loss(logits: torch.Tensor, sat_map: torch.Tensor, labels: torch.Tensor, area: float) -> torch.Tensor:
+    """SAT's loss: ``CE(logits, y) + |mean(M) - area| + mean((1 - M') M')``, ``M`` the map
+    ``(B, 1, h, w)`` in (0, 1), its mean over the batch and the pixels; ``M'`` = ``M`` convolved
+    with :func:`sat_kernel` (zero padding, as the authors' ``F.conv2d(..., padding=1)``).
+    In float32 (the map's terms too, under autocast)."""
+    m = sat_map.float()
+    kernel = sat_kernel().to(m)[None, None]
+    smooth = F.conv2d(m, kernel, padding=1)
+    return F.cross_entropy(logits.float(), labels) + (m.mean() - area).abs() + ((1 - smooth) * smooth).mean()

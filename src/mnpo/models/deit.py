@@ -75,16 +75,30 @@ class Attention(nn.Module):
         b, t, c = x.shape
         return self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """The attended tokens ``(B, T, C)`` and, with ``need_weights``, the weights
-        ``(B, heads, T, T)`` (rows: queries); without, the fused kernel and ``None``."""
+    def forward(self, x: Tensor, need_weights: bool = False, gate_query: int | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The attended tokens ``(B, T, C)``, with ``need_weights`` the weights ``(B, heads, T, T)``
+        (rows: queries; without, the fused kernel and ``None``), and the gate (``None`` without
+        ``gate_query``).
+
+        ``gate_query``: SAT's gating by the token at that index (its localization token): ``g =
+        sigmoid(mean over heads of q_t k^T / sqrt(d))`` ``(B, T)`` multiplies every query's
+        softmax weight of key ``j`` by ``g_j`` (unrenormalized), which equals scaling the values:
+        ``(softmax(A) * g) v = softmax(A) (g v)``, so the fused kernel serves it too.
+        """
         q, k, v = self.qkv_heads(x)
+        gate = None
+        if gate_query is not None:
+            gate = torch.sigmoid(((q[:, :, gate_query] * self.scale)[:, :, None] @ k.transpose(-2, -1))[:, :, 0].mean(1))
         if need_weights:
             weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+            if gate is not None:
+                weights = weights * gate[:, None, None, :]
             out = weights @ v
         else:
-            weights, out = None, F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).flatten(2)), weights
+            gated = v if gate is None else v * gate[:, None, :, None]
+            weights, out = None, F.scaled_dot_product_attention(q, k, gated)
+        return self.proj(out.transpose(1, 2).flatten(2)), weights, gate
 
 
 class Mlp(nn.Module):
@@ -130,10 +144,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, dim * MLP_RATIO)
         self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attn(self.norm1(x), need_weights)
+    def forward(self, x: Tensor, need_weights: bool = False, gate_query: int | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The block's output, its attention weights and its gate (see ``Attention.forward``)."""
+        attended, weights, gate = self.attn(self.norm1(x), need_weights, gate_query)
         x = x + self.drop_path1(attended)
-        return x + self.drop_path2(self.mlp(self.norm2(x))), weights
+        return x + self.drop_path2(self.mlp(self.norm2(x))), weights, gate
 
 
 class DeiTBackbone(nn.Module):
@@ -161,6 +177,7 @@ class DeiTBackbone(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.taps = {**{f"blocks.{i}": TapInfo(dim, PATCH) for i in range(DEPTH)}, "norm": TapInfo(dim, PATCH)}
         self.inner_taps = {f"attention.{i}": TapInfo(heads, PATCH) for i in range(DEPTH)}
+        #: the block after which each tap is known (``norm``: after the last)
         self._depth_of = {**{f"blocks.{i}": i for i in range(DEPTH)}, **{f"attention.{i}": i for i in range(DEPTH)},
                           "norm": DEPTH}
         self.reset_parameters()
@@ -197,6 +214,11 @@ class DeiTBackbone(nn.Module):
         tokens = torch.cat([self.cls_token.expand(len(images), -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
         return tokens + self.position_embedding(grid)
 
+    def run_block(self, i: int, tokens: Tensor, need_weights: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """Block ``i`` on ``tokens``: its output and its inner taps (``attention.i`` when asked)."""
+        tokens, weights, _ = self.blocks[i](tokens, need_weights)
+        return tokens, ({f"attention.{i}": weights} if need_weights else {})
+
     def forward(self, x: Tensor, taps: Sequence[str], grad_from: str | None = None,
                 replace: tuple[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The requested taps (and ``grad_from``, a map tap, returned as a leaf requiring grad:
@@ -214,11 +236,10 @@ class DeiTBackbone(nn.Module):
         run = run_tracked if tracked else (lambda f, *t: f(*t))
         out: dict[str, Tensor] = {}
         tokens = run(self.embed, x.detach() if tracked else x)
-        for i, block in enumerate(self.blocks[: deepest + 1]):
+        for i in range(deepest + 1 if deepest < DEPTH else DEPTH):
             need = f"attention.{i}" in wanted
-            tokens, weights = run(lambda t, b=block, n=need: b(t, n), tokens)
-            if need:
-                out[f"attention.{i}"] = weights
+            tokens, extras = run(lambda t, i=i, n=need: self.run_block(i, t, n), tokens)
+            out.update({name: value for name, value in extras.items() if name in wanted})
             tokens = self._tap(f"blocks.{i}", tokens, grid, wanted, grad_from, out)
         if deepest == DEPTH:
             self._tap("norm", run(self.norm, tokens), grid, wanted, grad_from, out)

@@ -116,9 +116,14 @@ class NetworkSource:
         """ACoL's own test map ``(B, h, w)`` (the max of A's and B's normalized class maps, in
         full precision) or BAS's (its generator's map of the target, or with ``top_k`` the mean
         of the top-k predicted classes' maps) or TS-CAM's (class-token attention times the semantic
-        map of the class, :func:`~mnpo.models.tscam.tscam_maps`) and the main logits; ``None`` for the networks
+        map of the class, :func:`~mnpo.models.tscam.tscam_maps`) or SAT's (its gates' map, the same
+        for every class) and the main logits; ``None`` for the networks
         whose map is plain CAM."""
         kind = network_kind(self.model.layout)
+        if kind == "sat":  # class-agnostic: the same map for every target
+            with torch.inference_mode():
+                out = self(images, return_features=True)
+            return _full(out.features["sat_map"][:, 0]), out.logits[0]
         if kind == "tscam":
             with torch.inference_mode():
                 out = self(images, return_features=True, taps=ATTENTION_TAPS)

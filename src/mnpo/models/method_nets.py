@@ -26,11 +26,11 @@ from mnpo.models.multibranch import LayoutError, check_layout_keys, MultiBranchO
 
 #: Networks of the training methods that change the architecture (spec 2.2, 2.3), and the
 #: transformer methods' (``modern-wsol.md`` section 4).
-METHOD_NETWORKS = ("acol", "spg", "bas", "bgc", "tscam")
+METHOD_NETWORKS = ("acol", "spg", "bas", "bgc", "tscam", "sat")
 #: the transformer networks, built on a DeiT
-TRANSFORMER_NETWORKS = ("tscam",)
+TRANSFORMER_NETWORKS = ("tscam", "sat")
 #: the backbones a method network is built on, where not the three CNNs
-NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {"tscam": DEIT_NAMES}
+NETWORK_BACKBONES: dict[str, tuple[str, ...]] = {name: DEIT_NAMES for name in TRANSFORMER_NETWORKS}
 #: ACoL's ``acol_threshold`` default (wsolevaluation's ``config.py``).
 ACOL_THRESHOLD = 0.7
 
@@ -121,7 +121,7 @@ def layout_from_dict(data: Mapping[str, Any]) -> NetworkLayout | MethodLayout:
 
 
 def network_kind(layout: NetworkLayout | MethodLayout) -> str:
-    """``"multibranch"`` or the method network's name (``"acol"``, ``"spg"``, ``"bas"``, ``"bgc"``, ``"tscam"``)."""
+    """``"multibranch"`` or the method network's name (``"acol"``, ``"spg"``, ``"bas"``, ``"bgc"``, ``"tscam"``, ``"sat"``)."""
     return layout.network if isinstance(layout, MethodLayout) else "multibranch"
 
 
@@ -139,16 +139,18 @@ class MethodNet(nn.Module):
     head_features: tuple[str, ...] = ()
 
     def __init__(self, layout: MethodLayout, num_classes: int, vgg_pools: VggPools = VggPools(),
-                 large_feature_map: bool | None = None) -> None:
+                 large_feature_map: bool | None = None, backbone: nn.Module | None = None) -> None:
         """``vgg_pools``: the network's VGG16 pools, with and without the large feature map;
-        ``large_feature_map``: the network's own choice (None: the layout's)."""
+        ``large_feature_map``: the network's own choice (None: the layout's); ``backbone``: the
+        network's own (SAT's DeiT with its token; None: ``build_backbone``'s)."""
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.layout = layout
         self.num_classes = num_classes
         large = layout.large_feature_map if large_feature_map is None else large_feature_map
-        self.backbone = build_backbone(layout.backbone, layout.width, large, vgg_pools, drop_path=layout.drop_path)
+        self.backbone = backbone if backbone is not None else build_backbone(
+            layout.backbone, layout.width, large, vgg_pools, drop_path=layout.drop_path)
 
     @property
     def classifier(self) -> nn.Linear:

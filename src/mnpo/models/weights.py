@@ -111,6 +111,9 @@ def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor],
     for name, value in backbone.state_dict().items():
         if name.endswith("num_batches_tracked") and name not in kept:
             kept[name] = value
+    for name in getattr(backbone, "new_parameters", ()):  # SAT's localization token: not in ImageNet files
+        if name not in kept:
+            kept[name] = backbone.state_dict()[name]
     try:
         load_state_dict_strict(backbone, kept, source)
     except CheckpointError as err:

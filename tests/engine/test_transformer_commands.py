@@ -1,6 +1,9 @@
-"""TS-CAM through the engine: AdamW's parameter groups, stochastic depth and the configuration's
-refusals; training resumes bit-identically; `mnpo train` with `method.name: tscam`, then
-`evaluate` (TS-CAM's map and Grad-CAM of a block), `report`, `localize` and `import-checkpoint`."""
+"""TS-CAM and SAT through the engine: AdamW's parameter groups, the cosine schedule, stochastic
+depth and the configuration's refusals; training resumes bit-identically; `mnpo train` with
+`method.name: tscam` / `sat`, then `evaluate` (the method's map and Grad-CAM of a block),
+`report`, `localize` and `import-checkpoint`."""
+
+import math
 
 import json
 
@@ -14,13 +17,17 @@ from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.config import ConfigError
 from mnpo.engine.train import Trainer, build_optimizer
 from mnpo.models import build_model, load_model
-from mnpo.models.tscam_checkpoint import export_state_dict
+from mnpo.models.transformer_checkpoint import export_state_dict
 
 from engine.test_train import Stop, config, synth  # noqa: F401  (the module's data fixture)
 
 TSCAM = {"model": {"layout": "deit_tiny-tscam", "drop_path": 0.1},
          "method": {"name": "tscam"},
          "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "new_layer_lr_ratio": 1.0}}
+SAT = {"model": {"layout": "deit_tiny-sat", "drop_path": 0.1},
+       "method": {"name": "sat", "sat_area": 0.3},
+       "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "new_layer_lr_ratio": 1.0,
+                 "lr_schedule": "cosine", "min_lr": 1e-5}}
 
 
 def test_adamw_decays_weight_matrices_alone_as_timm(synth, tmp_path):  # noqa: F811
@@ -57,9 +64,32 @@ def test_the_configuration_names_what_does_not_fit(synth, tmp_path):  # noqa: F8
         config(synth, tmp_path, optim={"optimizer": "adam"})
 
 
+def test_sat_spares_its_localization_token_and_the_cosine_schedule_by_hand(synth, tmp_path):  # noqa: F811
+    cfg = config(synth, tmp_path, **{**SAT, "optim": {**SAT["optim"], "epochs": 4}})
+    trainer = Trainer(cfg, progress=False)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    spared = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert {"backbone.loc_token", "backbone.loc_embed", "backbone.cls_token", "backbone.pos_embed"} <= spared
+    rates = []
+    for _ in range(4):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    # epoch e of 4: 1e-5 + (5e-4 - 1e-5) (1 + cos(pi e / 4)) / 2
+    assert rates == pytest.approx([1e-5 + 4.9e-4 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)], rel=1e-12)
+    with pytest.raises(ConfigError, match=r"optim.min_lr: must be in \[0, optim.lr = 0.0005\], got 0.001"):
+        config(synth, tmp_path, **{**SAT, "optim": {**SAT["optim"], "min_lr": 1e-3}})
+    with pytest.raises(ConfigError, match="optim.lr_schedule: 'linear'; choose one of"):
+        config(synth, tmp_path, **{**SAT, "optim": {**SAT["optim"], "lr_schedule": "linear"}})
+    with pytest.raises(ConfigError, match=r"method.sat_area: must be in \(0, 1\), got 1.0"):
+        config(synth, tmp_path, **{**SAT, "method": {"name": "sat", "sat_area": 1.0}})
+    with pytest.raises(ConfigError, match="method.name: 'sat', but model.layout 'deit_tiny-tscam' is the tscam network"):
+        config(synth, tmp_path, **{**SAT, "model": {"layout": "deit_tiny-tscam"}})
+
+
 @pytest.mark.numerics
-def test_tscam_training_resumes_bit_identically_with_stochastic_depth(synth, tmp_path):  # noqa: F811
-    short = {**TSCAM, "optim": {**TSCAM["optim"], "epochs": 2, "lr_milestones": [1]}}
+@pytest.mark.parametrize("recipe", [TSCAM, SAT], ids=["tscam", "sat"])
+def test_transformer_training_resumes_bit_identically_with_stochastic_depth(synth, tmp_path, recipe):  # noqa: F811
+    short = {**recipe, "optim": {**recipe["optim"], "epochs": 2, "lr_milestones": [1]}}
     Trainer(config(synth, tmp_path / "full", **short), progress=False).fit()
 
     def stop(epoch):
@@ -69,7 +99,7 @@ def test_tscam_training_resumes_bit_identically_with_stochastic_depth(synth, tmp
     with pytest.raises(Stop):
         Trainer(config(synth, tmp_path / "cut", **short), progress=False, on_epoch_end=stop).fit()
     Trainer(config(synth, tmp_path / "cut", **short), resume=True, progress=False).fit()
-    no_drop = {**short, "model": {"layout": "deit_tiny-tscam"}}
+    no_drop = {**short, "model": {"layout": recipe["model"]["layout"]}}
     Trainer(config(synth, tmp_path / "no-drop", **no_drop), progress=False).fit()
     full, payload = load_model(tmp_path / "full" / "last.pt")
     cut, _ = load_model(tmp_path / "cut" / "last.pt")
@@ -81,16 +111,17 @@ def test_tscam_training_resumes_bit_identically_with_stochastic_depth(synth, tmp
     assert full.layout.drop_path == 0.1 and payload["training"]["config"]["optim"]["optimizer"] == "adamw"
 
 
-def test_tscam_trains_and_every_command_reads_it(tmp_path):
+@pytest.mark.parametrize("network", ["tscam", "sat"])
+def test_transformer_methods_train_and_every_command_reads_them(tmp_path, network):
     data = tmp_path / "parts"
     write_synthetic_dataset(out=data, preset="parts", seed=4, image_size=48, num_classes=3,
                             train_per_class=6, val_per_class=2, test_per_class=3)
-    config_file = tmp_path / "tscam.yaml"
+    config_file = tmp_path / f"{network}.yaml"
     config_file.write_text(yaml.safe_dump({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
                  "resize_size": 55, "crop_size": 48},
-        "model": {"layout": "deit_tiny-tscam", "width": 0.0625, "pretrained": None, "drop_path": 0.1},
-        "method": {"name": "tscam"},
+        "model": {"layout": f"deit_tiny-{network}", "width": 0.0625, "pretrained": None, "drop_path": 0.1},
+        "method": {"name": network},
         "optim": {"optimizer": "adamw", "epochs": 2, "batch_size": 6, "lr": 5e-4, "weight_decay": 0.05,
                   "new_layer_lr_ratio": 1.0, "lr_milestones": [1], "lr_gamma": 0.1},
         "eval": {"method": "cam"},
@@ -119,9 +150,10 @@ def test_tscam_trains_and_every_command_reads_it(tmp_path):
     result = json.loads((tmp_path / "loc" / "localization.json").read_text())
     assert len(result["images"]) == 1 and len(result["images"][0]["box"]) == 4
     # the authors' format, written from the full-width network, read back by import-checkpoint
-    model = build_model("deit_tiny-tscam", 3)
+    model = build_model(f"deit_tiny-{network}", 3)
     theirs = tmp_path / "model_best.pth"
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in export_state_dict(model).items()}}, theirs)
-    assert main(["import-checkpoint", "--from", "tscam", str(theirs), str(tmp_path / "imported.pt")]) == 0
+    key = "model" if network == "sat" else "state_dict"  # as their train.py / train_cam.py save
+    torch.save({"epoch": 1, key: {f"module.{k}": v for k, v in export_state_dict(model).items()}}, theirs)
+    assert main(["import-checkpoint", "--from", network, str(theirs), str(tmp_path / "imported.pt")]) == 0
     imported, _ = load_model(tmp_path / "imported.pt")
     assert all(torch.equal(a, b) for a, b in zip(imported.state_dict().values(), model.state_dict().values()))
