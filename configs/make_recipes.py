@@ -272,6 +272,47 @@ def sat_recipe(data: str) -> str:
         yaml.safe_dump(body, sort_keys=False)
 
 
+#: SCM's recipes (the authors' configs/CUB/deit_scm_small_patch16_224.yaml and train_val_*.sh, run by
+#: TS-CAM's train_cam.py): lr, batch, epochs, the epochs (1-based) at whose start the rate drops x0.1
+SCM_RECIPES = {"cub": (5e-5, 256, 30, [30]), "ilsvrc": (1e-6, 256, 20, [10, 12, 20]),
+               "openimages": (5e-5, 256, 30, [30])}
+SCM_HEADER = """# {title}: DeiT-S SCM (spatial calibration module, Bai et al., ECCV 2022) on TS-CAM's network.
+# Written by configs/make_recipes.py; edit that file, not this one.
+# The authors' values (modern-wsol.md section 4; {source}, run by TS-CAM's
+# train_cam.py): AdamW (betas 0.9 / 0.999, eps 1e-8), lr {lr}, one rate for every layer, weight decay 0.05 (none
+# on biases, norms, cls_token, pos_embed), {values}, drop-path 0.1, four calibration layers (16, 4, 4, 4
+# Newton-Schulz steps) in training only, DeiT-S from its ImageNet weights, resize 256 + random crop 224 + flip.
+# Ours: the data paths and workers, val images per class, the checkpoint choice on val{ours}.
+"""
+
+
+def scm_recipe(data: str) -> str:
+    """The text of one SCM recipe file."""
+    title, data_section, metric = DATA[data]
+    lr, batch, epochs, steps = SCM_RECIPES[data]
+    milestones = [s - 1 for s in steps]
+    body = {
+        "data": dict(data_section),
+        "model": {"layout": "deit_small-tscam", "pretrained": "imagenet", "drop_path": 0.1},
+        "method": {"name": "scm"},
+        "optim": {"optimizer": "adamw", "epochs": epochs, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": 1.0,
+                  "weight_decay": 0.05, "lr_milestones": milestones, "lr_gamma": 0.1},
+        "eval": {"method": "cam", "metric": metric},
+        "runtime": {"out": f"runs/{data}-deit_small-scm"},
+    }
+    values = f"batch {batch}, {epochs} epochs, lr x0.1 at the start of epoch{'s' if len(steps) > 1 else ''} " \
+             f"{', '.join(map(str, steps))} (milestones {milestones})"
+    if data == "ilsvrc":
+        source, values, ours = ("their train_val_ilsvrc.sh (--lr 1e-6; their ILSVRC yaml is not readable here)",
+                                "the rest not known", "; batch 256, 20 epochs and lr x0.1 at the start of epochs 10, 12, "
+                                "20 (milestones [9, 11, 19]): TS-CAM's ILSVRC schedule")
+    else:
+        source = "their configs/CUB/deit_scm_small_patch16_224.yaml and train_val_cub.sh (--lr 5e-5)"
+        ours = "; OpenImages, which they did not train: CUB's values" if data == "openimages" else ""
+    return SCM_HEADER.format(title=title, source=source, lr=lr, values=values, ours=ours) + \
+        yaml.safe_dump(body, sort_keys=False)
+
+
 def recipes() -> dict[str, str]:
     """File name -> text, for every data set, backbone and method."""
     files = {f"{d}-{b}-{m}.yaml": recipe(d, b, m) for d in DATA for b in BACKBONES for m in METHODS}
@@ -279,6 +320,7 @@ def recipes() -> dict[str, str]:
     files.update({f"{d}-{b}-bgc.yaml": bgc_recipe(d, b) for d in DATA for b in BGC_RECIPES})
     files.update({f"{d}-deit_small-tscam.yaml": tscam_recipe(d) for d in DATA})
     files.update({f"{d}-deit_small-sat.yaml": sat_recipe(d) for d in DATA})
+    files.update({f"{d}-deit_small-scm.yaml": scm_recipe(d) for d in DATA})
     return files
 
 

@@ -102,14 +102,15 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    if args.source in ("tscam", "sat"):
+    if args.source in ("tscam", "sat", "scm"):
         from mnpo.models.transformer_checkpoint import NETWORKS
         from mnpo.models.transformer_checkpoint import import_checkpoint as import_transformer
 
         if args.large_feature_map is not None or args.acol_threshold is not None:
             raise ValueError("--large-feature-map and --acol-threshold are for --from wsolevaluation")
         summary = import_transformer(args.src, args.dst, args.source, trust_pickle=args.trust_pickle)
-        print(f"imported {args.src} -> {args.dst}: the {NETWORKS[args.source]} authors' {summary['layout']}, "
+        dropped = f" (SCM's {summary['dropped']} training-only tensors left out)" if summary["dropped"] else ""
+        print(f"imported {args.src} -> {args.dst}: the {NETWORKS[args.source]} authors' {summary['layout']}{dropped}, "
               f"{summary['num_classes']} "
               f"classes, {summary['tensors']} tensors, {summary['parameters'] / 1e6:.2f} M parameters")
         return 0
@@ -438,13 +439,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint of the authors' release (a torch.save dict whose "
         "'state_dict' names the VGG16 convs conv1..conv13, the head conv6, fc and branch1_layer), or with "
         "--from wsolevaluation one of clovaai/wsolevaluation's (its main.py's {last,best}_checkpoint.pth.tar), "
-        "or with --from bas / bgc / tscam / sat a state dict of the BAS / BGC / TS-CAM / SAT authors' code, "
+        "or with --from bas / bgc / tscam / sat / scm a state dict of those methods' authors' code, "
         "into an mnpo checkpoint holding the layout, the class count (read from the file) and the "
         "weights. Every tensor must map; otherwise nothing is written.",
     )
     imp.add_argument("src", help="the .pth / .pth.tar file")
     imp.add_argument("dst", help="the mnpo checkpoint to write (atomically)")
-    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation", "bas", "bgc", "tscam", "sat"),
+    imp.add_argument("--from", dest="source", choices=("release", "wsolevaluation", "bas", "bgc", "tscam", "sat", "scm"),
                      default="release",
                      help="'release': the MNPO authors' release (default); 'wsolevaluation': a checkpoint that "
                           "clovaai/wsolevaluation's main.py trained (CAM, HaS, CutMix, ADL, ACoL or SPG on VGG16, "
@@ -452,7 +453,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           "BAS authors' train.py saved (VGG16, ResNet50 or InceptionV3, read from the names); 'bgc': a "
                           "checkpoint of the BGC authors' trainer.py (VGG16 or ResNet50); 'tscam': a checkpoint of the "
                           "TS-CAM authors' train_cam.py (DeiT tiny, small or base, read from the widths); 'sat': one of the "
-                          "SAT authors' train.py (the same DeiTs)")
+                          "SAT authors' train.py (the same DeiTs); 'scm': one of the SCM authors' (their TS-CAM network, "
+                          "the training-only calibration layers left out)")
     imp.add_argument("--large-feature-map", action="store_true", default=None,
                      help="(wsolevaluation, bgc) it was trained with the large feature map (seen by itself in "
                           "VGG16 files; bgc's ResNet50 default: on, as the authors' recipe)")

@@ -81,13 +81,13 @@ def test_wsol_recipes_on_disk_are_what_their_generator_writes():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     written = module.recipes()
-    assert len(written) == 3 * 3 * 8 + 3 * 3 + 3 * 2  # data sets x backbones x methods (BAS included), BGC, TS-CAM, SAT
+    assert len(written) == 3 * 3 * 8 + 3 * 3 + 3 * 3  # data sets x backbones x methods (BAS included), BGC, TS-CAM, SAT, SCM
     for name, text in written.items():
         on_disk = path.parent / name
         assert on_disk.is_file() and on_disk.read_text() == text, f"{name}: run python configs/make_recipes.py"
         cfg = load_config(on_disk)
         backbone, method = name.split("-")[1], name.split("-")[2].removesuffix(".yaml")
-        network = method if method in ("acol", "spg", "bas", "bgc", "tscam", "sat") else "cam"
+        network = {"scm": "tscam"}.get(method, method if method in ("acol", "spg", "bas", "bgc", "tscam", "sat") else "cam")
         assert cfg.model.layout.startswith(f"{backbone}-{network}")
         assert cfg.method.name == ("plain" if method == "cam" else method)
 

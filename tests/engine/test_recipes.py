@@ -113,7 +113,7 @@ def test_bgc_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["cub-deit_small-tscam", "ilsvrc-deit_small-tscam", "cub-deit_small-sat",
-                                    "ilsvrc-deit_small-sat"])
+                                    "ilsvrc-deit_small-sat", "cub-deit_small-scm"])
 def test_transformer_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
     """A TS-CAM or SAT recipe holds the authors' values and trains (AdamW, drop-path) and is
     evaluated by its own map; the pretrained DeiT-S is a file of random weights named as timm's."""
@@ -124,7 +124,10 @@ def test_transformer_recipe_trains_and_evaluates(shapes, tmp_path, recipe):
     cub = recipe.startswith("cub")
     assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.model.drop_path, cfg.optim.new_layer_lr_ratio) == \
         ("adamw", 0.05, 0.1, 1.0)
-    if recipe.endswith("tscam"):
+    if recipe.endswith("scm"):  # TS-CAM's network trained through SCM's layers
+        assert (cfg.model.layout, cfg.method.name, cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs,
+                cfg.optim.lr_milestones) == ("deit_small-tscam", "scm", 5e-5, 256, 30, [29])
+    elif recipe.endswith("tscam"):
         assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs) == ((5e-5, 128, 60) if cub else (5e-4, 256, 20))
         # their lr x0.1 at the start of epochs 30 and 60 (CUB), 10, 12 and 20 (ILSVRC), 1-based
         assert cfg.optim.lr_milestones == ([29, 59] if cub else [9, 11, 19]) and cfg.optim.lr_schedule == "step"

@@ -17,17 +17,23 @@ from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.config import ConfigError
 from mnpo.engine.train import Trainer, build_optimizer
 from mnpo.models import build_model, load_model
-from mnpo.models.transformer_checkpoint import export_state_dict
+from mnpo.models.transformer_checkpoint import SCM_LAYER_KEYS, export_state_dict
 
 from engine.test_train import Stop, config, synth  # noqa: F401  (the module's data fixture)
 
 TSCAM = {"model": {"layout": "deit_tiny-tscam", "drop_path": 0.1},
          "method": {"name": "tscam"},
          "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "new_layer_lr_ratio": 1.0}}
+SCM = {**TSCAM, "method": {"name": "scm"}}
 SAT = {"model": {"layout": "deit_tiny-sat", "drop_path": 0.1},
        "method": {"name": "sat", "sat_area": 0.3},
        "optim": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "new_layer_lr_ratio": 1.0,
                  "lr_schedule": "cosine", "min_lr": 1e-5}}
+
+
+def layout_of(network):
+    """SCM trains TS-CAM's network."""
+    return "tscam" if network == "scm" else network
 
 
 def test_adamw_decays_weight_matrices_alone_as_timm(synth, tmp_path):  # noqa: F811
@@ -60,6 +66,10 @@ def test_the_configuration_names_what_does_not_fit(synth, tmp_path):  # noqa: F8
         config(synth, tmp_path, model={"layout": "vgg16-bas", "drop_path": 0.1}, method={"name": "bas"})
     with pytest.raises(ConfigError, match=r"model.drop_path: the deit_tiny-tscam layout cannot have 1.5 .*\[0, 1\)"):
         config(synth, tmp_path, **{**TSCAM, "model": {"layout": "deit_tiny-tscam", "drop_path": 1.5}})
+    with pytest.raises(ConfigError, match="model.layout: 'vgg16-cam' is not a tscam network; method 'scm' trains"):
+        config(synth, tmp_path, model={"layout": "vgg16-cam"}, method={"name": "scm"})
+    with pytest.raises(ConfigError, match=r"is the tscam network; set method.name: tscam \(or scm\)"):
+        config(synth, tmp_path, model={"layout": "deit_tiny-tscam"}, method={"name": "bas"})
     with pytest.raises(ConfigError, match="optim.optimizer: 'adam'; choose one of"):
         config(synth, tmp_path, optim={"optimizer": "adam"})
 
@@ -87,7 +97,7 @@ def test_sat_spares_its_localization_token_and_the_cosine_schedule_by_hand(synth
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("recipe", [TSCAM, SAT], ids=["tscam", "sat"])
+@pytest.mark.parametrize("recipe", [TSCAM, SAT, SCM], ids=["tscam", "sat", "scm"])
 def test_transformer_training_resumes_bit_identically_with_stochastic_depth(synth, tmp_path, recipe):  # noqa: F811
     short = {**recipe, "optim": {**recipe["optim"], "epochs": 2, "lr_milestones": [1]}}
     Trainer(config(synth, tmp_path / "full", **short), progress=False).fit()
@@ -109,9 +119,15 @@ def test_transformer_training_resumes_bit_identically_with_stochastic_depth(synt
     key = "backbone.blocks.11.mlp.fc2.weight"
     assert not torch.equal(full.state_dict()[key], plain.state_dict()[key])  # stochastic depth acted
     assert full.layout.drop_path == 0.1 and payload["training"]["config"]["optim"]["optimizer"] == "adamw"
+    if recipe is SCM:  # its calibration layers resume too, and the network saved is TS-CAM's
+        cut_payload = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+        full_scm, cut_scm = payload["training"]["scm"], cut_payload["training"]["scm"]
+        assert all(torch.equal(full_scm[k], cut_scm[k]) for k in full_scm)
+        assert full_scm["layers.0.rate"].item() != 1.0  # trained
+        assert full.layout.network == "tscam"
 
 
-@pytest.mark.parametrize("network", ["tscam", "sat"])
+@pytest.mark.parametrize("network", ["tscam", "sat", "scm"])
 def test_transformer_methods_train_and_every_command_reads_them(tmp_path, network):
     data = tmp_path / "parts"
     write_synthetic_dataset(out=data, preset="parts", seed=4, image_size=48, num_classes=3,
@@ -120,7 +136,7 @@ def test_transformer_methods_train_and_every_command_reads_them(tmp_path, networ
     config_file.write_text(yaml.safe_dump({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": 0,
                  "resize_size": 55, "crop_size": 48},
-        "model": {"layout": f"deit_tiny-{network}", "width": 0.0625, "pretrained": None, "drop_path": 0.1},
+        "model": {"layout": f"deit_tiny-{layout_of(network)}", "width": 0.0625, "pretrained": None, "drop_path": 0.1},
         "method": {"name": network},
         "optim": {"optimizer": "adamw", "epochs": 2, "batch_size": 6, "lr": 5e-4, "weight_decay": 0.05,
                   "new_layer_lr_ratio": 1.0, "lr_milestones": [1], "lr_gamma": 0.1},
@@ -150,10 +166,13 @@ def test_transformer_methods_train_and_every_command_reads_them(tmp_path, networ
     result = json.loads((tmp_path / "loc" / "localization.json").read_text())
     assert len(result["images"]) == 1 and len(result["images"][0]["box"]) == 4
     # the authors' format, written from the full-width network, read back by import-checkpoint
-    model = build_model(f"deit_tiny-{network}", 3)
+    model = build_model(f"deit_tiny-{layout_of(network)}", 3)
     theirs = tmp_path / "model_best.pth"
     key = "model" if network == "sat" else "state_dict"  # as their train.py / train_cam.py save
-    torch.save({"epoch": 1, key: {f"module.{k}": v for k, v in export_state_dict(model).items()}}, theirs)
+    state = export_state_dict(model)
+    if network == "scm":
+        state.update({k: torch.rand(1) for k in SCM_LAYER_KEYS})
+    torch.save({"epoch": 1, key: {f"module.{k}": v for k, v in state.items()}}, theirs)
     assert main(["import-checkpoint", "--from", network, str(theirs), str(tmp_path / "imported.pt")]) == 0
     imported, _ = load_model(tmp_path / "imported.pt")
     assert all(torch.equal(a, b) for a, b in zip(imported.state_dict().values(), model.state_dict().values()))

@@ -89,7 +89,8 @@ class MethodConfig:
     similarity, ``ilsvrc``: the label's); ``bgc_warmup_batch_size``: the batch during the warm-up
     epochs (the authors' ``warm_batch_size``; null: ``optim.batch_size``). ``tscam`` and ``sat``
     (the ``deit_*-tscam`` / ``deit_*-sat`` layouts); ``sat_area``: SAT's area target (the authors'
-    0.25 on CUB, 0.35 on ImageNet)."""
+    0.25 on CUB, 0.35 on ImageNet). ``scm`` trains a ``deit_*-tscam`` network through SCM's
+    calibration layers (training only: the checkpoint is TS-CAM's network)."""
 
     name: str = "plain"
     has_grid_size: int = 4
@@ -388,8 +389,14 @@ def _method_layout_problems(cfg: TrainConfig) -> list[str]:
 
     name, layout = cfg.method.name, cfg.model.layout
     kind = network_kind(LAYOUTS[layout]()) if layout in LAYOUTS else "multibranch"
+    if name == "scm":  # SCM trains a TS-CAM network through its calibration layers
+        if kind != "tscam":
+            return [f"model.layout: {layout!r} is not a tscam network; method 'scm' trains 'deit_small-tscam' "
+                    "(or another 'deit_*-tscam')"]
+        return []
     if kind in OWN_NETWORK_METHODS and name != kind:
-        return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"]
+        return [f"method.name: {name!r}, but model.layout {layout!r} is the {kind} network; set method.name: {kind}"
+                + (" (or scm)" if kind == "tscam" else "")]
     if name in OWN_NETWORK_METHODS and kind != name:
         backbone = layout.split("-")[0] if layout in LAYOUTS else ("deit_small" if name in ("tscam", "sat") else "vgg16")
         article = "a" if name in ("bas", "bgc", "tscam", "sat") else "an"

@@ -75,6 +75,7 @@ from mnpo.io import atomic_path
 from mnpo.metrics.boxes import cam_thresholds
 from mnpo.models import LAYOUTS, NetworkLayout, build_model, network_kind
 from mnpo.models.checkpoint import load_plain, model_from_payload, save_checkpoint
+from mnpo.models.scm import ScmTraining, SpatialCalibration
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,12 @@ class Trainer:
         if cfg.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.calibration = None
+        if cfg.method.name == "scm":  # SCM's layers: trained beside the network, kept in last.pt only
+            self.calibration = SpatialCalibration().to(self.device)
+            self.optimizer.add_param_group({"params": list(self.calibration.parameters()),
+                                            "lr": group_lr(cfg.optim, True, None), "new_layer": True, "bias": None,
+                                            "weight_decay": 0.0})
         #: each parameter group's (new layer, bias) kind, which sets its rate (group_lr)
         self._group_kinds = [(g["new_layer"], g["bias"]) for g in self.optimizer.param_groups]
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -268,8 +275,11 @@ class Trainer:
             self._resume()
         if self.ctx.enabled and self.device.type == "cuda":  # batch statistics over all ranks
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        # what a training step calls: the network, or for fsl its per-pixel foreground logits
+        # what a training step calls: the network, for fsl its per-pixel foreground logits, for scm
+        # the network through SCM's layers
         self.train_model = ForegroundLogits(self.model) if self.foreground else self.model
+        if self.calibration is not None:
+            self.train_model = ScmTraining(self.model, self.calibration)
         if self.ctx.enabled:
             # fsl's loss reaches the main branch alone: DDP must look for the other branches'
             # parameters, which get no gradient, or its second step fails
@@ -391,6 +401,11 @@ class Trainer:
             raise ValueError(f"{path}: a checkpoint without training state cannot be resumed")
         model = model_from_payload(payload, str(path), layout=self.model.layout, num_classes=self.num_classes)
         self.model.load_state_dict(model.state_dict())
+        if self.calibration is not None:
+            if "scm" not in state:
+                raise ValueError(f"{path}: method scm resumes SCM's layers, but this checkpoint has none "
+                                 "(it was trained with another method)")
+            self.calibration.load_state_dict(state["scm"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_new_learning_rates(state.get("config", {}).get("optim", {}))
@@ -531,6 +546,9 @@ class Trainer:
                 loss = bgc_loss(logits[0], out.features, labels, self.model.classifier.weight,
                                 m.bgc_weights_for(self.model.layout.backbone), m.bgc_dataset,
                                 warm=epoch < m.bgc_warmup_epochs)
+            elif m.name == "scm":  # CE of the logits after SCM's calibration of the semantic maps
+                logits = (self.train_model(images),)
+                loss = F.cross_entropy(logits[0].float(), labels)
             elif m.name == "sat":  # its map's area and smoothness terms beside CE
                 out = self.train_model(images, return_features=True)
                 logits = out.logits
@@ -570,7 +588,8 @@ class Trainer:
         writer = self._tensorboard()
         last: dict[str, Any] = {}
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
-            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            groups = self.optimizer.param_groups
+            lrs = [next((g["lr"] for g in groups if g.get("new_layer") == new), groups[0]["lr"]) for new in (False, True)]
             with cudnn_autotune(self.device):  # training's input shapes are fixed; validation keeps the default
                 stats = self.train_epoch(epoch)
             self.scheduler.step()
@@ -602,6 +621,7 @@ class Trainer:
                     meta["class_names"] = self.class_names
                 training = {"epoch": epoch + 1, "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict(), "best": self.best, "rng": rng_state(),
+                            **({"scm": self.calibration.state_dict()} if self.calibration is not None else {}),
                             "config": self.cfg.to_dict()}
                 save_checkpoint(self.out / "last.pt", self.model, meta=meta, training=training)
                 if improved:

@@ -48,6 +48,11 @@ computed as for any other (``compute_maps``).
 ``tscam`` (TS-CAM, Gao et al., ICCV 2021)
     the ``deit_*-tscam`` network (:mod:`mnpo.models.tscam`): ``CE`` of its logits, GAP of the
     conv head's semantic maps (as ``plain``).
+``scm`` (spatial calibration module, Bai et al., ECCV 2022)
+    a ``deit_*-tscam`` network trained through :class:`mnpo.models.scm.SpatialCalibration`, four
+    layers of graph diffusion of its attention map over the patch grid that refine its semantic
+    maps: ``CE`` of their GAP. The layers (eight scalars) live in ``last.pt``'s training state
+    only; the network saved, evaluated and exported is TS-CAM's.
 ``sat`` (spatial-aware token, Wu et al., ICCV 2023)
     the ``deit_*-sat`` network (:mod:`mnpo.models.sat`): :func:`sat_loss`, ``CE`` plus the
     area term (``sat_area``: 0.25 on CUB, 0.35 on ImageNet) and the smoothness term of its map.
@@ -78,7 +83,7 @@ __all__ = ["ADL_POSITIONS", "TRAINING_METHODS", "CutMix", "HideAndSeek", "adl", 
            "foreground_logits", "mixed_loss", "spg_loss", "spg_mask", "bas_loss", "BAS_WEIGHTS", "bgc_loss", "BGC_WEIGHTS",
            "BgcWeights", "class_similarity", "SAT_AREAS", "sat_kernel", "sat_loss"]
 
-TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "tscam", "sat", "fsl")
+TRAINING_METHODS = ("plain", "has", "cutmix", "adl", "acol", "spg", "bas", "bgc", "tscam", "sat", "scm", "fsl")
 #: SAT's area targets (the authors' ``--area_thr``): CUB's default, their ImageNet value
 SAT_AREAS = {"cub": 0.25, "ilsvrc": 0.35}
 #: SPG's fallback: an image with fewer foreground pixels than this (at the mask's resolution,

@@ -13,6 +13,10 @@ theirs                                                          ours
 ``head`` (``Conv2d(C, K, 3, padding=1)``)                       ``head``
 ==============================================================  =================================
 
+SCM's authors train with TS-CAM's ``train_cam.py`` (the same format) a TS-CAM network plus four
+calibration layers (``layers.N.fuse._loss_rate``, ``layers.N.thred``), which exist in training
+only: they are checked and left out, and the import is our ``deit_*-tscam``.
+
 SAT's ``train.py`` saves ``{"model": model.state_dict(), "best_thr", "epoch"}`` (``best_gt.pth.tar``
 ...), also under ``nn.DataParallel``, of its ``SAT`` model (their ``Model/SAT.py``): TS-CAM's
 names plus ``loc_token`` and ``loc_embed`` (ours: ``backbone.loc_token``, ``backbone.loc_embed``)
@@ -44,11 +48,13 @@ NAME_PAIRS = [("patch_embed.", "backbone.patch_embed."), ("cls_token", "backbone
               ("pos_embed", "backbone.pos_embed"), ("blocks.", "backbone.blocks."), ("norm.", "backbone.norm."),
               ("head.", "head.")]
 SAT_PAIRS = [("loc_token", "backbone.loc_token"), ("loc_embed", "backbone.loc_embed")]
-NETWORKS = {"tscam": "TS-CAM", "sat": "SAT"}
+NETWORKS = {"tscam": "TS-CAM", "sat": "SAT", "scm": "SCM"}
+#: SCM's training-only layers in its authors' files (``layers.N.fuse._loss_rate``, ``layers.N.thred``)
+SCM_LAYER_KEYS = tuple(f"layers.{i}.{name}" for i in range(4) for name in ("fuse._loss_rate", "thred"))
 
 
 def name_pairs(network: str) -> list[tuple[str, str]]:
-    """(their prefix, our prefix) for ``network`` (``tscam`` or ``sat``)."""
+    """(their prefix, our prefix) for ``network`` (``tscam``, ``sat``, or ``scm``, whose network is TS-CAM's)."""
     if network not in NETWORKS:
         raise ValueError(f"network {network!r}: choose one of {tuple(NETWORKS)}")
     return NAME_PAIRS + (SAT_PAIRS if network == "sat" else [])
@@ -74,7 +80,7 @@ def identify(state: Mapping[str, Tensor], source: str = "checkpoint", network: s
     if state["pos_embed"].shape[1] != 1 + GRID * GRID:
         raise CheckpointError(f"{source}: pos_embed holds {state['pos_embed'].shape[1]} positions; expected "
                               f"{1 + GRID * GRID} (the class token and 14 x 14 patches at 224 px)")
-    return MethodLayout(network, sizes[width]), int(head.shape[0])
+    return MethodLayout("tscam" if network == "scm" else network, sizes[width]), int(head.shape[0])
 
 
 def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint", network: str = "tscam") -> nn.Module:
@@ -87,6 +93,12 @@ def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint", 
             raise CheckpointError(f"{source}: 'weight' is not SAT's fixed 3x3 smoothing kernel (get_kernel(3, 6)); "
                                   f"got shape {tuple(state['weight'].shape)}")
         state = {k: v for k, v in state.items() if k != "weight"}
+    if network == "scm":  # its calibration layers train only: TS-CAM's network is what is tested
+        missing = [k for k in SCM_LAYER_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{source}: not the SCM authors' network: {missing[:4]} missing (its four "
+                                  "calibration layers' rate and threshold)")
+        state = {k: v for k, v in state.items() if k not in SCM_LAYER_KEYS}
     layout, classes = identify(state, source, network)
     model = build_network(layout, classes)
     ours = rename_by_prefix(state, name_pairs(network), source, f"the {NETWORKS[network]} authors' {layout.backbone}")
@@ -112,7 +124,10 @@ def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, network: str = "tscam", *,
                       trust_pickle: bool = False) -> dict[str, Any]:
-    """Convert the authors' ``.pth`` at ``src`` into our checkpoint at ``dst`` (atomic)."""
+    """Convert the authors' ``.pth`` at ``src`` into our checkpoint at ``dst`` (atomic); ``network``:
+    ``tscam``, ``sat`` or ``scm``."""
+    if network not in NETWORKS:
+        raise ValueError(f"network {network!r}: choose one of {tuple(NETWORKS)}")
     src = Path(src)
     raw = load_plain(src, trust_pickle=trust_pickle)
     key = "model" if network == "sat" else "state_dict"
@@ -122,5 +137,6 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, network: s
                               "format)")
     model = convert_state_dict(state, str(src), network)
     save_checkpoint(dst, model, meta={"imported_from": src.name, network: {}})
-    return {"layout": f"{model.layout.backbone}-{network}", "num_classes": model.num_classes, "tensors": len(state),
+    return {"layout": f"{model.layout.backbone}-{model.layout.network}", "num_classes": model.num_classes,
+            "tensors": len(state), "dropped": len(SCM_LAYER_KEYS) if network == "scm" else 0,
             "parameters": sum(p.numel() for p in model.parameters())}
