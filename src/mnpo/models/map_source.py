@@ -108,6 +108,9 @@ class NetworkSource:
         (K, C))``, without autograd."""
         with torch.inference_mode():
             out = self(images, return_features=True)
+        evidence = getattr(self.model, "weight_evidence", None)  # a transformer's conv head (TS-CAM, SAT)
+        if evidence is not None:
+            return out.logits[0], evidence(out.features)
         return out.logits[0], [(name, out.features[name], self.model.classifier_for(name).weight)
                                for name in self.branches]
 

@@ -27,6 +27,7 @@ from mnpo.models.bas import IdentityScores
 from mnpo.models.deit import DeiTBackbone
 from mnpo.models.method_nets import MethodLayout, MethodNet, gap
 from mnpo.models.stages import TapInfo
+from mnpo.models.tscam import conv_head_evidence
 
 #: the blocks whose attention the localization token gates (the authors' ``cur_depth >= 9``)
 GATED_BLOCKS = (9, 10, 11)
@@ -92,7 +93,12 @@ class SatNet(MethodNet):
     def _heads(self, values, labels, run, mark):
         semantic = mark("main", run(self.head, values["norm"]))
         grid = tuple(semantic.shape[-2:])
-        return (run(gap, semantic),), {"main": semantic, "sat_map": sat_map([values[t] for t in GATE_TAPS], grid)}
+        return (run(gap, semantic),), {"main": semantic, "tokens": values["norm"],
+                                       "sat_map": sat_map([values[t] for t in GATE_TAPS], grid)}
+
+    def weight_evidence(self, features: dict[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+        """What MNPO's weight post-processing reads (:func:`mnpo.models.tscam.conv_head_evidence`)."""
+        return conv_head_evidence(self.head, features)
 
 
 def sat_map(gates: list[Tensor], grid: tuple[int, int], prefix: int = 1) -> Tensor:

@@ -9,7 +9,8 @@ The test map (``compute_maps(..., "cam")``, :func:`tscam_maps`): the class token
 the patches, averaged over heads and summed over the 12 blocks (``A`` ``(B, h, w)``), times the
 semantic map of the class, ``A * S[y]``, then resized and normalized as every map. Only that map
 asks the backbone for attention weights; training and the other map methods run the fused
-attention kernel. The head keeps PyTorch's default convolution init (the authors apply timm's
+attention kernel. MNPO's map (``method="mnpo"``) weighs the final patch tokens by the post-processed
+head weights, summed over the kernel (:func:`conv_head_evidence`). The head keeps PyTorch's default convolution init (the authors apply timm's
 ``_init_weights``, which touches Linear and LayerNorm layers only).
 """
 
@@ -48,7 +49,20 @@ class TsCamNet(MethodNet):
 
     def _heads(self, values, labels, run, mark):
         semantic = mark("main", run(self.head, values["norm"]))
-        return (run(gap, semantic),), {"main": semantic}
+        return (run(gap, semantic),), {"main": semantic, "tokens": values["norm"]}
+
+    def weight_evidence(self, features: dict[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+        """What MNPO's weight post-processing reads here (:func:`conv_head_evidence`)."""
+        return conv_head_evidence(self.head, features)
+
+
+def conv_head_evidence(head: nn.Conv2d, features: dict[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+    """MNPO's map on a transformer with a conv head: ``[("main", F, W)]``, ``F`` the final patch
+    tokens ``(B, C, h, w)`` and ``W`` ``(K, C)`` the head's 3x3 kernel summed over its taps, the
+    linear classifier GAP and the convolution make away from the border
+    (``GAP(conv(F))_y = W_y . GAP(F) + b_y`` where the zero padding is not reached). So
+    ``H(W_y)`` weighs the tokens' channels as ``H(FC.weight[y])`` weighs a CNN's (spec 3-4)."""
+    return [("main", features["tokens"], head.weight.sum((2, 3)))]
 
 
 def tscam_maps(attentions: list[Tensor], semantic: Tensor, classes: Tensor, prefix: int = 1) -> Tensor:
