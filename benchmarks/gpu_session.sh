@@ -19,7 +19,8 @@
 #   figure-parts.png, figure-shapes.png   the study's overlays
 #   precision.md   check_precision.py on the study's `parts` network (exit 1 if default maps drift)
 #   log.txt        versions, every step's stderr and exit status, the study's printed tables
-#                  (the methods of issue 14 on `parts` among them)
+#                  (the methods of issues 14 and 23 on `parts` among them, and issue 24's DeiT-S
+#                  TS-CAM, SAT and SCM)
 #
 # The device image (Python 3.12, torch 2.11, torchvision 0.26) holds OpenCV, numba, pyyaml, tqdm
 # and tensorboard, as read on 2026-11-17 (device KINDS.md); mnpo runs from src/ via PYTHONPATH. If
@@ -29,9 +30,10 @@
 set -u
 OUT=${OUT:-gpu-out}
 # Sizes (defaults: the H200/H100 run); a smoke run on a CPU shrinks them, e.g.
-# DEVICE=cpu BATCH=4 IMAGES=8 CLASSES=5 WIDTH=0.0625 SIZE=32 PER_CLASS=4 EPOCHS=1 WORKERS=0 sh benchmarks/gpu_session.sh
+# DEVICE=cpu BATCH=4 IMAGES=8 CLASSES=5 WIDTH=0.0625 TRANSFORMER_WIDTH=0.0625 SIZE=32 PER_CLASS=4 EPOCHS=1 WORKERS=0 \
+#   sh benchmarks/gpu_session.sh
 DEVICE=${DEVICE:-cuda} BATCH=${BATCH:-256} IMAGES=${IMAGES:-2048} CLASSES=${CLASSES:-1000} WIDTH=${WIDTH:-1.0}
-SIZE=${SIZE:-224} PER_CLASS=${PER_CLASS:-100} EPOCHS=${EPOCHS:-30} WORKERS=${WORKERS:-12}
+SIZE=${SIZE:-224} PER_CLASS=${PER_CLASS:-100} EPOCHS=${EPOCHS:-30} WORKERS=${WORKERS:-12} TRANSFORMER_WIDTH=${TRANSFORMER_WIDTH:-1.0}
 # the study's faithfulness columns, sized for the budget: 20 forwards per test image and row
 # (ROAD, whose sparse solves run on the CPU, is left out; deletion / insertion in 8 steps)
 FAITHFULNESS=${FAITHFULNESS:-avgdrop,deletion,insertion,pointing} FAITHFULNESS_STEPS=${FAITHFULNESS_STEPS:-8}
@@ -123,6 +125,14 @@ step study-methods 180 "$LOG" python3 benchmarks/study.py --presets parts --trai
   --fsl-epochs $((EPOCHS * 5)) --batch 64 --width "$WIDTH" --workers "$WORKERS" --device "$DEVICE" \
   --models center,vgg16-cam+has,vgg16-cam+cutmix,vgg16-cam+adl,vgg16-acol,vgg16-spg,vgg16-bas,vgg16-bgc,vgg16-cam+fsl \
   --faithfulness "$FAITHFULNESS" --faithfulness-steps "$FAITHFULNESS_STEPS" --out "$STUDY-methods" -q --resume
+
+# (6) the transformer line (issue 24): DeiT-S TS-CAM, SAT and SCM from scratch on `parts`, AdamW, one
+# seed (the table goes to log.txt, as (5)'s)
+step study-transformers 150 "$LOG" python3 benchmarks/study.py --presets parts --train-seeds 0 --image-size "$SIZE" \
+  --classes 8 --train-per-class "$PER_CLASS" --val-per-class 5 --test-per-class 25 --epochs "$EPOCHS" \
+  --batch 64 --transformer-width "$TRANSFORMER_WIDTH" --workers "$WORKERS" --device "$DEVICE" \
+  --models deit_small-tscam,deit_small-sat,deit_small-tscam+scm \
+  --faithfulness "$FAITHFULNESS" --faithfulness-steps "$FAITHFULNESS_STEPS" --out "$STUDY-transformers" -q --resume
 
 study study-seeds012 600 parts,shapes 0,1,2
 echo "== done" >>"$LOG"

@@ -108,9 +108,27 @@ WSOL_MODELS = {
     "vgg16-bas": ("vgg16-bas", {"name": "bas"}, [("BAS", "cam", {}), ("BAS, top-k mean", "cam", {"top_k": "all"}),
                                                 ("CAM of BAS's head", "gradcam", {})]),
     "vgg16-bgc": ("vgg16-bgc", {"name": "bgc", "bgc_warmup_epochs": "third"}, [("BGC", "cam", {})]),
+    # the transformer line (issue 24, TRANSFORMER_MODELS below): DeiT-Tiny (the CPU study) or DeiT-S
+    # (the GPU session) networks, AdamW (TRANSFORMER_TRAINING)
     "center": (None, None, [("center baseline", "center", {})]),
 }
+#: TS-CAM's map, MNPO's weight post-processing on its conv head and MNPOs at blocks.10 beside it;
+#: SAT's map; SCM's network, tested with TS-CAM's map
+TRANSFORMER_MODELS = {
+    f"{size}-{name}": (f"{size}-{layout}", method, rows) for size in ("deit_tiny", "deit_small")
+    for name, layout, method, rows in (
+        ("tscam", "tscam", {"name": "tscam"},
+         [("TS-CAM", "cam", {}), ("MNPO on TS-CAM", "mnpo", {}), ("MNPOs on TS-CAM", "mnpos", {}),
+          ("Grad-CAM of TS-CAM's head", "gradcam", {})]),
+        ("sat", "sat", {"name": "sat", "sat_area": 0.25}, [("SAT", "cam", {}), ("MNPO on SAT", "mnpo", {})]),
+        ("tscam+scm", "tscam", {"name": "scm"}, [("SCM (TS-CAM's map)", "cam", {})]))
+}
+WSOL_MODELS.update(TRANSFORMER_MODELS)
 MODEL_NAMES = (*EVALUATIONS, *WSOL_MODELS)
+#: what the transformer networks train with instead of the CNNs' SGD: AdamW with timm's decay groups,
+#: weight decay 0.05 and drop-path 0.1 (TS-CAM's, SAT's and SCM's), the rate of --transformer-lr and
+#: the width of --transformer-width (1: DeiT-Tiny itself)
+TRANSFORMER_TRAINING = {"optimizer": "adamw", "weight_decay": 0.05, "drop_path": 0.1}
 
 
 def backbone_source(name: str, layout: str | None, backbone_from: str | None) -> str | None:
@@ -199,12 +217,20 @@ def train(data: Path, out: Path, layout: str, args, seed: int, method: dict | No
         method["bgc_warmup_epochs"] = args.epochs * 2 // 7  # the authors' 20 of 70
     fsl = method.get("name") == "fsl"  # chosen on its held-out val images by localization: no classes
     epochs = args.fsl_epochs if fsl and args.fsl_epochs else args.epochs
+    transformer = layout.startswith("deit_")
+    model = {"layout": layout, "width": args.transformer_width if transformer else args.width,
+             "pretrained": None if pretrained is None else str(pretrained)}
+    optim = {"epochs": epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
+             "lr_milestones": [max(1, epochs * 3 // 4)], "clip_grad_norm": args.clip_grad_norm}
+    if transformer:
+        model["drop_path"] = TRANSFORMER_TRAINING["drop_path"]
+        optim.update(optimizer=TRANSFORMER_TRAINING["optimizer"], weight_decay=TRANSFORMER_TRAINING["weight_decay"],
+                     lr=args.transformer_lr)
     cfg = config_from_dict({
         "data": {"root": str(data / "images"), "metadata": str(data / "metadata"), "workers": args.workers,
                  "resize_size": resize_for(args.image_size), "crop_size": args.image_size},
-        "model": {"layout": layout, "width": args.width, "pretrained": None if pretrained is None else str(pretrained)},
-        "optim": {"epochs": epochs, "batch_size": args.batch, "lr": args.lr, "new_layer_lr_ratio": 1.0,
-                  "lr_milestones": [max(1, epochs * 3 // 4)], "clip_grad_norm": args.clip_grad_norm},
+        "model": model,
+        "optim": optim,
         "method": method,
         "eval": {"method": "cam", "metric": "max_box_acc_v2" if fsl else "top1_cls", "batch_size": args.batch},
         "runtime": {"out": str(out), "device": args.device, "seed": seed},
@@ -362,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip-grad-norm", type=float, default=None,
                         help="clip the gradients' L2 norm (default off; VGG16 without BatchNorm can diverge)")
     parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--transformer-lr", type=float, default=5e-4,
+                        help="AdamW's rate for the DeiT models (deit_tiny-*; the CNNs train at --lr)")
+    parser.add_argument("--transformer-width", type=float, default=1.0,
+                        help="width of the DeiT models (1: DeiT-Tiny itself; --width is the CNNs')")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
@@ -465,10 +495,13 @@ def write_results(out: Path, all_results: dict, diverged: list[str], args, run_s
     (None for the center baseline, which trains nothing); ``device`` and ``took``: the header's
     machine and time. Runs that diverged are listed under the table and left out of its means."""
     seeds = sorted({seed for value in run_seeds.values() for seed in value or ()})
+    transformers = any(name.startswith("deit_") for _, name in all_results)
+    deit = (f"DeiT models: AdamW lr {args.transformer_lr}, weight decay 0.05, drop-path 0.1, width "
+            f"{args.transformer_width}; " if transformers else "")
     header = (f"device: {device}; "
               f"{args.image_size} px, {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
               f"{args.test_per_class} test per class, {args.epochs} epochs, width {args.width}, data seed {args.seed}, "
-              f"training seeds {seeds}; {_faithfulness_header(args)}{took}")
+              f"training seeds {seeds}; {deit}{_faithfulness_header(args)}{took}")
     summary = {key: summarize(runs) for key, runs in all_results.items()}
     text = f"{header}\n\n{table(summary)}\n"
     if diverged:
@@ -497,7 +530,7 @@ def _faithfulness_header(args) -> str:
 #: the faithfulness pass)
 MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
                   "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps",
-                  "normalize", "backbone_from")
+                  "normalize", "backbone_from", "transformer_lr", "transformer_width")
 
 
 def merge(paths: list[str], out: Path) -> str:

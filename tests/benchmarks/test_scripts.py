@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from mnpo.engine.overlay import caption_height
@@ -41,6 +42,22 @@ def test_bench_maps_prints_every_method():
     machine = script_module("machine_info")
     assert f"device: {machine.device_summary(torch.device('cpu'))}\n" in out  # the machine, named once
     assert f"{machine.cpu_cores()} cores" in out and f"torch {torch.__version__}, torchvision" in out
+
+
+def test_bench_transformer_maps_times_every_job_and_judges_the_goal():
+    out = run("bench_transformer_maps.py", "--device", "cpu", "--size", "deit_tiny", "--width", "0.0625",
+              "--batch", "2", "--image", "32", "--classes", "3", "--repeats", "1")
+    for job in ("DeiT forward", "TS-CAM forward", "SAT forward", "TS-CAM map (cam)", "SAT map (cam)", "TS-CAM mnpo",
+                "TS-CAM gradcam (blocks.10)", "TS-CAM mnpos (blocks.10)"):
+        assert f"| {job} |" in out
+    rows = {line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| job")}
+    assert rows["DeiT forward"][-1] == "1.00"  # the base of the ratios
+    for job in ("SAT map (cam)", "TS-CAM mnpo"):  # the verdict follows the ratio printed, to its rounding
+        ratio = float(rows[job][-1])
+        verdict = next(line for line in out.splitlines() if line.startswith(f"- {job}: "))
+        assert verdict.startswith(f"- {job}: {ratio:.2f}x: ")
+        assert verdict.endswith("met") == (ratio <= 1.1) or abs(ratio - 1.1) < 0.006
 
 
 def test_bench_cam_family_times_both_and_checks_they_agree():
@@ -192,6 +209,25 @@ def test_study_scores_the_wsol_methods_and_both_baselines(tmp_path):
     assert {r["label"]: r["options"] for r in bas}["BAS, top-k mean"] == {"top_k": 2}  # every class: --classes 2
     assert "unknown model 'nope'" in subprocess.run(
         [sys.executable, str(SCRIPTS / "study.py"), *args[:-1], "nope"], capture_output=True, text=True).stderr
+
+
+def test_study_trains_the_transformer_line_with_adamw(tmp_path):
+    out = run("study.py", "--presets", "parts", "--image-size", "32", "--classes", "2", "--train-per-class", "4",
+              "--val-per-class", "2", "--test-per-class", "2", "--epochs", "1", "--batch", "4", "--width", "0.0625",
+              "--transformer-width", "0.0625", "--transformer-lr", "0.0003", "--workers", "0", "--device", "cpu",
+              "--faithfulness", "none", "--normalize", "none", "--out", str(tmp_path), "-q",
+              "--models", "deit_tiny-tscam,deit_tiny-sat,deit_tiny-tscam+scm")
+    for model, label in (("deit_tiny-tscam", "TS-CAM"), ("deit_tiny-tscam", "MNPO on TS-CAM"),
+                         ("deit_tiny-tscam", "MNPOs on TS-CAM"), ("deit_tiny-tscam", "Grad-CAM of TS-CAM's head"),
+                         ("deit_tiny-sat", "SAT"), ("deit_tiny-sat", "MNPO on SAT"),
+                         ("deit_tiny-tscam+scm", "SCM (TS-CAM's map)")):
+        assert f"| parts | {model} | {label} |" in out, (model, label)
+    assert "DeiT models: AdamW lr 0.0003, weight decay 0.05, drop-path 0.1, width 0.0625; " in out
+    for run_dir, method in (("deit_tiny-tscam", "tscam"), ("deit_tiny-sat", "sat"), ("deit_tiny-tscam+scm", "scm")):
+        saved = yaml.safe_load((tmp_path / f"parts-{run_dir}-seed0" / "config.yaml").read_text())
+        assert saved["optim"]["optimizer"] == "adamw" and saved["optim"]["lr"] == 0.0003, run_dir
+        assert saved["model"]["drop_path"] == 0.1 and saved["model"]["width"] == 0.0625 and \
+            saved["method"]["name"] == method
 
 
 def test_study_normalization_rows_follow_each_cam_row():
