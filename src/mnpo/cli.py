@@ -194,7 +194,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mnpo.io import write_json_atomic
 
     if args.paper_protocol and args.checkpoint is None:
-        raise ValueError("--paper-protocol scores an mnpo <backbone>-bas checkpoint: give --checkpoint")
+        raise ValueError("--paper-protocol scores an mnpo checkpoint (<backbone>-bas, deit_*-tscam or deit_*-sat): "
+                         "give --checkpoint")
     report = evaluate_checkpoint(
         args.checkpoint, args.data, args.metadata, val_metadata=args.val_metadata, mask_root=args.mask_root,
         method=args.method, map_options=_map_options(args), cam_curve_interval=args.cam_curve_interval,
@@ -223,7 +224,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
               f"top-5 {cls['top5_cls']:.2f}")
     print(report.table())
     out = report.to_json()
-    if args.paper_protocol:
+    if args.paper_protocol and not args.paper_protocol.startswith("bas-"):
+        from mnpo.engine.transformer_protocols import run_paper_protocol as run_transformer_protocol
+
+        protocol, data_set = args.paper_protocol.split("-")
+        paper = run_transformer_protocol(protocol, args.checkpoint, args.data, args.metadata, data_set,
+                                         threshold=args.paper_threshold, batch_size=args.batch_size,
+                                         device=args.device, mask_root=args.mask_root)
+        how = {"tscam": "their cams_deit.py; resize 224, threshold {t:g} of the maximum, the largest contour, "
+                        "the single view's class",
+               "sat": "their evaluator.py; resize 256, crop 224, threshold {t:g}, the largest component, "
+                      "ten-crop classes"}[protocol].format(t=paper.threshold)
+        print(f"\n{ {'tscam': 'TS-CAM', 'sat': 'SAT'}[protocol] }'s own protocol ({data_set}: {how}; image means; "
+              "not comparable with the MaxBoxAccV2 above):")
+        print(f"  GT-known Loc {paper.gt_known_loc:.2f}, Top-1 Loc {paper.top1_loc:.2f}, "
+              f"Top-5 Loc {paper.top5_loc:.2f}, Top-1 Cls {paper.top1_cls:.2f}")
+        out["paper_protocol"] = {"name": args.paper_protocol, **paper.to_json()}
+    elif args.paper_protocol:
         from mnpo.engine.bas_protocol import run_paper_protocol
 
         data_set = args.paper_protocol.removeprefix("bas-")
@@ -516,9 +533,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--top-k", dest="top_k", type=int, metavar="K",
                      help="cam on a <backbone>-bas network: the mean of the generator's maps of the K best-scored "
                           "classes (BAS's CUB protocol: 200, 80 for VGG16) instead of the true class's")
-    ev2.add_argument("--paper-protocol", choices=("bas-cub", "bas-ilsvrc"),
-                     help="also the BAS paper's own protocol (resize 256 + crop 224, a fixed threshold, the largest "
-                          "connected component, per-class means), printed and saved apart from the calibrated numbers")
+    ev2.add_argument("--paper-protocol", choices=("bas-cub", "bas-ilsvrc", "tscam-cub", "tscam-ilsvrc", "sat-cub",
+                                                  "sat-ilsvrc"),
+                     help="also a paper's own protocol, printed and saved apart from the calibrated numbers: BAS's "
+                          "(resize 256 + crop 224, a fixed threshold, the largest connected component, per-class "
+                          "means), TS-CAM's (resize 224, a threshold relative to the maximum, the largest contour) "
+                          "or SAT's (resize 256 + crop 224, a fixed threshold, the largest component, ten-crop "
+                          "classes)")
     ev2.add_argument("--paper-threshold", type=float, metavar="T",
                      help="(--paper-protocol) its fixed threshold (default: their script's for the data set and "
                           "backbone; --top-k likewise)")
