@@ -78,4 +78,4 @@ def test_the_protocol_refuses_what_it_cannot_score(tmp_path, capsys):
     assert main(["evaluate", "-q", "--model", "torchvision:resnet18", "--num-classes", "2", "--data",
                  str(tmp_path / "d" / "images"), "--metadata", str(tmp_path / "d" / "metadata" / "test"),
                  "--paper-protocol", "bas-cub"]) == 2
-    assert "--paper-protocol scores an mnpo <backbone>-bas checkpoint" in capsys.readouterr().err
+    assert "--paper-protocol scores an mnpo checkpoint (<backbone>-bas, deit_*-tscam or deit_*-sat)" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def test_training_with_a_method_resumes_bit_identically(synth, tmp_path, method,
 
 
 @pytest.mark.parametrize("method, message", [
-    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'bas', 'bgc', 'fsl'\)"),
+    ({"name": "mixup"}, r"method.name: 'mixup'; choose one of \('plain', 'has', 'cutmix', 'adl', 'acol', 'spg', 'bas', 'bgc', 'tscam', 'sat', 'scm', 'fsl'\)"),
     ({"name": "bas"}, r"model.layout: 'vgg16-mnpo' is not a bas network; method 'bas' needs 'vgg16-bas'"),
     ({"bas_weights": "openimages"}, r"method.bas_weights: 'openimages'; choose one of \('cub', 'ilsvrc'\)"),
     ({"bas_beta": -1.0}, r"method.bas_beta: must be >= 0 \(or null: the authors' value\), got -1.0"),
