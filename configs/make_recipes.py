@@ -199,6 +199,27 @@ def bgc_recipe(data: str, backbone: str) -> str:
     return header + yaml.safe_dump(body, sort_keys=False)
 
 
+def deit_recipe_body(data: str, layout: str, method: dict, run: str, epochs: int, batch: int, lr: float,
+                     schedule: dict) -> dict:
+    """A DeiT-S recipe's body: ImageNet weights, drop-path 0.1, AdamW at one rate with weight decay
+    0.05 (the transformer methods' common values), then ``schedule``'s keys."""
+    _, data_section, metric = DATA[data]
+    return {
+        "data": dict(data_section),
+        "model": {"layout": layout, "pretrained": "imagenet", "drop_path": 0.1},
+        "method": method,
+        "optim": {"optimizer": "adamw", "epochs": epochs, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": 1.0,
+                  "weight_decay": 0.05, **schedule},
+        "eval": {"method": "cam", "metric": metric},
+        "runtime": {"out": f"runs/{data}-{run}"},
+    }
+
+
+def step_milestones(steps: list[int]) -> list[int]:
+    """The 0-based milestones of a rate that drops at the start of each 1-based epoch in ``steps``."""
+    return [s - 1 for s in steps]
+
+
 #: TS-CAM's recipes (the authors' configs/{CUB,ILSVRC}/deit_tscam_small_patch16_224.yaml and
 #: train_val_{cub,ilsvrc}.sh): lr, batch, epochs, the epochs (1-based) at whose start the rate
 #: drops x0.1 (their adjust_learning_rate_normal: every epoch a multiple of a step)
@@ -219,18 +240,11 @@ TSCAM_HEADER = """# {title}: DeiT-S TS-CAM (token semantic coupled attention map
 
 def tscam_recipe(data: str) -> str:
     """The text of one TS-CAM recipe file."""
-    title, data_section, metric = DATA[data]
+    title = DATA[data][0]
     lr, batch, epochs, steps = TSCAM_RECIPES[data]
-    milestones = [s - 1 for s in steps]  # lr x0.1 from epoch s (1-based): from index s - 1
-    body = {
-        "data": dict(data_section),
-        "model": {"layout": "deit_small-tscam", "pretrained": "imagenet", "drop_path": 0.1},
-        "method": {"name": "tscam"},
-        "optim": {"optimizer": "adamw", "epochs": epochs, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": 1.0,
-                  "weight_decay": 0.05, "lr_milestones": milestones, "lr_gamma": 0.1},
-        "eval": {"method": "cam", "metric": metric},
-        "runtime": {"out": f"runs/{data}-deit_small-tscam"},
-    }
+    milestones = step_milestones(steps)
+    body = deit_recipe_body(data, "deit_small-tscam", {"name": "tscam"}, "deit_small-tscam", epochs, batch, lr,
+                            {"lr_milestones": milestones, "lr_gamma": 0.1})
     ours = {"cub": "", "ilsvrc": "", "openimages": "; OpenImages, which they did not train: CUB's values"}[data]
     header = TSCAM_HEADER.format(title=title, folder="ILSVRC" if data == "ilsvrc" else "CUB",
                                  script="ilsvrc" if data == "ilsvrc" else "cub", lr=lr, batch=batch, epochs=epochs,
@@ -256,17 +270,10 @@ SAT_HEADER = """# {title}: DeiT-S SAT (spatial-aware token, Wu et al., ICCV 2023
 
 def sat_recipe(data: str) -> str:
     """The text of one SAT recipe file."""
-    title, data_section, metric = DATA[data]
+    title = DATA[data][0]
     lr, batch, epochs, area = SAT_RECIPES[data]
-    body = {
-        "data": dict(data_section),
-        "model": {"layout": "deit_small-sat", "pretrained": "imagenet", "drop_path": 0.1},
-        "method": {"name": "sat", "sat_area": area},
-        "optim": {"optimizer": "adamw", "epochs": epochs, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": 1.0,
-                  "weight_decay": 0.05, "lr_schedule": "cosine", "min_lr": 1e-6},
-        "eval": {"method": "cam", "metric": metric},
-        "runtime": {"out": f"runs/{data}-deit_small-sat"},
-    }
+    body = deit_recipe_body(data, "deit_small-sat", {"name": "sat", "sat_area": area}, "deit_small-sat", epochs,
+                            batch, lr, {"lr_schedule": "cosine", "min_lr": 1e-6})
     ours = "; on OpenImages their train.py's defaults, as on CUB" if data == "openimages" else ""
     return SAT_HEADER.format(title=title, lr=lr, epochs=epochs, batch=batch, area=area, ours=ours) + \
         yaml.safe_dump(body, sort_keys=False)
@@ -288,18 +295,11 @@ SCM_HEADER = """# {title}: DeiT-S SCM (spatial calibration module, Bai et al., E
 
 def scm_recipe(data: str) -> str:
     """The text of one SCM recipe file."""
-    title, data_section, metric = DATA[data]
+    title = DATA[data][0]
     lr, batch, epochs, steps = SCM_RECIPES[data]
-    milestones = [s - 1 for s in steps]
-    body = {
-        "data": dict(data_section),
-        "model": {"layout": "deit_small-tscam", "pretrained": "imagenet", "drop_path": 0.1},
-        "method": {"name": "scm"},
-        "optim": {"optimizer": "adamw", "epochs": epochs, "batch_size": batch, "lr": lr, "new_layer_lr_ratio": 1.0,
-                  "weight_decay": 0.05, "lr_milestones": milestones, "lr_gamma": 0.1},
-        "eval": {"method": "cam", "metric": metric},
-        "runtime": {"out": f"runs/{data}-deit_small-scm"},
-    }
+    milestones = step_milestones(steps)
+    body = deit_recipe_body(data, "deit_small-tscam", {"name": "scm"}, "deit_small-scm", epochs, batch, lr,
+                            {"lr_milestones": milestones, "lr_gamma": 0.1})
     values = f"batch {batch}, {epochs} epochs, lr x0.1 at the start of epoch{'s' if len(steps) > 1 else ''} " \
              f"{', '.join(map(str, steps))} (milestones {milestones})"
     if data == "ilsvrc":

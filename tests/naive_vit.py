@@ -63,3 +63,12 @@ def naive_deit(net, images: torch.Tensor, sat: bool = False):
         finals.append(F.layer_norm(x, (dim,), sd["norm.weight"], sd["norm.bias"], 1e-6))
         all_gates.append(gates)
     return (outs, atts, finals, all_gates) if sat else (outs, atts, finals)
+
+
+def perturbed(model, scale: float = 0.1):
+    """``model`` with N(0, scale) noise added to every parameter (in place; returned): weights of
+    a trained network's spread, so errors in the maps show (a fresh DeiT's are near constant)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model

@@ -33,6 +33,14 @@ def test_bgc_trains_past_its_warm_up_and_every_command_reads_it(tmp_path, backbo
     values = [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
     assert len(values) == 2 and all(np.isfinite(float(v["train_loss"])) for v in values)
     assert abs(float(values[1]["lr"]) - 0.01 * 0.2) < 1e-12  # lr_gamma 0.2 after epoch 1
+    every_command_reads(tmp_path, data, tap)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["training"]["config"]["method"]["name"] == "bgc"
+
+
+def every_command_reads(tmp_path, data, tap):
+    """`evaluate` (CAM, and Grad-CAM at ``tap``), `report` and `localize` of ``tmp_path/run/best.pt``
+    on a 3-class synthetic set of 9 test images: each runs, and their files hold what they say."""
     ckpt = str(tmp_path / "run" / "best.pt")
     common = ["evaluate", "-q", "--checkpoint", ckpt, "--data", str(data / "images"), "--input-size", "48",
               "--workers", "0", "--metadata", str(data / "metadata" / "test"),
@@ -50,5 +58,3 @@ def test_bgc_trains_past_its_warm_up_and_every_command_reads_it(tmp_path, backbo
                  "--device", "cpu", "--no-overlays"]) == 0
     result = json.loads((tmp_path / "loc" / "localization.json").read_text())
     assert len(result["images"]) == 1 and len(result["images"][0]["box"]) == 4
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert state["training"]["config"]["method"]["name"] == "bgc"

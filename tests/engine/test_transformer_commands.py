@@ -5,8 +5,6 @@ depth and the configuration's refusals; training resumes bit-identically; `mnpo 
 
 import math
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from mnpo.engine.train import Trainer, build_optimizer
 from mnpo.models import build_model, load_model
 from mnpo.models.transformer_checkpoint import SCM_LAYER_KEYS, export_state_dict
 
+from engine.test_bgc_commands import every_command_reads
 from engine.test_train import Stop, config, synth  # noqa: F401  (the module's data fixture)
 
 TSCAM = {"model": {"layout": "deit_tiny-tscam", "drop_path": 0.1},
@@ -148,23 +147,7 @@ def test_transformer_methods_train_and_every_command_reads_them(tmp_path, networ
     values = [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
     assert len(values) == 2 and all(np.isfinite(float(v["train_loss"])) for v in values)
     assert abs(float(values[1]["lr"]) - 5e-5) < 1e-12
-    ckpt = str(tmp_path / "run" / "best.pt")
-    common = ["evaluate", "-q", "--checkpoint", ckpt, "--data", str(data / "images"), "--input-size", "48",
-              "--workers", "0", "--metadata", str(data / "metadata" / "test"),
-              "--val-metadata", str(data / "metadata" / "val")]
-    assert main(common + ["--method", "cam", "--results", str(tmp_path / "cam.npz"),
-                          "--json", str(tmp_path / "cam.json")]) == 0
-    assert main(common + ["--method", "gradcam", "--target-layer", "blocks.10", "--results",
-                          str(tmp_path / "gradcam.npz")]) == 0
-    report = json.loads((tmp_path / "cam.json").read_text())
-    assert report["info"]["num_images"] == 9 and "max_box_acc_v2" in report["calibrated"]
-    assert main(["report", str(tmp_path / "cam.npz"), str(tmp_path / "gradcam.npz"), "--out",
-                 str(tmp_path / "report.html")]) == 0
-    image = next((data / "images").rglob("*.png"))
-    assert main(["localize", "--checkpoint", ckpt, str(image), "--out", str(tmp_path / "loc"), "--method", "cam",
-                 "--device", "cpu", "--no-overlays"]) == 0
-    result = json.loads((tmp_path / "loc" / "localization.json").read_text())
-    assert len(result["images"]) == 1 and len(result["images"][0]["box"]) == 4
+    every_command_reads(tmp_path, data, "blocks.10")
     # the authors' format, written from the full-width network, read back by import-checkpoint
     model = build_model(f"deit_tiny-{layout_of(network)}", 3)
     theirs = tmp_path / "model_best.pth"

@@ -14,6 +14,7 @@ from mnpo.data.synthetic import write_synthetic_dataset
 from mnpo.engine.transformer_protocols import largest_contour_box, paper_protocol, sat_boxes, tscam_boxes
 from mnpo.models import build_model
 from mnpo.models.checkpoint import save_checkpoint
+from naive_vit import perturbed
 
 from engine.test_bas_commands import naive_component_box
 
@@ -26,10 +27,7 @@ def runs(tmp_path_factory):
                             val_per_class=1, test_per_class=3)
     torch.manual_seed(0)
     for network in ("tscam", "sat"):
-        model = build_model(f"deit_tiny-{network}", 3, width=0.0625)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.3)  # maps with structure, not a random network's near-constant ones
+        model = perturbed(build_model(f"deit_tiny-{network}", 3, width=0.0625), 0.3)
         save_checkpoint(root / f"{network}.pt", model)
     return root, data
 

@@ -15,6 +15,7 @@ import torch
 
 from mnpo.maps import compute_maps
 from mnpo.models import build_model
+from naive_vit import perturbed
 
 from maps.reference import h_numpy, normalize_numpy, resize, weighted_mean
 
@@ -22,11 +23,7 @@ from maps.reference import h_numpy, normalize_numpy, resize, weighted_mean
 @pytest.fixture(scope="module", params=["tscam", "sat"])
 def net(request):
     torch.manual_seed(11)
-    model = build_model(f"deit_small-{request.param}", 4, width=0.0625).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturbed(build_model(f"deit_small-{request.param}", 4, width=0.0625).double().eval())
 
 
 def test_mnpo_weighs_the_final_tokens_by_the_post_processed_head_weights(net):

@@ -11,17 +11,13 @@ import torch.nn.functional as F
 from mnpo.models import deit as deit_module
 from mnpo.models.backbones import build_backbone
 from mnpo.models.deit import DEIT_SIZES, DeiTBackbone, class_token_attention, patch_map
-from naive_vit import naive_deit
+from naive_vit import naive_deit, perturbed
 
 
 @pytest.fixture(scope="module")
 def small_net():
     torch.manual_seed(0)
-    net = DeiTBackbone("deit_small", width=0.0625).eval()  # 24 channels, 6 heads of 4
-    with torch.no_grad():  # weights of a trained size, so errors would show
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return net
+    return perturbed(DeiTBackbone("deit_small", width=0.0625).eval())  # 24 channels, 6 heads of 4
 
 
 def test_taps_and_attention_equal_the_naive_definition(small_net):

@@ -16,17 +16,13 @@ from mnpo.models.checkpoint import CheckpointError
 from mnpo.models.deit import Attention
 from mnpo.models.sat import sat_kernel
 from mnpo.models.transformer_checkpoint import convert_state_dict, export_state_dict, import_checkpoint
-from naive_vit import naive_deit
+from naive_vit import naive_deit, perturbed
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(4)
-    model = build_model("deit_small-sat", 4, width=0.0625).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturbed(build_model("deit_small-sat", 4, width=0.0625).eval())
 
 
 def test_logits_gates_and_map_equal_the_naive_definition(net):

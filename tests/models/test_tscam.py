@@ -15,17 +15,13 @@ from mnpo.models import LayoutError, MethodLayout, build_model, layout_from_dict
 from mnpo.models.checkpoint import CheckpointError
 from mnpo.models.transformer_checkpoint import convert_state_dict, export_state_dict, identify, import_checkpoint
 from mnpo.models.weights import WeightsError
-from naive_vit import naive_deit
+from naive_vit import naive_deit, perturbed
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(3)
-    model = build_model("deit_small-tscam", 4, width=0.0625).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturbed(build_model("deit_small-tscam", 4, width=0.0625).eval())
 
 
 def naive_tscam(model, images, classes):

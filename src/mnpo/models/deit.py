@@ -236,7 +236,7 @@ class DeiTBackbone(nn.Module):
         run = run_tracked if tracked else (lambda f, *t: f(*t))
         out: dict[str, Tensor] = {}
         tokens = run(self.embed, x.detach() if tracked else x)
-        for i in range(deepest + 1 if deepest < DEPTH else DEPTH):
+        for i in range(min(deepest + 1, DEPTH)):
             need = f"attention.{i}" in wanted
             tokens, extras = run(lambda t, i=i, n=need: self.run_block(i, t, n), tokens)
             out.update({name: value for name, value in extras.items() if name in wanted})

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mnpo.models.bas import IdentityScores
 from mnpo.models.deit import DeiTBackbone
-from mnpo.models.method_nets import MethodLayout, MethodNet, gap
+from mnpo.models.method_nets import MethodLayout
 from mnpo.models.stages import TapInfo
-from mnpo.models.tscam import conv_head_evidence
+from mnpo.models.tscam import TsCamNet
 
 #: the blocks whose attention the localization token gates (the authors' ``cur_depth >= 9``)
 GATED_BLOCKS = (9, 10, 11)
@@ -71,34 +70,20 @@ class SatBackbone(DeiTBackbone):
         return tokens, extras
 
 
-class SatNet(MethodNet):
-    """``(B, 3, H, W) -> MultiBranchOutput(logits=(GAP(S),))``; features ``head`` / ``main`` (``S``)
-    and ``sat_map`` (``M`` ``(B, 1, h, w)``)."""
+class SatNet(TsCamNet):
+    """``(B, 3, H, W) -> MultiBranchOutput(logits=(GAP(S),))``; features ``head`` / ``main`` (``S``),
+    ``tokens`` and ``sat_map`` (``M`` ``(B, 1, h, w)``): TS-CAM's head on SAT's backbone."""
 
-    head_features = ("main",)
     _taps = ("norm", *GATE_TAPS)
+    network, title = "sat", "SAT"
 
     def __init__(self, layout: MethodLayout, num_classes: int) -> None:
-        if layout.network != "sat":
-            raise ValueError(f"SatNet needs a sat layout, got network {layout.network!r}")
         super().__init__(layout, num_classes, backbone=SatBackbone(layout.backbone, layout.width, layout.drop_path))
-        self.head = nn.Conv2d(self.backbone.taps["norm"].channels, num_classes, 3, padding=1)
-        self.scores = IdentityScores(num_classes)
-
-    def classifier_for(self, branch: str) -> nn.Module:
-        if branch != "main":
-            raise KeyError(f"unknown branch {branch!r}; the SAT network has 'main'")
-        return self.scores
 
     def _heads(self, values, labels, run, mark):
-        semantic = mark("main", run(self.head, values["norm"]))
-        grid = tuple(semantic.shape[-2:])
-        return (run(gap, semantic),), {"main": semantic, "tokens": values["norm"],
-                                       "sat_map": sat_map([values[t] for t in GATE_TAPS], grid)}
-
-    def weight_evidence(self, features: dict[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
-        """What MNPO's weight post-processing reads (:func:`mnpo.models.tscam.conv_head_evidence`)."""
-        return conv_head_evidence(self.head, features)
+        logits, features = super()._heads(values, labels, run, mark)
+        features["sat_map"] = sat_map([values[t] for t in GATE_TAPS], tuple(features["main"].shape[-2:]))
+        return logits, features
 
 
 def sat_map(gates: list[Tensor], grid: tuple[int, int], prefix: int = 1) -> Tensor:

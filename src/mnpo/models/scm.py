@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mnpo.models.deit import class_token_attention
+from mnpo.models.tscam import ATTENTION_TAPS
+
 #: Newton-Schulz iterations per layer (the first layer's ``Encoder`` default 16, the others 4)
 SCM_ITERATIONS = (16, 4, 4, 4)
 #: Newton-Schulz's starting scale: ``X_0 = alpha G^T`` (the authors' ``inverse_schulz`` default)
@@ -120,9 +123,6 @@ class ScmTraining(nn.Module):
         self.network, self.calibration = network, calibration
 
     def forward(self, images: Tensor) -> Tensor:
-        from mnpo.models.deit import class_token_attention
-        from mnpo.models.tscam import ATTENTION_TAPS
-
         out = self.network(images, return_features=True, taps=ATTENTION_TAPS)
         semantic = out.features["main"]
         attention = class_token_attention([out.features[t] for t in ATTENTION_TAPS], tuple(semantic.shape[-2:]))

@@ -28,23 +28,27 @@ ATTENTION_TAPS = tuple(f"attention.{i}" for i in range(DEPTH))
 
 
 class TsCamNet(MethodNet):
-    """``(B, 3, H, W) -> MultiBranchOutput(logits=(GAP(S),))``; features ``head`` / ``main`` (``S``)."""
+    """``(B, 3, H, W) -> MultiBranchOutput(logits=(GAP(S),))``; features ``head`` / ``main`` (``S``)
+    and ``tokens`` (the final patch tokens MNPO's map reads). SAT's network
+    (:class:`mnpo.models.sat.SatNet`) is this one on its own backbone, with its map added."""
 
     head_features = ("main",)
     _taps = ("norm",)
+    #: the layout's network and the name errors give it
+    network, title = "tscam", "TS-CAM"
 
-    def __init__(self, layout: MethodLayout, num_classes: int) -> None:
-        if layout.network != "tscam":
-            raise ValueError(f"TsCamNet needs a tscam layout, got network {layout.network!r}")
+    def __init__(self, layout: MethodLayout, num_classes: int, backbone: nn.Module | None = None) -> None:
+        if layout.network != self.network:
+            raise ValueError(f"{type(self).__name__} needs a {self.network} layout, got network {layout.network!r}")
         if layout.backbone not in DEIT_NAMES:
-            raise ValueError(f"TS-CAM is built on {DEIT_NAMES}, not {layout.backbone!r}")
-        super().__init__(layout, num_classes)
+            raise ValueError(f"{self.title} is built on {DEIT_NAMES}, not {layout.backbone!r}")
+        super().__init__(layout, num_classes, backbone=backbone)
         self.head = nn.Conv2d(self.backbone.taps["norm"].channels, num_classes, 3, padding=1)
         self.scores = IdentityScores(num_classes)
 
     def classifier_for(self, branch: str) -> nn.Module:
         if branch != "main":
-            raise KeyError(f"unknown branch {branch!r}; the TS-CAM network has 'main'")
+            raise KeyError(f"unknown branch {branch!r}; the {self.title} network has 'main'")
         return self.scores
 
     def _heads(self, values, labels, run, mark):
