@@ -99,8 +99,9 @@ def test_sat_loss_against_a_loop():
                         for dy in (-1, 0, 1) for dx in (-1, 0, 1) if 0 <= y + dy < 4 and 0 <= x + dx < 5)
                 smooth_terms.append((1 - v) * v)
                 area += m[b, 0, y, x].double()
-    expected = total_ce + abs(area / 60 - 0.25) + sum(smooth_terms) / 60
-    assert sat_loss(logits, m, labels, 0.25).item() == pytest.approx(expected.item(), abs=1e-6)
+    for target in (0.25, 0.75):  # the map's mean (about 0.5) above the target, and below it
+        expected = total_ce + abs(area / 60 - target) + sum(smooth_terms) / 60
+        assert sat_loss(logits, m, labels, target).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_the_loss_reaches_the_localization_token_through_the_gates():
@@ -138,6 +139,10 @@ def test_authors_checkpoints_import_by_name_and_round_trip(tmp_path):
     theirs = export_state_dict(ours)
     assert {"loc_token", "loc_embed", "weight", "cls_token", "head.weight", "blocks.11.attn.qkv.weight"} <= set(theirs)
     assert not any(k.startswith("backbone.") for k in theirs)
+    # their names, written out: the tokens and embeddings where their Model/SAT.py keeps them
+    for name in ("loc_token", "loc_embed", "cls_token", "pos_embed"):
+        assert torch.equal(theirs[name], getattr(ours.backbone, name)), name
+    assert torch.equal(theirs["head.weight"], ours.head.weight)
     src = tmp_path / "best_gt.pth.tar"
     torch.save({"model": {f"module.{k}": v for k, v in theirs.items()}, "best_thr": 0.35, "epoch": 30}, src)
     summary = import_checkpoint(src, tmp_path / "ours.pt", "sat")
