@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from mnpo.engine.runtime import resolve_device
 from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
 from machine_info import device_summary
@@ -81,8 +82,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated map methods to time (default: all of {', '.join(METHODS)})")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

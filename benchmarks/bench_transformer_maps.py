@@ -26,6 +26,7 @@ import torch
 
 from bench_maps import timed
 from machine_info import device_summary
+from mnpo.engine.runtime import resolve_device
 from mnpo.maps import compute_maps
 from mnpo.models import build_model
 from mnpo.models.deit import DEIT_NAMES
@@ -45,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="run the networks under bf16 autocast")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     tscam = build_model(f"{args.size}-tscam", args.classes, width=args.width).to(device).eval()
     sat = build_model(f"{args.size}-sat", args.classes, width=args.width).to(device).eval()
