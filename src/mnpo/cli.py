@@ -206,7 +206,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, results=args.results, report_html=args.report, label=args.label,
         gallery_size=args.gallery_size, skip_unreadable=args.skip_unreadable,
         model_spec=args.model, weights=args.weights, num_classes=args.num_classes,
-        faithfulness=_faithfulness_settings(args),
+        faithfulness=_faithfulness_settings(args), decode=args.decode,
     )
     if not _is_main_process():
         return 0  # under torchrun, rank 0 reports for all
@@ -563,6 +563,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ev2.add_argument("--skip-unreadable", action="store_true",
                      help="count an unreadable image as a miss for every metric (IoU 0, wrong class; PxAP: a map "
                           "of zeros) and list it, instead of stopping with an error that names every such file")
+    ev2.add_argument("--decode", choices=("host", "device"), default="host",
+                     help="host (default): PIL decodes and resizes in the workers, wsolevaluation's pixels; device: "
+                          "the workers only read the files, JPEGs are decoded (nvJPEG on a GPU) and every image "
+                          "resized on the evaluation device, within one level of those pixels")
     ev2.add_argument("--state-dir", metavar="DIR",
                      help="keep the progress in DIR (a JSON per split, saved every minute): the same command, "
                           "run again after an interruption, continues where it stopped")

@@ -63,6 +63,31 @@ def test_evaluate_saves_maps_that_evaluate_maps_scores_identically(trained, tmp_
         assert from_maps[key] == report["oracle"][key], key
 
 
+def test_evaluate_decode_device_reaches_the_data_set(trained, tmp_path, monkeypatch):
+    """--decode device: the data set sends encoded items (seen by the data set's constructor),
+    the report says so; host is the default; other values are refused."""
+    import mnpo.engine.evaluate as ev
+
+    root, data = trained
+    built = []
+    real = ev.WSOLDataset
+
+    def recording(*args, **kwargs):
+        built.append(kwargs.get("device_decode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "WSOLDataset", recording)
+    args = ["evaluate", "-q", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data / "images"),
+            "--metadata", str(data / "metadata" / "test"), "--input-size", "48", "--workers", "0", "--method", "cam"]
+    assert main([*args, "--decode", "device", "--json", str(tmp_path / "device.json")]) == 0
+    assert main([*args, "--json", str(tmp_path / "host.json")]) == 0
+    assert built == [True, False]
+    device, host = (json.loads((tmp_path / f"{n}.json").read_text())["info"] for n in ("device", "host"))
+    assert (device["decode"], host["decode"]) == ("device", "host") and device["num_images"] == 9
+    with pytest.raises(SystemExit):
+        main([*args, "--decode", "gpu"])
+
+
 def test_evaluate_refuses_a_split_with_more_classes(trained, tmp_path, capsys):
     root, _ = trained
     other = tmp_path / "five"

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mnpo.data.device_decode import encoded_image
 from mnpo.data.metadata import SplitMetadata, read_split
 from mnpo.data.transforms import load_image, localization_transform, ten_crop, train_transform, uint8_views
 
@@ -127,6 +128,10 @@ class WSOLDataset(Dataset):
             (:func:`~mnpo.data.transforms.uint8_views`), normalized and cropped on the device.
         ten_crop: ``'evaluate'`` mode: also make the ten crops (or their source); off when
             only the 224 view is scored (training's validation), which halves the resizing.
+        device_decode: with ``uint8_views``: an item carries ``encoded``, the file as
+            :func:`~mnpo.data.device_decode.encoded_image` reads it (a JPEG's bytes), instead of
+            ``image`` and ``ten_crop_source``; :func:`~mnpo.data.device_decode.device_views`
+            makes those on the device.
     """
 
     def __init__(
@@ -145,11 +150,14 @@ class WSOLDataset(Dataset):
         random_resized: bool = False,
         uint8_views: bool = False,
         ten_crop: bool = True,
+        device_decode: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if uint8_views and (mode != "evaluate" or transform is not None):
             raise ValueError("uint8_views is an 'evaluate'-mode option and replaces the transform")
+        if device_decode and not uint8_views:
+            raise ValueError("device_decode goes with uint8_views (the device makes the uint8 views)")
         meta = metadata if isinstance(metadata, SplitMetadata) else read_split(metadata, num_classes)
         if num_classes is not None and meta.num_classes > num_classes:
             raise ValueError(f"labels go up to {meta.num_classes - 1}, beyond num_classes {num_classes}")
@@ -165,6 +173,7 @@ class WSOLDataset(Dataset):
         self.resize_size = resize_size
         self.uint8_views = uint8_views
         self.ten_crop = bool(ten_crop)
+        self.device_decode = bool(device_decode)
         if transform is None:
             if mode == "train":
                 transform = train_transform(crop_size, resize_size, random_resized=random_resized)
@@ -194,6 +203,8 @@ class WSOLDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)
         image_id = self.meta.image_ids[index]
+        if self.device_decode:
+            return self._encoded_item(index, image_id)
         image = load_image(self.image_root / image_id)
         if self.uint8_views and self.ten_crop:
             view, source = uint8_views(image, self.crop_size, self.resize_size)
@@ -215,12 +226,21 @@ class WSOLDataset(Dataset):
             item["ten_crop_source"] = source
         elif self.ten_crop:
             item["ten_crop"] = ten_crop(image, self.resize_size, self.crop_size)
+        return self._with_localization(item, image_id, image.size)
+
+    def _encoded_item(self, index: int, image_id: str) -> dict[str, Any]:
+        encoded = encoded_image(self.image_root / image_id)
+        item = {"encoded": encoded, "label": self.meta.labels[image_id], "image_id": image_id, "index": index}
+        return self._with_localization(item, image_id, encoded.size)
+
+    def _with_localization(self, item: dict[str, Any], image_id: str, decoded_size: tuple[int, int]) -> dict[str, Any]:
+        """``item`` with the image's boxes in the crop frame, or its mask paths."""
         meta = self.meta
         if meta.boxes is not None:
-            size = meta.sizes[image_id] if meta.sizes is not None else image.size
-            if meta.sizes is not None and size != image.size:
+            size = meta.sizes[image_id] if meta.sizes is not None else decoded_size
+            if meta.sizes is not None and size != decoded_size:
                 log.debug("%s: decoded size %s differs from image_sizes.txt %s; boxes use the latter",
-                          image_id, image.size, size)
+                          image_id, decoded_size, size)
             item["boxes"] = resize_boxes(meta.boxes[image_id], size, self.crop_size)
         elif meta.mask_paths is not None and meta.ignore_paths is not None:
             root = self.mask_root

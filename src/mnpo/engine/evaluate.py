@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
+from mnpo.data.device_decode import DECODE_MODES, device_views
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, normalize_batch, ten_crop_batch
 from mnpo.engine.evaluate_maps import EVAL_SIZE, gallery_item, split_evaluator
 from mnpo.engine.faithfulness import FaithfulnessAccumulator, FaithfulnessSettings, regions_of_split
@@ -216,7 +217,7 @@ class EvalSettings:
         return {"method": self.method, "map_options": dict(self.map_options), "ten_crop": self.ten_crop,
                 "images": len(dataset), "rank": ctx.rank, "world": ctx.world, "foreground": self.foreground,
                 "details": self.details, "gallery_size": self.gallery_size if self.details else None,
-                "skip_unreadable": self.skip_unreadable,
+                "skip_unreadable": self.skip_unreadable, **({"decode": "device"} if dataset.device_decode else {}),
                 "faithfulness": None if self.faithfulness is None else self.faithfulness.to_json()}
 
 
@@ -314,6 +315,8 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
                     pending.result()  # the evaluator is the background thread's until then
                     pending = None
                 unreadable(dict(zip(batch["skipped"], batch["skipped_reasons"])))
+            if "encoded" in batch:
+                batch = _device_batch(batch, dataset, device, settings.skip_unreadable, unreadable)
             if "image" not in batch:
                 continue
             maps, logits, hits = evaluate_batch(model, batch, settings, device, faithfulness)
@@ -348,6 +351,31 @@ def evaluate_model(model: torch.nn.Module, dataset: WSOLDataset, settings: EvalS
         if everywhere:  # the progress file keeps the rest: a rerun after the repair reads only them
             raise UnreadableImagesError(dataset.image_root, everywhere)
     return _gather(evaluator.compute(), counts, ctx, details, faithfulness, len(evaluator.seen_ids))
+
+
+def _device_batch(batch: dict[str, Any], dataset: WSOLDataset, device: torch.device, skip_unreadable: bool,
+                  unreadable) -> dict[str, Any]:
+    """A batch of ``encoded`` images with its ``image`` and ``ten_crop_source`` made on the device
+    (:func:`~mnpo.data.device_decode.device_views`). An image that does not decode there is, with
+    ``skip_unreadable``, listed by ``unreadable`` and left out of the batch; else the error stands."""
+    resize = dataset.resize_size if dataset.ten_crop else None
+    while batch["encoded"]:
+        try:
+            views, sources = device_views(batch["encoded"], device, dataset.crop_size, resize, batch["image_id"])
+        except ImageReadError as err:
+            if not skip_unreadable or err.path not in batch["image_id"]:
+                raise
+            unreadable({err.path: str(err)})
+            keep = [i for i, image_id in enumerate(batch["image_id"]) if image_id != err.path]
+            batch = {k: v if k in ("skipped", "skipped_reasons") else
+                     (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+            continue
+        out = {k: v for k, v in batch.items() if k != "encoded"}
+        out["image"] = views
+        if sources is not None:
+            out["ten_crop_source"] = sources
+        return out
+    return {k: v for k, v in batch.items() if k in ("skipped", "skipped_reasons")}
 
 
 def evaluate_batch(model: torch.nn.Module, batch: Mapping[str, Any], settings: EvalSettings,
@@ -481,7 +509,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
                         report_html: str | Path | None = None, label: str | None = None, gallery_size: int = 128,
                         skip_unreadable: bool = False, model_spec: str | None = None,
                         weights: str | Path | None = None, num_classes: int | None = None,
-                        faithfulness: FaithfulnessSettings | None = None):
+                        faithfulness: FaithfulnessSettings | None = None, decode: str = "host"):
     """The ``mnpo evaluate`` job: both protocols (calibrated when ``val_metadata`` is given).
 
     The model: an mnpo ``checkpoint``, or (``checkpoint=None``) any classifier by ``model_spec``
@@ -502,7 +530,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     unreadable image as a miss instead of raising :class:`UnreadableImagesError` (see
     :class:`EvalSettings`). ``faithfulness``: also score the maps' faithfulness to the model on
     the evaluated split (:mod:`mnpo.engine.faithfulness`; ``info["faithfulness"]``); on a split
-    with classification labels only, the only metrics.
+    with classification labels only, the only metrics. ``decode``: ``host`` (PIL in the workers,
+    wsolevaluation's pixels) or ``device`` (JPEGs decoded and every image resized on the device,
+    :mod:`mnpo.data.device_decode`: within one level of those pixels, far less work per worker).
     """
     from mnpo.engine.evaluate_maps import build_report, write_evaluation
     from mnpo.engine.runtime import init_distributed, resolve_device, resolve_precision
@@ -511,6 +541,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
 
     if (checkpoint is None) == (model_spec is None):
         raise ValueError("evaluate needs exactly one of a checkpoint and a model spec")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     if checkpoint is not None and (weights is not None or num_classes is not None):
         raise ValueError("--weights and --num-classes go with --model, not --checkpoint")
     dev = resolve_device(device)
@@ -549,7 +581,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
         dataset = WSOLDataset(data, meta_dir, "evaluate", num_classes=None if foreground else model.num_classes,
                               mask_root=mask_root,
                               crop_size=input_size, resize_size=resize_for(input_size), uint8_views=True,
-                              ten_crop=settings.ten_crop)
+                              ten_crop=settings.ten_crop, device_decode=decode == "device")
         datasets[name] = dataset
         state_file = None
         if state_dir is not None:
@@ -568,7 +600,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, metadata: str 
     info = {
         "checkpoint": evaluated, **({"weights": run_key["weights"]} if model_spec is not None else {}),
         "metadata": str(metadata), "kind": datasets["test"].meta.kind, "method": method,
-        "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec,
+        "map_options": dict(map_options or {}), "precision": prec, "map_precision": map_prec, "decode": decode,
         "num_images": test.num_images,
         "unreadable_images": [{"image_id": i, "reason": r} for i, r in sorted(test.unreadable.items())],
         "unreadable_policy": "counted as misses" if skip_unreadable else "an error",
