@@ -11,8 +11,9 @@ loader workers, one epoch after a warm-up epoch (workers started, files in the p
   torchvision's standard ``ImageFolder`` + ``RandomResizedCrop(224)``, flip, ``ToTensor``,
   ``Normalize``;
 * evaluation: ``mnpo evaluate``'s items (the 224 view and the 256 ten-crop source, uint8;
-  the ten crops are cut on the device; and the 224 view alone, as training's validation and
-  ``--no-ten-crop`` make them) against ``ImageFolder`` + ``Resize(256)``,
+  the ten crops are cut on the device; the 224 view alone, as training's validation and
+  ``--no-ten-crop`` make them; and ``--decode device``'s items, the JPEGs' bytes, whose decoding
+  and resizing happen on the device: that row times the workers' part alone) against ``ImageFolder`` + ``Resize(256)``,
   ``CenterCrop(224)``, ``ToTensor``, ``Normalize`` (one view, no ten-crop).
 
 Only the loaders are timed: what a GPU would wait on. mnpo's normalization and ten-crop run on
@@ -42,6 +43,7 @@ from machine_info import cpu_cores, cpu_name
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.metadata import SplitMetadata, write_split
 from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mnpo.engine.runtime import resolve_device
 from mnpo.engine.train_input import EpochSampler, TrainingItems, training_loader
 
 GPU_RATE = 3000  # images/s a GPU trains or evaluates at (the issue's yardstick)
@@ -94,6 +96,7 @@ def timed_epoch(loader: DataLoader, set_epoch=None) -> tuple[float, float]:
             if isinstance(batch, dict):
                 labels = batch["label"]
                 nbytes += sum(batch[k].nbytes for k in ("image", "ten_crop_source") if k in batch)
+                nbytes += sum(e.data.nbytes for e in batch.get("encoded", ()))
             else:  # torchvision: (images, labels)
                 labels = batch[1]
                 nbytes += batch[0].nbytes
@@ -116,8 +119,10 @@ def torchvision_train(root: Path, workers: int, batch: int):
                                   persistent_workers=workers > 0))
 
 
-def mnpo_evaluate(root: Path, meta: SplitMetadata, workers: int, batch: int, ten_crop: bool = True):
-    data = WSOLDataset(root / "images", meta, "evaluate", uint8_views=True, ten_crop=ten_crop)
+def mnpo_evaluate(root: Path, meta: SplitMetadata, workers: int, batch: int, ten_crop: bool = True,
+                  device_decode: bool = False):
+    data = WSOLDataset(root / "images", meta, "evaluate", uint8_views=True, ten_crop=ten_crop,
+                       device_decode=device_decode)
     return timed_epoch(DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=collate_evaluation,
                                   persistent_workers=workers > 0))
 
@@ -128,8 +133,26 @@ def torchvision_evaluate(root: Path, workers: int, batch: int):
     return timed_epoch(DataLoader(data, batch_size=batch, num_workers=workers, persistent_workers=workers > 0))
 
 
+def device_ms(root: Path, meta: SplitMetadata, device: torch.device, batch: int) -> float:
+    """Mean milliseconds per image of ``--decode device``'s device part (decode_jpeg of a batch,
+    both resizes), over the set in batches, the second of two passes."""
+    from mnpo.data.device_decode import device_views, encoded_image
+
+    encoded = [encoded_image(root / "images" / i) for i in meta.image_ids]
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for first in range(0, len(encoded), batch):
+            device_views(encoded[first:first + batch], device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / len(encoded) * 1e3
+
+
 def per_item_ms(root: Path, meta: SplitMetadata) -> list[tuple[str, float]]:
     """Mean milliseconds per image of each stage, in this process, over the whole set."""
+    from mnpo.data.device_decode import encoded_image
     from mnpo.data.transforms import load_image, train_transform, uint8_views
 
     paths = [root / "images" / i for i in meta.image_ids]
@@ -158,6 +181,7 @@ def per_item_ms(root: Path, meta: SplitMetadata) -> list[tuple[str, float]]:
         ("training view, torchvision RandomResizedCrop + ToTensor + Normalize", mean_ms(tv_train, decoded)),
         ("evaluation views, mnpo 224 + 256 -> uint8", mean_ms(uint8_views, decoded)),
         ("evaluation view, mnpo 224 -> uint8", mean_ms(lambda im: uint8_views(im, 224, None), decoded)),
+        ("evaluation item, --decode device: the worker's part (read; CMYK decoded)", mean_ms(encoded_image, paths)),
         ("evaluation view, torchvision Resize 256 + CenterCrop + ToTensor + Normalize", mean_ms(tv_eval, decoded)),
     ]
 
@@ -169,6 +193,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (>= 1)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--data", help="keep the photo set in this folder (written when missing)")
+    parser.add_argument("--device", default="cpu", help="where --decode device's part is timed (cpu, cuda)")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     if min(counts) < 1:
@@ -198,6 +223,8 @@ def main() -> None:
              lambda w: mnpo_evaluate(root, meta, w, args.batch)),
             ("evaluation", "mnpo, 224 view only (training's validation, --no-ten-crop) (uint8)",
              lambda w: mnpo_evaluate(root, meta, w, args.batch, ten_crop=False)),
+            ("evaluation", "mnpo evaluate --decode device: the workers' part (JPEG bytes; decoded on the device)",
+             lambda w: mnpo_evaluate(root, meta, w, args.batch, device_decode=True)),
             ("evaluation", "torchvision ImageFolder, Resize 256 + CenterCrop + ToTensor + Normalize (one view)",
              lambda w: torchvision_evaluate(root, w, args.batch)),
         ]
@@ -221,6 +248,9 @@ def main() -> None:
         print("\n| stage (one process, mean over the set) | ms per image |\n|---|---:|")
         for stage, ms in per_item_ms(root, meta):
             print(f"| {stage} | {ms:.2f} |")
+        device = resolve_device(args.device)
+        print(f"| evaluation views, --decode device's device part (decode_jpeg + 224 + 256), {device}, batch "
+              f"{args.batch} | {device_ms(root, meta, device, args.batch):.2f} |")
 
 
 if __name__ == "__main__":

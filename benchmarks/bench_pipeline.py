@@ -7,7 +7,7 @@ process on whatever device is present, at a size that fills it (``--batch``).
 
     python benchmarks/bench_pipeline.py [--device auto] [--images 512] [--batch 64] [--workers 8]
         [--classes 1000] [--precision auto] [--methods cam,mnpo,mnpos] [--map-precisions fp32,tf32]
-        [--data /tmp/mnpo-bench]
+        [--decodes host,device] [--data /tmp/mnpo-bench]
 
 Prints a markdown table (device, versions, images/s, ratios, peak memory).
 """
@@ -128,6 +128,9 @@ def main() -> None:
                         help="comma-separated precisions of the map pass (fp32 strict, tf32, bf16): one row each")
     parser.add_argument("--float-views", action="store_true",
                         help="normalize and ten-crop in the loader (the old way) instead of on the device")
+    parser.add_argument("--decodes", default="host",
+                        help="comma-separated --decode modes of `mnpo evaluate` (host, device); each besides host "
+                             "adds a row of the first method decoded so (JPEGs by nvJPEG on a GPU)")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--width", type=float, default=1.0, help="MNPO width multiplier (smoke runs on a CPU)")
     args = parser.parse_args()
@@ -162,6 +165,25 @@ def main() -> None:
                 mnpos_rows.append((map_precision, rate, peak(device)))
             print(f"| `mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics) | {rate:.1f} "
                   f"| - | {peak(device)} |", flush=True)  # each row as soon as it is measured
+
+    method = args.methods.split(",")[0]
+    for decode in [d for d in args.decodes.split(",") if d != "host"]:
+        if decode != "device":
+            parser.error(f"--decodes: unknown mode {decode!r} (host, device)")
+        encoded = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=True,
+                              device_decode=True)
+        common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
+                      map_precision=resolve_precision(args.map_precisions.split(",")[0], device),
+                      batch_size=args.batch, workers=args.workers, channels_last=True)
+        peak_reset(device)
+        evaluate_model(model, encoded, **common)  # warm-up pass
+        sync(device)
+        start = time.perf_counter()
+        evaluate_model(model, encoded, **common)
+        sync(device)
+        rate = len(encoded) / (time.perf_counter() - start)
+        print(f"| `mnpo evaluate --decode device`, {method}, maps {common['map_precision']} | {rate:.1f} | - "
+              f"| {peak(device)} |", flush=True)
 
     # the training run's own input pipeline (mnpo.engine.train_input): one loader, persistent
     # workers, uint8 batches pinned on CUDA, per-image generators; so the rows time loader + step

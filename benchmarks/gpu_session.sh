@@ -11,7 +11,9 @@
 #                  bench_any_model.py after them
 #   pipeline.md    bench_pipeline.py: `mnpo evaluate` per method and map precision, training
 #                  images/s of the released layout against plain torchvision VGG16, peak memory;
-#                  the training rows run end to end through the training run's own input
+#                  a row of `mnpo evaluate --decode device` (nvJPEG; issue 21) beside the
+#                  first method's host-decoded rows; the training rows run end to end through
+#                  the training run's own input
 #                  pipeline (train_input.training_loader: WORKERS persistent workers, uint8
 #                  batches pinned and normalized on the GPU), so they show whether input keeps up
 #   study.md/.json study.py at 224 px, full width: parts, then both presets (one training seed;
@@ -93,7 +95,7 @@ step any-model 90 "$OUT/maps.md" python3 benchmarks/bench_any_model.py --device 
 # vs plain VGG16, peak memory; synthetic 500x375 JPEGs, 1000 classes (about 2 min)
 step pipeline 150 "$OUT/pipeline.md" python3 benchmarks/bench_pipeline.py --device "$DEVICE" --images "$IMAGES" \
   --batch "$BATCH" --workers "$WORKERS" --classes "$CLASSES" --width "$WIDTH" --methods cam,mnpo,mnpos \
-  --map-precisions fp32,tf32 --train-steps 30 --data /tmp/mnpo-bench
+  --map-precisions fp32,tf32 --decodes host,device --train-steps 30 --data /tmp/mnpo-bench
 
 # (3) the synthetic study, the released layout from scratch, one training seed: `parts` first
 # (the preset where CAM should fail), then (4) the precision check on its two-branch network,

@@ -86,7 +86,7 @@ def test_bench_input_writes_a_realistic_set_and_prints_both_tables(tmp_path):
     loaders = out.split("| stage")[0]
     rows = {line.split("|")[2].strip(): line.split("|")[3:-1] for line in loaders.splitlines()
             if line.startswith("| training |") or line.startswith("| evaluation |")}
-    assert len(rows) == 6
+    assert len(rows) == 7
     kb = {name: float(cells[0]) for name, cells in rows.items()}
     # uint8 224x224 (147 KB) against float32 (588 KB): the 4x of the issue, and the 256 source
     assert kb["mnpo, RandomResizedCrop (uint8)"] == 147 and kb["torchvision ImageFolder, RandomResizedCrop + "
@@ -94,11 +94,17 @@ def test_bench_input_writes_a_realistic_set_and_prints_both_tables(tmp_path):
     assert kb["mnpo evaluate: 224 view + ten-crop source (uint8)"] == round((224 ** 2 + 256 ** 2) * 3 / 1024)
     assert all(cells[-1].strip() == "1.00x" for name, cells in rows.items() if name.startswith("torchvision"))
     assert "| decode, mnpo `load_image` |" in out
+    assert "| evaluation views, --decode device's device part (decode_jpeg + 224 + 256), cpu, batch 4 |" in out
     # the set: 12 JPEGs, two of them large (2,000+ px shorter side), grayscale and CMYK among them
     from PIL import Image
 
     files = sorted((tmp_path / "set" / "images").rglob("*.JPEG"))
     modes = [Image.open(f).mode for f in files]
+    # --decode device: a worker sends each JPEG's bytes, and a CMYK one's decoded RGB pixels
+    sent = [3 * Image.open(f).size[0] * Image.open(f).size[1] if m == "CMYK" else f.stat().st_size
+            for f, m in zip(files, modes)]
+    name = "mnpo evaluate --decode device: the workers' part (JPEG bytes; decoded on the device)"
+    assert kb[name] == round(sum(sent) / len(sent) / 1024)
     sizes = [min(Image.open(f).size) for f in files]
     assert len(files) == 12 and "L" in modes and modes.count("CMYK") == 2
     assert sum(s >= 2000 for s in sizes) == 2 and all(300 <= s <= 500 for s in sizes if s < 2000)
@@ -108,8 +114,9 @@ def test_bench_input_writes_a_realistic_set_and_prints_both_tables(tmp_path):
 def test_bench_pipeline_prints_the_table(tmp_path):
     out = run("bench_pipeline.py", "--device", "cpu", "--images", "8", "--classes", "5", "--batch", "2",
               "--workers", "0", "--methods", "mnpos", "--train-steps", "1", "--width", "0.0625",
-              "--data", str(tmp_path / "data"))
+              "--decodes", "host,device", "--data", str(tmp_path / "data"))
     assert "`mnpo evaluate`, mnpos" in out and "training, plain torchvision VGG16 | " in out
+    assert "| `mnpo evaluate --decode device`, mnpos, maps fp32 |" in out
 
 
 def test_study_writes_its_table_and_figure_and_resumes(tmp_path):
