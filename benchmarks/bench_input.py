@@ -6,7 +6,8 @@ folders, so that torchvision's ``ImageFolder`` reads the same files) and times, 
 loader workers, one epoch after a warm-up epoch (workers started, files in the page cache):
 
 * training: mnpo's run loader (:func:`mnpo.engine.train_input.training_loader`: uint8 views,
-  normalized later on the device) with ``RandomResizedCrop`` (``data.random_resized: true``)
+  normalized later on the device) with ``RandomResizedCrop`` (``data.random_resized: true``;
+  also with ``data.jpeg_draft: true``, JPEGs decoded at the scale the view needs)
   and with wsolevaluation's default recipe (``Resize((256, 256))`` + ``RandomCrop``), against
   torchvision's standard ``ImageFolder`` + ``RandomResizedCrop(224)``, flip, ``ToTensor``,
   ``Normalize``;
@@ -42,7 +43,7 @@ from torchvision import transforms as T
 from machine_info import cpu_cores, cpu_name
 from mnpo.data.dataset import WSOLDataset, collate_evaluation
 from mnpo.data.metadata import SplitMetadata, write_split
-from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mnpo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from mnpo.engine.runtime import resolve_device
 from mnpo.engine.train_input import EpochSampler, TrainingItems, training_loader
 
@@ -104,8 +105,8 @@ def timed_epoch(loader: DataLoader, set_epoch=None) -> tuple[float, float]:
     return seen / (time.perf_counter() - start), nbytes / max(seen, 1)
 
 
-def mnpo_train(root: Path, meta: SplitMetadata, workers: int, batch: int, random_resized: bool):
-    data = WSOLDataset(root / "images", meta, "train", random_resized=random_resized)
+def mnpo_train(root: Path, meta: SplitMetadata, workers: int, batch: int, random_resized: bool, draft: bool = False):
+    data = WSOLDataset(root / "images", meta, "train", train_transform(random_resized=random_resized, draft=draft))
     sampler = EpochSampler(len(data), 1, 0, seed=0)
     loader = training_loader(TrainingItems(data, seed=0), sampler, batch, workers, torch.device("cpu"), seed=0)
     return timed_epoch(loader, sampler.set_epoch)
@@ -153,7 +154,7 @@ def device_ms(root: Path, meta: SplitMetadata, device: torch.device, batch: int)
 def per_item_ms(root: Path, meta: SplitMetadata) -> list[tuple[str, float]]:
     """Mean milliseconds per image of each stage, in this process, over the whole set."""
     from mnpo.data.device_decode import encoded_image
-    from mnpo.data.transforms import load_image, train_transform, uint8_views
+    from mnpo.data.transforms import load_image, uint8_views
 
     paths = [root / "images" / i for i in meta.image_ids]
 
@@ -173,10 +174,13 @@ def per_item_ms(root: Path, meta: SplitMetadata) -> list[tuple[str, float]]:
                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     tv_eval = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     rrc, recipe = train_transform(random_resized=True), train_transform()
+    draft = train_transform(random_resized=True, draft=True)
     return [
         ("decode, mnpo `load_image`", mean_ms(load_image, paths)),
         ("decode, ImageFolder's loader (open + convert RGB)", mean_ms(pil_loader, paths)),
         ("training view, mnpo RandomResizedCrop -> uint8", mean_ms(lambda im: rrc(im, g), decoded)),
+        ("decode + training view, mnpo RandomResizedCrop, data.jpeg_draft -> uint8",
+         mean_ms(lambda p: draft.from_file(p, g), paths)),
         ("training view, mnpo Resize 256 + RandomCrop -> uint8", mean_ms(lambda im: recipe(im, g), decoded)),
         ("training view, torchvision RandomResizedCrop + ToTensor + Normalize", mean_ms(tv_train, decoded)),
         ("evaluation views, mnpo 224 + 256 -> uint8", mean_ms(uint8_views, decoded)),
@@ -215,6 +219,8 @@ def main() -> None:
         pipelines = [
             ("training", "mnpo, RandomResizedCrop (uint8)",
              lambda w: mnpo_train(root, meta, w, args.batch, True)),
+            ("training", "mnpo, RandomResizedCrop, data.jpeg_draft (uint8)",
+             lambda w: mnpo_train(root, meta, w, args.batch, True, draft=True)),
             ("training", "mnpo, wsolevaluation's Resize 256 + RandomCrop (uint8)",
              lambda w: mnpo_train(root, meta, w, args.batch, False)),
             ("training", "torchvision ImageFolder, RandomResizedCrop + ToTensor + Normalize",

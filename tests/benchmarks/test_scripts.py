@@ -86,8 +86,9 @@ def test_bench_input_writes_a_realistic_set_and_prints_both_tables(tmp_path):
     loaders = out.split("| stage")[0]
     rows = {line.split("|")[2].strip(): line.split("|")[3:-1] for line in loaders.splitlines()
             if line.startswith("| training |") or line.startswith("| evaluation |")}
-    assert len(rows) == 7
+    assert len(rows) == 8
     kb = {name: float(cells[0]) for name, cells in rows.items()}
+    assert kb["mnpo, RandomResizedCrop, data.jpeg_draft (uint8)"] == 147
     # uint8 224x224 (147 KB) against float32 (588 KB): the 4x of the issue, and the 256 source
     assert kb["mnpo, RandomResizedCrop (uint8)"] == 147 and kb["torchvision ImageFolder, RandomResizedCrop + "
                                                                 "ToTensor + Normalize"] == 588

@@ -141,6 +141,29 @@ def test_train_items(tiny):
     assert len(views) > 1  # the generator is used, not ignored
 
 
+def test_train_items_with_jpeg_draft_come_from_the_file(tiny, tmp_path):
+    """data.jpeg_draft: the item is the transform's view of the file (drawn before decoding),
+    with the same keys; a large JPEG is decoded at a reduced scale (its view differs a little
+    from the full decode's)."""
+    from mnpo.data.transforms import train_transform
+
+    root, _, meta = tiny
+    big = root / "cls0" / "huge.jpg"
+    y, x = np.mgrid[0:1100, 0:1300]
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(big, quality=90)
+    huge = SplitMetadata(image_ids=(*meta.image_ids, "cls0/huge.jpg"), labels={**meta.labels, "cls0/huge.jpg": 0})
+    draft = train_transform(random_resized=True, draft=True)
+    data = WSOLDataset(root, huge, "train", draft)
+    for index in range(len(data)):
+        item = data.item(index, torch.Generator().manual_seed(index))
+        assert set(item) == {"image", "label", "image_id", "index"} and item["index"] == index
+        expected = draft.from_file(root / huge.image_ids[index], torch.Generator().manual_seed(index))
+        assert torch.equal(item["image"], expected)
+    plain = WSOLDataset(root, huge, "train", train_transform(random_resized=True))
+    a, b = (d.item(3, torch.Generator().manual_seed(0))["image"] for d in (data, plain))
+    assert not torch.equal(a, b) and (a.int() - b.int()).abs().float().mean() < 8
+
+
 def test_localization_items_are_the_resized_view(tiny):
     root, folder, _ = tiny
     data = WSOLDataset(root, folder, "localization")

@@ -357,3 +357,14 @@ def test_fit_autotunes_cudnn_for_training_epochs_only(synth, tmp_path, monkeypat
     trainer.fit()
     assert calls == [("train_epoch", True), ("validate", False)] * 2
     assert seen == [trainer.device] * 2
+
+
+def test_data_jpeg_draft_reaches_the_training_views(synth, tmp_path):
+    """data.jpeg_draft and data.random_resized configure the training transform (off by default:
+    every pixel decoded); a value that is not a boolean is refused, naming the key."""
+    on = Trainer(config(synth, tmp_path / "on", data={"jpeg_draft": True, "random_resized": True}), progress=False)
+    off = Trainer(config(synth, tmp_path / "off"), progress=False)
+    assert (on.train_set.transform.draft, on.train_set.transform.random_resized) == (True, True)
+    assert (off.train_set.transform.draft, off.train_set.transform.random_resized) == (False, False)
+    with pytest.raises(ConfigError, match="data.jpeg_draft"):
+        config(synth, tmp_path / "bad", data={"jpeg_draft": "sometimes"})

@@ -205,6 +205,9 @@ class WSOLDataset(Dataset):
         image_id = self.meta.image_ids[index]
         if self.device_decode:
             return self._encoded_item(index, image_id)
+        if self.mode == "train" and getattr(self.transform, "draft", False):  # decodes what the view needs
+            return {"image": self.transform.from_file(self.image_root / image_id, generator),
+                    "label": self.meta.labels[image_id], "image_id": image_id, "index": index}
         image = load_image(self.image_root / image_id)
         if self.uint8_views and self.ten_crop:
             view, source = uint8_views(image, self.crop_size, self.resize_size)

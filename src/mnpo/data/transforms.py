@@ -71,6 +71,19 @@ Transform = Callable[[Image.Image], torch.Tensor]
 _warned_truncated = False
 
 
+#: JPEG scales libjpeg decodes in the DCT domain (``load_image``'s ``draft_scale``).
+DRAFT_SCALES = (1, 2, 4, 8)
+
+
+def draft_scale(width: int, height: int, side: int) -> int:
+    """The largest of :data:`DRAFT_SCALES` at which a ``width x height`` window still has at
+    least ``side`` pixels each way, so that the resize to ``side`` only shrinks."""
+    scale = 1
+    while scale < DRAFT_SCALES[-1] and min(width, height) >= 2 * scale * side:
+        scale *= 2
+    return scale
+
+
 class ImageReadError(OSError):
     """An image file that is missing, unreadable, truncated or not an image.
 
@@ -86,7 +99,7 @@ class ImageReadError(OSError):
         return (type(self), (self.path, self.reason))
 
 
-def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) -> Image.Image:
+def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False, draft_scale: int = 1) -> Image.Image:
     """Open ``path`` with PIL, decode every pixel and return it as an 8-bit RGB image.
 
     8-bit images come out exactly as PIL's ``convert("RGB")`` gives them (wsolevaluation's
@@ -98,11 +111,19 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) 
     ``image.info["exif_orientation"]`` (1: as stored). Off by default: the boxes and
     ``image_sizes.txt`` of CUB, ILSVRC and OpenImages are in the stored pixel grid.
 
+    draft_scale: 2, 4 or 8 decode an 8-bit grey or colour JPEG at that fraction of its size in
+    the DCT domain (libjpeg's scaled inverse DCT, PIL's ``draft``: ``ceil(W / s) x ceil(H /
+    s)`` pixels, several times faster; not the pixels of a full decode resized; a side under
+    ``2 s`` pixels is not scaled); other files are
+    decoded whole. 1 (the default): every pixel.
+
     Raises:
         ImageReadError: the file is missing, cannot be identified as an image,
             or fails to decode (truncated or corrupt data).
     """
     path = Path(path)
+    if draft_scale not in DRAFT_SCALES:
+        raise ValueError(f"draft_scale must be one of {DRAFT_SCALES}, got {draft_scale!r}")
     global _warned_truncated
     if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
         _warned_truncated = True
@@ -112,6 +133,9 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) 
         data = file_bytes(path)
         with Image.open(io.BytesIO(data)) as image:
             bits = source_bits(image)  # before load(): PIL then forgets the raw mode
+            if draft_scale != 1 and image.format == "JPEG" and image.mode in ("L", "RGB"):
+                width, height = image.size
+                image.draft(image.mode, (width // draft_scale, height // draft_scale))  # gives ceil(W / s)
             image.load()
             orientation = exif_orientation_of(image) if exif_orientation else 1
             rgb = to_rgb8(image, bits, data if bits == 16 else None, str(path))
@@ -157,12 +181,20 @@ class TrainAugmentation:
     only when there is room; the flip when ``rand() < 0.5``), so with ``generator`` seeded like
     torch's global generator the pixels equal those of the torchvision v2 pipeline; without
     ``generator`` they come from the global generator, as torchvision's do.
+
+    ``draft=True`` (``data.jpeg_draft``) is for :meth:`from_file`: the window is drawn from the
+    file's header first, and a JPEG is decoded at the largest scale 1/2, 1/4 or 1/8 at which the
+    window still has ``crop`` (``resize`` for the whole-image recipe) pixels each way
+    (:func:`draft_scale`), then resized from there (PIL's ``resize`` with the window as its
+    ``box``). Where no scale applies (a window under twice the output side, a PNG, ...) the
+    pixels are the default's exactly, and the draws are the same in every case.
     """
 
     takes_generator = True  # WSOLDataset passes each item's generator
 
     def __init__(self, crop: int = 224, resize: int = 256, random_resized: bool = False,
-                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 draft: bool = False) -> None:
         self.crop = _check_size("crop", crop)
         self.resize = _check_size("resize", resize)
         if not random_resized and crop > resize:
@@ -172,6 +204,7 @@ class TrainAugmentation:
         self.random_resized = bool(random_resized)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.draft = bool(draft)
 
     def window(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         """``RandomResizedCrop``'s window ``(top, left, h, w)`` in a ``width x height`` image."""
@@ -198,10 +231,40 @@ class TrainAugmentation:
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+        window = self.window(*image.size, generator) if self.random_resized else None
+        return self._view(image, window, None, generator)
+
+    def from_file(self, path: str | os.PathLike[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The view of the image file ``path`` (:func:`load_image`; with ``draft``, decoded at a
+        reduced scale where the view allows it: class docstring)."""
+        if not self.draft:
+            return self(load_image(path), generator)
+        try:
+            with Image.open(path) as header:
+                width, height = header.size
+        except Exception:  # let load_image say why, as without draft
+            load_image(path)
+            raise
+        window = self.window(width, height, generator) if self.random_resized else None
+        top, left, h, w = window if window is not None else (0, 0, height, width)
+        scale = draft_scale(w, h, self.crop if self.random_resized else self.resize)
+        image = load_image(path, draft_scale=scale)
+        stored = (width, height) if image.size != (width, height) else None
+        return self._view(image, window, stored, generator)
+
+    def _view(self, image: Image.Image, window: tuple[int, int, int, int] | None,
+              stored: tuple[int, int] | None, generator: torch.Generator | None) -> torch.Tensor:
+        """The view of ``image``; ``window`` in the stored image's pixels, which are ``stored``
+        ``(W, H)`` when ``image`` was decoded at a reduced scale (None: at full size)."""
         bilinear = v2.InterpolationMode.BILINEAR
-        if self.random_resized:
-            top, left, h, w = self.window(*image.size, generator)
+        if self.random_resized and stored is None:
+            top, left, h, w = window
             view = F.resized_crop(image, top, left, h, w, [self.crop, self.crop], interpolation=bilinear)
+        elif self.random_resized:
+            top, left, h, w = window
+            sx, sy = image.width / stored[0], image.height / stored[1]
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            view = image.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=box)
         else:
             resized = F.resize(image, [self.resize, self.resize], interpolation=bilinear)
             room = self.resize - self.crop
@@ -215,13 +278,14 @@ class TrainAugmentation:
 
     def __repr__(self) -> str:
         kind = "random_resized" if self.random_resized else f"resize={self.resize}"
-        return f"TrainAugmentation(crop={self.crop}, {kind})"
+        return f"TrainAugmentation(crop={self.crop}, {kind}{', draft' if self.draft else ''})"
 
 
-def train_transform(crop: int = 224, resize: int = 256, random_resized: bool = False) -> TrainAugmentation:
+def train_transform(crop: int = 224, resize: int = 256, random_resized: bool = False,
+                    draft: bool = False) -> TrainAugmentation:
     """The training augmentation (:class:`TrainAugmentation`): PIL RGB image [, generator] ->
     uint8 tensor (3, crop, crop); :func:`normalize_batch` makes it the network's input."""
-    return TrainAugmentation(crop, resize, random_resized)
+    return TrainAugmentation(crop, resize, random_resized, draft=draft)
 
 
 def localization_transform(size: int = 224) -> Transform:

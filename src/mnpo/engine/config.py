@@ -4,7 +4,7 @@ A config file has four sections (every key optional except ``data.root`` and
 ``data.metadata``; the defaults are the released ILSVRC recipe)::
 
     data:    {root, metadata, mask_root, num_classes, val_per_class, workers,
-              resize_size, crop_size, random_resized}
+              resize_size, crop_size, random_resized, jpeg_draft}
     model:   {layout, width, pretrained, imagenet_classifier, large_feature_map, drop_path}
     method:  {name, has_grid_size, has_drop_rate, cutmix_beta, cutmix_prob, adl_drop_rate, adl_threshold,
               acol_threshold, spg_thresholds, bas_weights, bas_beta, bas_lambda_fg,
@@ -47,6 +47,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """``random_resized``: train on ``RandomResizedCrop`` views instead of wsolevaluation's
+    ``Resize((256, 256))`` + ``RandomCrop``; ``jpeg_draft``: decode a training JPEG only at the
+    resolution its view needs (:class:`~mnpo.data.transforms.TrainAugmentation`; off: every
+    pixel decoded, the views torchvision's pipeline gives)."""
+
     root: str = ""
     metadata: str = ""
     mask_root: str | None = None
@@ -56,6 +61,7 @@ class DataConfig:
     resize_size: int = 256
     crop_size: int = 224
     random_resized: bool = False
+    jpeg_draft: bool = False
 
 
 @dataclass

@@ -349,7 +349,7 @@ class Trainer:
         if self.cfg.method.name == "fsl":
             return self._fsl_datasets()
         train_meta = read_split(meta / "train", self._num_classes())
-        transform = train_transform(d.crop_size, d.resize_size, random_resized=d.random_resized)
+        transform = train_transform(d.crop_size, d.resize_size, random_resized=d.random_resized, draft=d.jpeg_draft)
         m = self.cfg.method
         train = WSOLDataset(d.root, train_meta, "train", transform, crop_size=d.crop_size,
                             resize_size=d.resize_size)
