@@ -149,40 +149,35 @@ def main() -> None:
     model = model.to(memory_format=torch.channels_last).eval()
     test = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=not args.float_views)
     mnpos_rows = []  # (map precision, images/s, peak GiB) for the targets
+
+    def evaluation_rate(data, method, map_precision) -> float:
+        """images/s of `mnpo evaluate` on ``data``, the second of two passes."""
+        common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
+                      map_precision=map_precision, batch_size=args.batch, workers=args.workers, channels_last=True)
+        peak_reset(device)
+        evaluate_model(model, data, **common)  # warm-up pass
+        sync(device)
+        start = time.perf_counter()
+        evaluate_model(model, data, **common)
+        sync(device)
+        return len(data) / (time.perf_counter() - start)
+
+    map_precisions = list(dict.fromkeys(resolve_precision(p, device) for p in args.map_precisions.split(",")))
     for method in args.methods.split(","):
-        for map_precision in dict.fromkeys(resolve_precision(p, device) for p in args.map_precisions.split(",")):
-            common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
-                          map_precision=map_precision, batch_size=args.batch, workers=args.workers,
-                          channels_last=True)
-            peak_reset(device)
-            evaluate_model(model, test, **common)  # warm-up pass
-            sync(device)
-            start = time.perf_counter()
-            evaluate_model(model, test, **common)
-            sync(device)
-            rate = len(test) / (time.perf_counter() - start)
+        for map_precision in map_precisions:
+            rate = evaluation_rate(test, method, map_precision)
             if method == "mnpos":
                 mnpos_rows.append((map_precision, rate, peak(device)))
             print(f"| `mnpo evaluate`, {method}, maps {map_precision} (ten-crop + maps + box metrics) | {rate:.1f} "
                   f"| - | {peak(device)} |", flush=True)  # each row as soon as it is measured
-
-    method = args.methods.split(",")[0]
     for decode in [d for d in args.decodes.split(",") if d != "host"]:
         if decode != "device":
             parser.error(f"--decodes: unknown mode {decode!r} (host, device)")
+        method = args.methods.split(",")[0]
         encoded = WSOLDataset(root / "images", root / "metadata" / "test", "evaluate", uint8_views=True,
                               device_decode=True)
-        common = dict(thresholds=cam_thresholds(0.01), method=method, device=device, precision=precision,
-                      map_precision=resolve_precision(args.map_precisions.split(",")[0], device),
-                      batch_size=args.batch, workers=args.workers, channels_last=True)
-        peak_reset(device)
-        evaluate_model(model, encoded, **common)  # warm-up pass
-        sync(device)
-        start = time.perf_counter()
-        evaluate_model(model, encoded, **common)
-        sync(device)
-        rate = len(encoded) / (time.perf_counter() - start)
-        print(f"| `mnpo evaluate --decode device`, {method}, maps {common['map_precision']} | {rate:.1f} | - "
+        rate = evaluation_rate(encoded, method, map_precisions[0])
+        print(f"| `mnpo evaluate --decode device`, {method}, maps {map_precisions[0]} | {rate:.1f} | - "
               f"| {peak(device)} |", flush=True)
 
     # the training run's own input pipeline (mnpo.engine.train_input): one loader, persistent
