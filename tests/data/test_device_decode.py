@@ -197,8 +197,17 @@ def test_an_evaluation_sees_the_device_views_of_its_own_images(jpeg_data, ten_cr
 
     host = _dataset(jpeg_data, False, ten_crop)
     result = evaluate_model(tiny_vgg_mnpo(), _dataset(jpeg_data, True, ten_crop), thresholds=cam_thresholds(0.1),
-                            method="cam", batch_size=5, workers=2, ten_crop=ten_crop, on_batch=keep)
+                            method="cam", batch_size=5, workers=2, ten_crop=ten_crop, on_batch=keep, details=True,
+                            gallery_size=3)
     assert result.num_images == len(host) == len(seen)
+    import cv2
+
+    from mnpo.engine.results import THUMBNAIL
+
+    assert len(result.details.gallery) == 3
+    for image_id, item in result.details.gallery.items():  # the report's thumbnails are of the device views
+        view = np.ascontiguousarray(seen[image_id][0].permute(1, 2, 0).numpy())
+        assert np.array_equal(item.image, cv2.resize(view, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA))
     for k in range(len(host)):
         item = host[k]
         view, source = seen[item["image_id"]]
