@@ -19,6 +19,13 @@ The logits in training are GAP of the last ``S``; the loss is cross-entropy
 (:class:`mnpo.engine.train.Trainer`, ``method.name: scm``). The cosine similarity divides by
 the product of the two norms clamped at 1e-12 (the authors' divide unclamped: an all-zero class
 vector would make the loss NaN).
+
+Precision: ``tanhshrink`` is computed in float64 (:func:`tanhshrink`). In float32, ``x - tanh(x)``
+cancels: the later layers' inputs are of order 0.01 (their 4 Newton-Schulz steps leave ``P``
+small), where ``x^3 / 3 ~ 3e-7`` is below float32's resolution of ``x``, so a row came out
+noise or one constant value, and the authors' min-max of a constant row is 0 / 0: a DeiT-Tiny
+run on the synthetic ``shapes`` preset diverged so (NaN at epoch 12). A constant row is mapped
+to zeros (no update) rather than NaN.
 """
 
 from __future__ import annotations
@@ -71,9 +78,16 @@ def cosine_similarity_matrix(tokens: Tensor, eps: float = 1e-12) -> Tensor:
 
 def minmax_rows(x: Tensor) -> Tensor:
     """``(B, N)``: each row shifted to minimum 0, then divided by its new maximum (the authors'
-    ``norm_cam``; a constant row becomes NaN, 0 / 0)."""
+    ``norm_cam``); a constant row becomes zeros (theirs: NaN, 0 / 0)."""
     x = x - x.amin(1, keepdim=True)
-    return x / x.amax(1, keepdim=True)
+    top = x.amax(1, keepdim=True)
+    return torch.where(top > 0, x / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(x))
+
+
+def tanhshrink(x: Tensor) -> Tensor:
+    """``x - tanh(x)``, computed in float64 and returned in ``x``'s dtype: in float32 the
+    difference cancels for small ``|x|`` (``x^3 / 3`` is lost below ``|x| ~ 0.01``)."""
+    return F.tanhshrink(x.double()).to(x.dtype)
 
 
 class CalibrationLayer(nn.Module):
@@ -91,7 +105,7 @@ class CalibrationLayer(nn.Module):
         laplacian = grid_laplacian(h, w, sim.dtype, sim.device)
         propagate = newton_schulz_inverse(laplacian * (self.rate * sim - 1), self.iterations).transpose(1, 2)
         update = (propagate @ cam[:, :, None])[:, :, 0]
-        update = minmax_rows(F.tanhshrink(update / (self.temperature * cam.amax(1, keepdim=True))))
+        update = minmax_rows(tanhshrink(update / (self.temperature * cam.amax(1, keepdim=True))))
         return semantic + semantic * update.reshape(b, 1, h, w), cam + update
 
 
