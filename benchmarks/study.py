@@ -531,6 +531,8 @@ def _faithfulness_header(args) -> str:
 MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
                   "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps",
                   "normalize", "backbone_from", "transformer_lr", "transformer_width")
+#: Settings of the CNN models only: compared between files that hold a CNN model.
+CNN_SETTINGS = ("width",)
 
 
 def merge(paths: list[str], out: Path) -> str:
@@ -540,6 +542,7 @@ def merge(paths: list[str], out: Path) -> str:
     from argparse import Namespace
 
     first: tuple[str, dict] | None = None
+    first_cnn: tuple[str, dict] | None = None  # the first file holding a CNN model
     all_results: dict[tuple[str, str], list[list[dict]]] = {}
     run_seeds: dict[tuple[str, str], list[int] | None] = {}
     diverged: list[str] = []
@@ -553,10 +556,18 @@ def merge(paths: list[str], out: Path) -> str:
             raise SystemExit(f"{path}: not a study.json written by study.py ({type(err).__name__}: {err})") from None
         if first is None:
             first = (path, settings)
+        cnn = any(name.split("/", 1)[-1] not in TRANSFORMER_MODELS for name in results)
+        if cnn and first_cnn is None:
+            first_cnn = (path, settings)
         for key in MERGE_SETTINGS:
-            if settings.get(key) != first[1].get(key):
-                raise SystemExit(f"{path}: {key} is {settings.get(key)!r} but {first[0]} has {first[1].get(key)!r}; "
-                                 "only runs of the same settings can be merged")
+            against = first
+            if key in CNN_SETTINGS:  # the CNNs' width: runs of the DeiT models alone do not use it
+                if not cnn:
+                    continue
+                against = first_cnn
+            if settings.get(key) != against[1].get(key):
+                raise SystemExit(f"{path}: {key} is {settings.get(key)!r} but {against[0]} has "
+                                 f"{against[1].get(key)!r}; only runs of the same settings can be merged")
         devices.append(study["header"].removeprefix("device: ").split(f"; {settings['image_size']} px")[0])
         diverged += study["diverged"]
         for name, entry in results.items():

@@ -431,6 +431,29 @@ def test_study_merge_refuses_fsl_runs_of_other_epochs(tmp_path):
         study.main(["--merge", str(tmp_path / "0.json"), str(tmp_path / "2.json"), "--out", str(tmp_path / "x")])
 
 
+def test_study_merge_compares_the_cnn_width_only_between_files_with_a_cnn(tmp_path):
+    """--width does not reach the DeiT models: DeiT runs of another --width merge; a CNN run of
+    another --width beside another CNN run is refused, naming the setting."""
+    study = script_module("study")
+    row = {"label": "x", **{k: 40.0 for k in study.METRICS}}
+    settings = {"image_size": 32, "classes": 2, "train_per_class": 2, "val_per_class": 1, "test_per_class": 2,
+                "epochs": 1, "batch": 4, "lr": 0.01, "clip_grad_norm": None, "seed": 0, "fp32_maps": False,
+                "transformer_lr": 5e-4, "transformer_width": 1.0}
+
+    def write(name, model, seed, width):
+        (tmp_path / name).write_text(json.dumps({
+            "settings": {**settings, "width": width, "train_seeds": str(seed)}, "header": "device: test; x",
+            "diverged": [], "results": {f"parts/{model}": {"per_seed": [[row]], "seeds": [seed]}}}))
+        return str(tmp_path / name)
+
+    deit = [write("d0.json", "deit_tiny-sat", 0, 0.125), write("d1.json", "deit_tiny-sat", 1, 1.0)]
+    cnn = [write("c0.json", "vgg16-cam", 0, 0.125), write("c1.json", "vgg16-cam", 1, 1.0)]
+    study.main(["--merge", deit[0], cnn[0], deit[1], "--out", str(tmp_path / "ok")])
+    assert "| parts | deit_tiny-sat | x | 40.0 ± 0.0 |" in (tmp_path / "ok" / "study.md").read_text()
+    with pytest.raises(SystemExit, match=r"c1.json: width is 1.0 but .*c0.json has 0.125"):
+        study.main(["--merge", deit[1], cnn[0], cnn[1], "--out", str(tmp_path / "x")])
+
+
 def test_float32_maps_measures_the_difference_and_its_parts(tmp_path):
     """Toy size (full-width VGG16 at 32 px, two images): every table is written and the
     differences are float32 rounding (a broken replay or a float64 run left in float32 would
