@@ -137,18 +137,13 @@ def torchvision_evaluate(root: Path, workers: int, batch: int):
 def device_ms(root: Path, meta: SplitMetadata, device: torch.device, batch: int) -> float:
     """Mean milliseconds per image of ``--decode device``'s device part (decode_jpeg of a batch,
     both resizes), over the set in batches, the second of two passes."""
+    from bench_maps import timed
     from mnpo.data.device_decode import device_views, encoded_image
 
     encoded = [encoded_image(root / "images" / i) for i in meta.image_ids]
-    for _ in range(2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for first in range(0, len(encoded), batch):
-            device_views(encoded[first:first + batch], device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / len(encoded) * 1e3
+    seconds, _ = timed(lambda: [device_views(encoded[first:first + batch], device)
+                                for first in range(0, len(encoded), batch)], device, repeats=1)
+    return seconds / len(encoded) * 1e3
 
 
 def per_item_ms(root: Path, meta: SplitMetadata) -> list[tuple[str, float]]:
