@@ -242,3 +242,18 @@ def test_an_image_the_device_cannot_decode_is_a_miss_with_skip_unreadable(jpeg_d
                                                         device_decode=True), **common)
     assert np.array_equal(counted.curves.top1, alone.curves.top1)
     assert (counted.top1_correct, counted.top5_correct) == (alone.top1_correct, alone.top5_correct)
+
+
+def test_each_file_is_read_once(files, monkeypatch):
+    """The worker reads a file's bytes once, also where it decodes the file itself (CMYK, PNG)."""
+    reads = []
+    real = type(files["rgb"]).read_bytes
+
+    def counting(self):
+        reads.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(type(files["rgb"]), "read_bytes", counting)
+    for name in ("rgb", "cmyk", "png", "png_named_jpeg"):
+        encoded_image(files[name])
+    assert reads == [files[name].name for name in ("rgb", "cmyk", "png", "png_named_jpeg")]

@@ -456,3 +456,39 @@ def test_draft_reads_unreadable_files_as_load_image_does(tmp_path):
         draft.from_file(tmp_path / "text.jpg", torch.Generator())
     with pytest.raises(ImageReadError, match="file not found"):
         draft.from_file(tmp_path / "absent.jpg", torch.Generator())
+
+
+def test_load_image_decodes_bytes_already_read_and_names_the_path(tmp_path):
+    jpeg = _gradient_jpeg(tmp_path / "g.jpg")
+    data = jpeg.read_bytes()
+    elsewhere = tmp_path / "not-written.jpg"  # never read: the bytes are given
+    for scale in (1, 4):
+        a, b = load_image(elsewhere, data=data, draft_scale=scale), load_image(jpeg, draft_scale=scale)
+        assert a.size == b.size and a.tobytes() == b.tobytes()
+    with pytest.raises(ImageReadError, match="not-written.jpg: cannot read image: empty file"):
+        load_image(elsewhere, data=b"")
+    with pytest.raises(ImageReadError, match="not-written.jpg: cannot read image: not an image format"):
+        load_image(elsewhere, data=b"text, not pixels")
+
+
+def test_a_drafted_view_reads_its_file_once(tmp_path, monkeypatch):
+    """One read of the file (its header is parsed from the same bytes): no open by PIL."""
+    import builtins
+
+    jpeg = _gradient_jpeg(tmp_path / "g.jpg")
+    reads = []
+    real_read, real_open = type(jpeg).read_bytes, builtins.open
+
+    def counting_read(self):
+        reads.append(self.name)
+        return real_read(self)
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(jpeg):
+            reads.append(f"open {jpeg.name}")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(type(jpeg), "read_bytes", counting_read)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    train_transform(224, 256, random_resized=True, draft=True).from_file(jpeg, torch.Generator().manual_seed(0))
+    assert reads == ["g.jpg"]

@@ -73,7 +73,7 @@ def encoded_image(path: str | Path) -> EncodedImage:
         raise ImageReadError(path, decode_problem(exc)) from exc
     if kind == "JPEG" and mode in JPEG_MODES and data.rstrip(b"\x00").endswith(_END_OF_IMAGE):
         return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, size)
-    return EncodedImage(pil_to_tensor(load_image(path)), False, size)
+    return EncodedImage(pil_to_tensor(load_image(path, data=data)), False, size)
 
 
 def _decode_jpegs(encoded: list[Tensor], device: torch.device) -> list[Tensor]:

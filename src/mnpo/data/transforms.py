@@ -99,7 +99,8 @@ class ImageReadError(OSError):
         return (type(self), (self.path, self.reason))
 
 
-def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False, draft_scale: int = 1) -> Image.Image:
+def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False, draft_scale: int = 1,
+               data: bytes | None = None) -> Image.Image:
     """Open ``path`` with PIL, decode every pixel and return it as an 8-bit RGB image.
 
     8-bit images come out exactly as PIL's ``convert("RGB")`` gives them (wsolevaluation's
@@ -117,6 +118,9 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False, 
     ``2 s`` pixels is not scaled); other files are
     decoded whole. 1 (the default): every pixel.
 
+    data: the file's bytes when the caller has read them already (the file is then not read
+    again; ``path`` only names it in errors).
+
     Raises:
         ImageReadError: the file is missing, cannot be identified as an image,
             or fails to decode (truncated or corrupt data).
@@ -130,7 +134,10 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False, 
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
                     "with missing pixels instead of raising ImageReadError")
     try:
-        data = file_bytes(path)
+        if data is None:
+            data = file_bytes(path)
+        elif not data:
+            raise ValueError("empty file (0 bytes)")
         with Image.open(io.BytesIO(data)) as image:
             bits = source_bits(image)  # before load(): PIL then forgets the raw mode
             if draft_scale != 1 and image.format == "JPEG" and image.mode in ("L", "RGB"):
@@ -240,7 +247,8 @@ class TrainAugmentation:
         if not self.draft:
             return self(load_image(path), generator)
         try:
-            with Image.open(path) as header:
+            data = file_bytes(Path(path))
+            with Image.open(io.BytesIO(data)) as header:
                 width, height = header.size
         except Exception:  # let load_image say why, as without draft
             load_image(path)
@@ -248,7 +256,7 @@ class TrainAugmentation:
         window = self.window(width, height, generator) if self.random_resized else None
         top, left, h, w = window if window is not None else (0, 0, height, width)
         scale = draft_scale(w, h, self.crop if self.random_resized else self.resize)
-        image = load_image(path, draft_scale=scale)
+        image = load_image(path, draft_scale=scale, data=data)
         stored = (width, height) if image.size != (width, height) else None
         return self._view(image, window, stored, generator)
 
