@@ -21,7 +21,6 @@ Needs ``pip install grad-cam`` (in the test extras).
 from __future__ import annotations
 
 import argparse
-import time
 from importlib.metadata import version
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 import torchvision
 
 from machine_info import device_summary
+from timing import best_time
 from mnpo.maps import compute_maps
 
 
@@ -54,19 +54,6 @@ THEIRS = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGr
 #: run the network once per channel of the layer (in pytorch-grad-cam; ours ablates only what
 #: follows the layer where the network allows): on ``--slow-models``, ``--slow-batch`` images
 SLOW = ("scorecam", "ablationcam")
-
-
-def best_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,14 +105,14 @@ def main(argv: list[str] | None = None) -> None:
             repeats = args.slow_repeats if slow else args.repeats
             ours_s, (ours, _) = best_time(
                 lambda m=method: compute_maps(model, x, y, method=m, target_layer=layer, resize="bilinear"),
-                device, repeats)
+                device, repeats=repeats)
             cam_class = getattr(pytorch_grad_cam, THEIRS[method])
             with cam_class(model=model, target_layers=[model.get_submodule(layer)], **kwargs) as cam:
                 if hasattr(cam, "batch_size"):
                     cam.batch_size = 32 if method == "ablationcam" else 16  # their defaults, set explicitly
                 theirs_s, theirs = best_time(
                     lambda: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in y]),
-                    device, repeats)
+                    device, repeats=repeats)
             diff = float(np.abs(ours.cpu().numpy() - theirs).max())
             note = " (sign of the SVD)" if method == "eigencam" and diff > 1e-3 else ""
             label = f"{method} (batch {len(x)})" if slow else method

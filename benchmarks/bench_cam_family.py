@@ -17,7 +17,6 @@ channel and image in pytorch-grad-cam. Needs ``pip install grad-cam`` (in the te
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch
 from mnpo.maps import compute_maps
 from mnpo.models import build_model
 from machine_info import device_summary
+from timing import best_time
 
 #: our method -> pytorch-grad-cam's class
 THEIRS = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
@@ -41,19 +41,6 @@ class MainLogits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).logits[0]
-
-
-def best_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,14 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         repeats = args.slow_repeats if method in SLOW else args.repeats
         ours_s, (ours, _) = best_time(
-            lambda m=method: compute_maps(model, images, targets, method=m, resize="bilinear"), device, repeats)
+            lambda m=method: compute_maps(model, images, targets, method=m, resize="bilinear"), device, repeats=repeats)
         cam_class = getattr(pytorch_grad_cam, THEIRS[method])
         with cam_class(model=wrapped, target_layers=[layer]) as cam:
             if hasattr(cam, "batch_size"):
                 cam.batch_size = 32 if method == "ablationcam" else 16  # their defaults, set explicitly
             theirs_s, theirs = best_time(
                 lambda: cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets]),
-                device, repeats)
+                device, repeats=repeats)
         diff = float(np.abs(ours.cpu().numpy() - theirs).max())
         note = " (sign of the SVD)" if method == "eigencam" and diff > 1e-3 else ""
         print(f"| {method} | {ours_s * 1e3:.1f} | {theirs_s * 1e3:.1f} | {theirs_s / ours_s:.1f}x | "

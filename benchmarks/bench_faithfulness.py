@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import time
 from importlib.metadata import version
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 import torchvision
 
 from machine_info import device_summary
+from timing import best_time
 from mnpo.maps import compute_maps
 from mnpo.metrics import faithfulness as fm
 
@@ -47,15 +47,6 @@ class GivenMaps:
 
     def _hooks_off(self):
         return contextlib.nullcontext()
-
-
-def timed(fn, repeats):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:
@@ -90,9 +81,10 @@ def main() -> None:
     gc_targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
 
     if "confidence" in wanted:
-        t_ours, ours = timed(lambda: fm.confidence_change(model, images, maps, targets, args.chunk), args.repeats)
-        t_gc, gc = timed(lambda: CamMultImageConfidenceChange()(images, maps.numpy(), gc_targets, model),
-                         args.repeats)
+        t_ours, ours = best_time(lambda: fm.confidence_change(model, images, maps, targets, args.chunk),
+                                 repeats=args.repeats)
+        t_gc, gc = best_time(lambda: CamMultImageConfidenceChange()(images, maps.numpy(), gc_targets, model),
+                             repeats=args.repeats)
 
         def torchcam_run():
             metric = ClassificationMetric(GivenMaps(model, maps), softmax)
@@ -100,7 +92,7 @@ def main() -> None:
                 metric.update(images[start:start + args.chunk], class_idx=targets[start:start + args.chunk].tolist())
             return metric.summary()
 
-        t_tc, tc = timed(torchcam_run, args.repeats)
+        t_tc, tc = best_time(torchcam_run, repeats=args.repeats)
         diff_gc = float(np.abs((ours.masked - ours.base).numpy() - np.asarray(gc).ravel()).max())
         diff_tc = abs(ours.average_drop / 100 - tc["avg_drop"])
         print(f"| confidence change | ours | {t_ours:.2f} | | |")
@@ -118,8 +110,8 @@ def main() -> None:
             metric.update(images, class_idx=targets.tolist())
             return metric.summary()
 
-        t_ours, (deletion, insertion) = timed(ours_run, args.repeats)
-        t_tc, tc = timed(torchcam_run, args.repeats)
+        t_ours, (deletion, insertion) = best_time(ours_run, repeats=args.repeats)
+        t_tc, tc = best_time(torchcam_run, repeats=args.repeats)
         diff = max(abs(float(deletion.auc.mean()) - tc["deletion_auc"]),
                    abs(float(insertion.auc.mean()) - tc["insertion_auc"]))
         print(f"| deletion + insertion ({args.steps} steps) | ours | {t_ours:.2f} | | |")
@@ -127,12 +119,13 @@ def main() -> None:
               f"{diff:.1e} (mean AUC) |")
 
     if "road" in wanted:
-        t_ours, ours = timed(lambda: fm.road(model, images, maps, targets, noise=0.0, chunk_size=args.chunk),
-                             args.repeats)
+        t_ours, ours = best_time(lambda: fm.road(model, images, maps, targets, noise=0.0, chunk_size=args.chunk),
+                             repeats=args.repeats)
         defaults = gc_road.NoisyLinearImputer.__init__.__defaults__
         gc_road.NoisyLinearImputer.__init__.__defaults__ = (0.0, *defaults[1:])
         try:
-            t_gc, gc = timed(lambda: gc_road.ROADCombined()(images, maps.numpy(), gc_targets, model), args.repeats)
+            t_gc, gc = best_time(lambda: gc_road.ROADCombined()(images, maps.numpy(), gc_targets, model),
+                                 repeats=args.repeats)
         finally:
             gc_road.NoisyLinearImputer.__init__.__defaults__ = defaults
         diff = float(np.abs(ours.combined.numpy() - np.asarray(gc).ravel()).max())

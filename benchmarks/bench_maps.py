@@ -24,7 +24,6 @@ with a GPU also the peak memory. The header names the device and the versions.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -32,6 +31,7 @@ from mnpo.engine.runtime import resolve_device
 from mnpo.maps import METHODS, compute_maps
 from mnpo.models import build_model
 from machine_info import device_summary
+from timing import best_time
 
 
 def released_recipe_mnpos(model, images, targets):
@@ -54,19 +54,13 @@ def released_recipe_mnpos(model, images, targets):
 
 
 def timed(fn, device, repeats):
-    fn()  # warm-up (kernels, caches, allocator)
+    """(best seconds of ``repeats`` calls after a warm-up, peak GiB allocated on a CUDA device or None)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    seconds, _ = best_time(fn, device, repeats=repeats, warmup=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return min(times), peak
+    return seconds, peak
 
 
 def main() -> None:

@@ -27,16 +27,7 @@ import torch
 import torchvision
 
 from machine_info import device_summary
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from timing import best_time
 
 
 def main() -> None:
@@ -44,7 +35,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="leave out the inductor row (it needs a C++ compiler)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the inductor row (it needs a C++ compiler)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -53,7 +45,7 @@ def main() -> None:
     last = images.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         reference = model(images)
-        base = best_of(lambda: model(images), args.repeats)
+        base = best_time(lambda: model(images), repeats=args.repeats, warmup=True)[0]
     print(f"# resnet50 (random weights) forward, batch {args.batch} at {args.size}, float32, best of "
           f"{args.repeats}, largest |logit| {reference.abs().max().item():.2e}; {device_summary(torch.device('cpu'))}")
     print("| forward | s / batch | x eager contiguous | largest logit difference |")
@@ -75,7 +67,7 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             rows.append((f"inductor, freezing (compiled in {compile_s:.1f} s)", lambda: compiled(last)))
         for name, fn in rows:
-            seconds = best_of(fn, args.repeats)
+            seconds = best_time(fn, repeats=args.repeats, warmup=True)[0]
             diff = (fn() - reference).abs().max().item()
             print(f"| {name} | {seconds:.3f} | {base / seconds:.2f} | {diff:.1e} |")
 
