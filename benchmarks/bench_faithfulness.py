@@ -120,7 +120,7 @@ def main() -> None:
 
     if "road" in wanted:
         t_ours, ours = best_time(lambda: fm.road(model, images, maps, targets, noise=0.0, chunk_size=args.chunk),
-                             repeats=args.repeats)
+                                 repeats=args.repeats)
         defaults = gc_road.NoisyLinearImputer.__init__.__defaults__
         gc_road.NoisyLinearImputer.__init__.__defaults__ = (0.0, *defaults[1:])
         try:

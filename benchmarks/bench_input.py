@@ -137,12 +137,12 @@ def torchvision_evaluate(root: Path, workers: int, batch: int):
 def device_ms(root: Path, meta: SplitMetadata, device: torch.device, batch: int) -> float:
     """Mean milliseconds per image of ``--decode device``'s device part (decode_jpeg of a batch,
     both resizes), over the set in batches, the second of two passes."""
-    from bench_maps import timed
+    from timing import best_time
     from mnpo.data.device_decode import device_views, encoded_image
 
     encoded = [encoded_image(root / "images" / i) for i in meta.image_ids]
-    seconds, _ = timed(lambda: [device_views(encoded[first:first + batch], device)
-                                for first in range(0, len(encoded), batch)], device, repeats=1)
+    seconds, _ = best_time(lambda: [device_views(encoded[first:first + batch], device)
+                                    for first in range(0, len(encoded), batch)], device, repeats=1, warmup=True)
     return seconds / len(encoded) * 1e3
 
 

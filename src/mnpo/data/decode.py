@@ -164,7 +164,11 @@ class MaskReadError(ValueError):
 def file_bytes(path: Path) -> bytes:
     """The bytes of an image file; an empty one is refused here (PIL would only say it cannot
     identify a BytesIO object)."""
-    data = path.read_bytes()
+    return nonempty(path.read_bytes())
+
+
+def nonempty(data: bytes) -> bytes:
+    """``data``, refused when it holds no byte (an empty image file)."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     return data

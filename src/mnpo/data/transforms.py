@@ -43,7 +43,7 @@ from PIL import Image, ImageFile
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mnpo.data.decode import decode_problem, file_bytes, source_bits, to_rgb8
+from mnpo.data.decode import decode_problem, file_bytes, nonempty, source_bits, to_rgb8
 from mnpo.data.image_files import EXIF_TRANSPOSE, exif_orientation_of
 
 __all__ = [
@@ -134,10 +134,7 @@ def load_image(path: str | os.PathLike[str], *, exif_orientation: bool = False, 
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images will load "
                     "with missing pixels instead of raising ImageReadError")
     try:
-        if data is None:
-            data = file_bytes(path)
-        elif not data:
-            raise ValueError("empty file (0 bytes)")
+        data = file_bytes(path) if data is None else nonempty(data)
         with Image.open(io.BytesIO(data)) as image:
             bits = source_bits(image)  # before load(): PIL then forgets the raw mode
             if draft_scale != 1 and image.format == "JPEG" and image.mode in ("L", "RGB"):
