@@ -533,6 +533,9 @@ MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "
                   "normalize", "backbone_from", "transformer_lr", "transformer_width")
 #: Settings of the CNN models only: compared between files that hold a CNN model.
 CNN_SETTINGS = ("width",)
+#: Settings of the DeiT models only: compared between files that hold a DeiT model (a file of
+#: CNN runs written before these options existed has none).
+TRANSFORMER_SETTINGS = ("transformer_lr", "transformer_width")
 
 
 def merge(paths: list[str], out: Path) -> str:
@@ -542,7 +545,7 @@ def merge(paths: list[str], out: Path) -> str:
     from argparse import Namespace
 
     first: tuple[str, dict] | None = None
-    first_cnn: tuple[str, dict] | None = None  # the first file holding a CNN model
+    first_of: dict[str, tuple[str, dict]] = {}  # the first file holding a CNN / a DeiT model
     all_results: dict[tuple[str, str], list[list[dict]]] = {}
     run_seeds: dict[tuple[str, str], list[int] | None] = {}
     diverged: list[str] = []
@@ -556,15 +559,18 @@ def merge(paths: list[str], out: Path) -> str:
             raise SystemExit(f"{path}: not a study.json written by study.py ({type(err).__name__}: {err})") from None
         if first is None:
             first = (path, settings)
-        cnn = any(name.split("/", 1)[-1] not in TRANSFORMER_MODELS for name in results)
-        if cnn and first_cnn is None:
-            first_cnn = (path, settings)
+        deit = {name.split("/", 1)[-1] in TRANSFORMER_MODELS for name in results}
+        holds = {"cnn": False in deit, "deit": True in deit}
+        for kind in ("cnn", "deit"):
+            if holds[kind]:
+                first_of.setdefault(kind, (path, settings))
         for key in MERGE_SETTINGS:
             against = first
-            if key in CNN_SETTINGS:  # the CNNs' width: runs of the DeiT models alone do not use it
-                if not cnn:
+            kind = "cnn" if key in CNN_SETTINGS else "deit" if key in TRANSFORMER_SETTINGS else None
+            if kind is not None:  # a setting of one kind of model: compared only between files that hold it
+                if not holds[kind]:
                     continue
-                against = first_cnn
+                against = first_of[kind]
             if settings.get(key) != against[1].get(key):
                 raise SystemExit(f"{path}: {key} is {settings.get(key)!r} but {against[0]} has "
                                  f"{against[1].get(key)!r}; only runs of the same settings can be merged")

@@ -431,18 +431,20 @@ def test_study_merge_refuses_fsl_runs_of_other_epochs(tmp_path):
         study.main(["--merge", str(tmp_path / "0.json"), str(tmp_path / "2.json"), "--out", str(tmp_path / "x")])
 
 
-def test_study_merge_compares_the_cnn_width_only_between_files_with_a_cnn(tmp_path):
-    """--width does not reach the DeiT models: DeiT runs of another --width merge; a CNN run of
-    another --width beside another CNN run is refused, naming the setting."""
+def test_study_merge_compares_each_kinds_settings_only_between_files_with_that_kind(tmp_path):
+    """--width does not reach the DeiT models, --transformer-lr/-width not the CNNs: DeiT runs of
+    another --width merge, CNN runs of another (or, written before the option, no) --transformer-lr
+    merge; a CNN run of another --width beside another CNN run, a DeiT run of another
+    --transformer-lr beside another DeiT run, are refused, naming the setting."""
     study = script_module("study")
     row = {"label": "x", **{k: 40.0 for k in study.METRICS}}
     settings = {"image_size": 32, "classes": 2, "train_per_class": 2, "val_per_class": 1, "test_per_class": 2,
                 "epochs": 1, "batch": 4, "lr": 0.01, "clip_grad_norm": None, "seed": 0, "fp32_maps": False,
                 "transformer_lr": 5e-4, "transformer_width": 1.0}
 
-    def write(name, model, seed, width):
+    def write(name, model, seed, width, **changed):
         (tmp_path / name).write_text(json.dumps({
-            "settings": {**settings, "width": width, "train_seeds": str(seed)}, "header": "device: test; x",
+            "settings": {**settings, "width": width, "train_seeds": str(seed), **changed}, "header": "device: test; x",
             "diverged": [], "results": {f"parts/{model}": {"per_seed": [[row]], "seeds": [seed]}}}))
         return str(tmp_path / name)
 
@@ -452,6 +454,12 @@ def test_study_merge_compares_the_cnn_width_only_between_files_with_a_cnn(tmp_pa
     assert "| parts | deit_tiny-sat | x | 40.0 ± 0.0 |" in (tmp_path / "ok" / "study.md").read_text()
     with pytest.raises(SystemExit, match=r"c1.json: width is 1.0 but .*c0.json has 0.125"):
         study.main(["--merge", deit[1], cnn[0], cnn[1], "--out", str(tmp_path / "x")])
+    older_cnn = write("c2.json", "vgg16-cam", 2, 0.125, transformer_lr=None, transformer_width=None)
+    other_deit = write("d2.json", "deit_tiny-sat", 2, 0.125, transformer_lr=1e-3)
+    study.main(["--merge", deit[0], older_cnn, cnn[0], "--out", str(tmp_path / "ok2")])
+    assert "| parts | vgg16-cam | x | 40.0 ± 0.0 |" in (tmp_path / "ok2" / "study.md").read_text()
+    with pytest.raises(SystemExit, match=r"d2.json: transformer_lr is 0.001 but .*d0.json has 0.0005"):
+        study.main(["--merge", older_cnn, deit[0], other_deit, "--out", str(tmp_path / "x")])
 
 
 def test_float32_maps_measures_the_difference_and_its_parts(tmp_path):
