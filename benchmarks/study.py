@@ -531,11 +531,10 @@ def _faithfulness_header(args) -> str:
 MERGE_SETTINGS = ("image_size", "classes", "train_per_class", "val_per_class", "test_per_class", "epochs", "batch",
                   "lr", "clip_grad_norm", "width", "seed", "fp32_maps", "faithfulness", "faithfulness_steps",
                   "normalize", "backbone_from", "transformer_lr", "transformer_width")
-#: Settings of the CNN models only: compared between files that hold a CNN model.
-CNN_SETTINGS = ("width",)
-#: Settings of the DeiT models only: compared between files that hold a DeiT model (a file of
-#: CNN runs written before these options existed has none).
-TRANSFORMER_SETTINGS = ("transformer_lr", "transformer_width")
+#: Settings of one kind of model only, "cnn" or "deit": compared between files that hold that kind
+#: (the DeiT models do not use --width; a file of CNN runs written before the --transformer-*
+#: options existed has none).
+SETTING_KIND = {"width": "cnn", "transformer_lr": "deit", "transformer_width": "deit"}
 
 
 def merge(paths: list[str], out: Path) -> str:
@@ -566,7 +565,7 @@ def merge(paths: list[str], out: Path) -> str:
                 first_of.setdefault(kind, (path, settings))
         for key in MERGE_SETTINGS:
             against = first
-            kind = "cnn" if key in CNN_SETTINGS else "deit" if key in TRANSFORMER_SETTINGS else None
+            kind = SETTING_KIND.get(key)
             if kind is not None:  # a setting of one kind of model: compared only between files that hold it
                 if not holds[kind]:
                     continue
